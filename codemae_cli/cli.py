@@ -1,0 +1,92 @@
+"""The ``codemae`` command line.
+
+Thin commands over an importable core: each module in ``codemae_cli.commands`` defines a
+``register(app, bench)`` function that adds its Typer commands. Command modules import
+nothing heavy at module level (torch, rasterio, geopandas are imported inside the command),
+so ``codemae --help`` and ``codemae --version`` answer instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import pkgutil
+import sys
+from typing import Callable, Optional
+
+import typer
+
+from codemae_cli import __version__
+from codemae_cli.errors import UserError
+
+app = typer.Typer(
+    name="codemae",
+    help="Pair optical and SAR rasters, pretrain CoDe-MAE, fine-tune it, and predict whole scenes "
+    "into georeferenced rasters.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks: throughput, TFLOP/s and fraction of peak, each against a baseline measured in "
+    "the same run.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(bench_app, name="bench")
+
+
+def cli_command(fn: Callable) -> Callable:
+    """Wrap a command so a :class:`UserError` becomes one sentence on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(code=err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"codemae {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """codemae: CoDe-MAE optical/SAR foundation-model toolkit."""
+
+
+def _register_commands() -> None:
+    import codemae_cli.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"codemae_cli.commands.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app, bench_app)
+
+
+_register_commands()
+
+
+def main() -> None:
+    app(prog_name="codemae")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

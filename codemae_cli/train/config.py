@@ -1,0 +1,66 @@
+"""Recipe sections shared by pretraining and fine-tuning (data, optimisation, run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from codemae_cli.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared chips come from and how they are augmented."""
+
+    datasets: list[str] = field(default_factory=list)  # prepared dataset directories
+    weights: Optional[list[float]] = None  # sampling weights of the datasets (default: by size)
+    split: str = "train"
+    val_split: str = "val"
+    img_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale, identical for a pair
+    hflip: bool = True
+    paired: Optional[bool] = None  # None: from the dataset metadata
+    num_workers: int = 4
+    pin_memory: bool = True
+
+    def validate(self) -> None:
+        if self.weights is not None and len(self.weights) != len(self.datasets):
+            raise UserError("data.weights must have one weight per entry of data.datasets")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise UserError("data.crop_scale must satisfy 0 < min <= max <= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-iteration warmup then cosine decay."""
+
+    blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / 256 unless `lr` is set
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    batch_size: int = 128  # per process
+    accum_steps: int = 1
+    epochs: int = 800
+    warmup_epochs: float = 15
+    max_steps: Optional[int] = None  # stop early (smoke runs, benchmarks)
+    clip_grad: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
+            raise UserError("optim.batch_size, optim.accum_steps and optim.epochs must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go and how the engine runs."""
+
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    compile: bool = False
+    ckpt_every: int = 1000  # steps
+    log_every: int = 20  # steps
+    tensorboard: bool = True
