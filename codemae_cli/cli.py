@@ -12,7 +12,7 @@ import functools
 import importlib
 import pkgutil
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 import typer
 
@@ -62,8 +62,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     """codemae: CoDe-MAE optical/SAR foundation-model toolkit."""

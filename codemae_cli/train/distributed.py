@@ -1,0 +1,147 @@
+"""torch.distributed set up from the environment torchrun provides (RANK, LOCAL_RANK, WORLD_SIZE).
+
+One code path for every layout: without those variables the process runs alone; under
+``torchrun`` (one node or many) each process joins the group, NCCL on CUDA and gloo on CPU.
+
+    dist = init_distributed("auto")
+    model = DDP(model, device_ids=[dist.local_rank]) if dist.world_size > 1 else model
+    ...
+    cleanup_distributed()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from codemae_cli.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job and which device it drives."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: "object"  # torch.device (kept untyped so this module imports torch lazily)
+    is_main: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0):
+    """``auto`` -> cuda:<local_rank> when a GPU exists, else cpu; ``cuda`` -> cuda:<local_rank>."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' was requested but no CUDA GPU is available; use run.device=cpu")
+        if device == "cuda":
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        idx = int(device.split(":", 1)[1])
+        if idx >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", idx)
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "mps":
+        return torch.device("mps")
+    raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group described by the torchrun environment (or run alone)."""
+    import torch
+    import torch.distributed as dist
+
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    if world_size > 1:
+        if dev.type == "cuda":
+            # Bind before creating the group so NCCL picks the right GPU for this rank.
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            kwargs = {"backend": backend}
+            if dev.type == "cuda":
+                kwargs["device_id"] = dev
+            try:
+                dist.init_process_group(**kwargs)
+            except TypeError:  # older torch without device_id
+                dist.init_process_group(backend=backend)
+    elif dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, is_main=rank == 0)
+
+
+def is_dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (no-op when running alone)."""
+    import torch.distributed as dist
+
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor):
+    """Mean of ``tensor`` over all ranks (returned; the input is not modified)."""
+    import torch.distributed as dist
+
+    if not is_dist():
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / dist.get_world_size()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable Python object (small: paths, flags) from ``src`` to every rank."""
+    import torch.distributed as dist
+
+    if not is_dist():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_dist",
+    "resolve_device",
+]
