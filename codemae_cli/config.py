@@ -53,6 +53,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads off/no/on/yes as booleans (`--set model.ccl.mode=off`): map back.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in words]
+            if len(spelled) == 1:
+                value = spelled[0]
         if value not in choices:
             raise UserError(f"{where} must be one of {', '.join(map(repr, choices))}, not {value!r}")
         return value

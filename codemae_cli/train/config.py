@@ -61,6 +61,14 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
-    ckpt_every: int = 1000  # steps
+    ckpt_every: int = 1000  # steps; checkpoints/last is rewritten (atomically) this often and at the end
+    keep_every: Optional[int] = None  # also keep checkpoints/step_XXXXXXXX this often (steps)
     log_every: int = 20  # steps
     tensorboard: bool = True
+    progress: bool = True  # rich progress bar (pairs/s, ETA) on the main process
+
+    def validate(self) -> None:
+        if self.ckpt_every < 1 or self.log_every < 1:
+            raise UserError("run.ckpt_every and run.log_every must be at least 1 step")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise UserError("run.keep_every must be at least 1 step (or null)")

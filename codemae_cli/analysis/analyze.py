@@ -1,0 +1,483 @@
+"""``codemae analyze``: the representation analyses of one or more pretrained checkpoints.
+
+For every checkpoint, on the same chips of a prepared dataset:
+
+- effective rank and normalised singular-value spectrum of the optical and the SAR patch
+  tokens and chip embeddings (dimensional collapse);
+- modality gap between the optical and SAR chip-embedding centroids, paired vs unpaired
+  cross-modal cosine similarity and optical->SAR retrieval accuracy;
+- per-patch cross-modal cosine similarity of co-located tokens against the optical/SAR patch
+  SSIM, and their correlation (does the model align the patches that share structure?);
+- cross-modal reconstructions next to their targets for a few chips (when the checkpoint has
+  a cross decoder, i.e. CDR or full cross reconstruction was on).
+
+Outputs in ``out_dir``: ``analysis.json`` (all numbers), ``spectra.png``,
+``similarity_vs_ssim.png`` and ``reconstructions_<name>.png`` per checkpoint with a cross
+decoder. The directory is assembled in a temporary sibling and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from codemae_cli.analysis import metrics as M
+from codemae_cli.errors import UserError
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+def load_pretrained(path, device: str = "cpu"):
+    """Rebuild the CoDe-MAE model of a pretraining checkpoint: ``(model, meta, name)``."""
+    import torch
+
+    from codemae_cli.config import from_dict
+    from codemae_cli.model import ModelConfig, build_model
+    from codemae_cli.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    state, meta = load_checkpoint(ckpt)
+    if meta.get("kind", "pretrain") != "pretrain":
+        raise UserError(f"checkpoint '{path}' is a {meta.get('kind')} checkpoint; analyze needs a pretraining checkpoint")
+    recipe = meta.get("recipe") or {}
+    bands = meta.get("bands") or {}
+    if "model" not in recipe or not bands.get("optical") or not bands.get("sar"):
+        raise UserError(f"checkpoint '{path}' lacks the recipe's model section or its band lists")
+    cfg = from_dict(ModelConfig, dict(recipe["model"]), "model")
+    # The teacher is not in the checkpoint and not needed to look at the student: building it
+    # would need its weights (or a timm download) for nothing.
+    if getattr(cfg, "okd", None) is not None and getattr(cfg.okd, "teacher", None) != "ema":
+        cfg.okd.teacher = "ema"
+    model = build_model(cfg, optical_bands=len(bands["optical"]), sar_bands=len(bands["sar"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    encoder_missing = [k for k in missing if k.startswith("encoder.")]
+    if encoder_missing or unexpected:
+        bad = (encoder_missing or unexpected)[0]
+        raise UserError(f"checkpoint '{path}' does not match the model its recipe describes (key '{bad}')")
+    model.to(device).eval()
+    name = _checkpoint_name(ckpt)
+    return model, meta, name
+
+
+def _checkpoint_name(ckpt: Path) -> str:
+    # runs/<run>/checkpoints/<name> -> "<run>" (or "<run>/<name>" when not last/best).
+    ckpt = Path(ckpt)
+    if ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent.name
+        return run if ckpt.name in ("last", "best") else f"{run}/{ckpt.name}"
+    return ckpt.name
+
+
+def _normalise(x: np.ndarray, stats: dict) -> np.ndarray:
+    """(C, H, W) in stored units -> per-band z-scores with NaN (nodata) set to 0 (the mean)."""
+    mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+    z = (x - mean) / np.maximum(std, 1e-6)
+    return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+
+def select_chips(dataset, split: str, max_chips: int) -> np.ndarray:
+    """Up to ``max_chips`` chip indices of ``split``, evenly spread (deterministic)."""
+    idx = dataset.indices(split)
+    if idx.size == 0:
+        splits = sorted(set(dataset.index["split"].astype(str)))
+        raise UserError(f"the dataset has no '{split}' chips (splits present: {', '.join(splits)})")
+    if idx.size > max_chips:
+        idx = idx[np.linspace(0, idx.size - 1, max_chips).round().astype(int)]
+    return idx
+
+
+def _rgb_indices(bands: Sequence[str]) -> Optional[tuple[int, int, int]]:
+    """Indices of red, green, blue in an optical band list, when they can be recognised."""
+    names = [str(b).lower() for b in bands]
+    aliases = {"r": ("red", "r", "b04", "b4"), "g": ("green", "g", "b03", "b3"), "b": ("blue", "b", "b02", "b2")}
+    found = {}
+    for key, options in aliases.items():
+        for i, n in enumerate(names):
+            if n in options:
+                found[key] = i
+                break
+    if len(found) == 3:
+        return (found["r"], found["g"], found["b"])
+    if len(names) == 3:
+        return (0, 1, 2)  # a plain 3-band image is RGB
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------
+def extract_features(model, optical: np.ndarray, sar: np.ndarray, *, layer: Optional[int] = None,
+                     batch_size: int = 16, device: str = "cpu") -> dict:
+    """Token maps of one encoder depth for normalised chips (N, C, H, W): dict optical/sar -> (N, D, h, w)."""
+    import torch
+
+    enc = model.encoder
+    depth = int(enc.depth)
+    layer = depth - 1 if layer is None else int(layer)
+    if not 0 <= layer < depth:
+        raise UserError(f"layer {layer} is outside the encoder's 0..{depth - 1} blocks")
+    out: dict[str, list] = {"optical": [], "sar": []}
+    with torch.inference_mode():
+        for s in range(0, optical.shape[0], batch_size):
+            o = torch.from_numpy(optical[s : s + batch_size]).to(device)
+            r = torch.from_numpy(sar[s : s + batch_size]).to(device)
+            feats = enc.forward_features(optical=o, sar=r, layers=(layer,))
+            out["optical"].append(feats["optical"][-1].float().cpu().numpy())
+            out["sar"].append(feats["sar"][-1].float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def representation_metrics(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray, sar_int: np.ndarray,
+                           valid: np.ndarray, patch: int) -> dict:
+    """All numbers of one checkpoint from token maps (N, D, h, w) and raw structure images.
+
+    ``lum``/``sar_int``: (N, H, W) optical luminance and SAR intensity in stored units;
+    ``valid``: (N, H, W) where both modalities have data.
+    """
+    n, d, h, w = f_opt.shape
+    tok_o = f_opt.transpose(0, 2, 3, 1).reshape(-1, d)
+    tok_s = f_sar.transpose(0, 2, 3, 1).reshape(-1, d)
+    emb_o, emb_s = f_opt.mean(axis=(2, 3)), f_sar.mean(axis=(2, 3))
+
+    # Patch SSIM on per-chip stretched structure channels; invalid pixels make the patch NaN.
+    ssim = np.empty((n, h, w))
+    for i in range(n):
+        a = np.where(valid[i], lum[i], np.nan)
+        b = np.where(valid[i], sar_int[i], np.nan)
+        ssim[i] = M.patch_ssim(M.unit_range(a), M.unit_range(b), patch)[:h, :w]
+    cos = M.patch_cosine(f_opt, f_sar)  # (N, h, w)
+    keep = np.isfinite(ssim)
+
+    spec_o, spec_s = M.singular_spectrum(tok_o), M.singular_spectrum(tok_s)
+    return {
+        "chips": int(n),
+        "tokens": int(tok_o.shape[0]),
+        "embed_dim": int(d),
+        "effective_rank": {
+            "optical_tokens": M.effective_rank(tok_o),
+            "sar_tokens": M.effective_rank(tok_s),
+            "joint_tokens": M.effective_rank(np.concatenate([tok_o, tok_s])),
+            "optical_chips": M.effective_rank(emb_o),
+            "sar_chips": M.effective_rank(emb_s),
+        },
+        "modality_gap": {"chips": M.modality_gap(emb_o, emb_s), "tokens": M.modality_gap(tok_o, tok_s)},
+        "similarity": {
+            "chips": M.paired_similarity(emb_o, emb_s),
+            "patches_colocated": float(np.mean(cos)),
+        },
+        "patch_ssim": {"mean": float(np.nanmean(ssim)) if keep.any() else float("nan"),
+                       "valid_patches": int(keep.sum())},
+        "similarity_vs_ssim": M.similarity_ssim_correlation(cos[keep], ssim[keep]),
+        "spectrum": {"optical": spec_o.tolist(), "sar": spec_s.tolist()},
+        "_scatter": (cos[keep], ssim[keep]),  # for the plot; dropped before JSON
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# reconstructions
+# --------------------------------------------------------------------------------------------
+def cross_reconstructions(model, optical: np.ndarray, sar: np.ndarray, *, seed: int = 0,
+                          device: str = "cpu") -> Optional[dict]:
+    """Cross-decoder predictions and their targets for a few normalised chips, as images.
+
+    Returns None when the model has no cross decoder (CDR off). Otherwise a dict with the
+    inputs, ``mask`` (B, H, W) (1 = masked, i.e. predicted) and, per direction
+    (``sar_to_optical``, ``optical_to_sar``), ``pred``/``target`` images (B, c, H, W) built
+    from the model's per-patch outputs. The targets are recomputed with the model's own
+    degradation; degradations that are not images (patch means, HOG) give None.
+    """
+    import torch
+
+    from codemae_cli.model.targets import degraded_target
+
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not cfg.cdr.enabled:
+        return None
+    img = int(getattr(model, "img_size", 0) or optical.shape[-1])
+    p = int(model.encoder.patch_size)
+    o = torch.from_numpy(_fit(optical, img)).to(device)
+    s = torch.from_numpy(_fit(sar, img)).to(device)
+    torch.manual_seed(seed)  # the same mask for every checkpoint
+    with torch.inference_mode():
+        out = model(o, s, paired=True)
+        deg = cfg.cdr.degradation
+        targets = {
+            "sar_to_optical": degraded_target(o, "optical", deg, p, getattr(model, "rgb_bands", None), cfg.norm_pix_loss),
+            "optical_to_sar": degraded_target(s, "sar", deg, p, None, cfg.norm_pix_loss),
+        }
+    preds = {"sar_to_optical": out.get("pred_cdr_optical"), "optical_to_sar": out.get("pred_cdr_sar")}
+    result: dict[str, Any] = {"optical": o.cpu().numpy(), "sar": s.cpu().numpy(), "degradation": deg}
+    for direction, pred in preds.items():
+        tgt = targets[direction]
+        if pred is None or pred.shape != tgt.shape or pred.shape[-1] % (p * p):
+            continue  # a degradation that is not an image (patch mean, HOG)
+        result[direction] = {"pred": _unpatchify(pred.float().cpu(), p, img),
+                             "target": _unpatchify(tgt.float().cpu(), p, img)}
+    if not any(d in result for d in preds):
+        return None
+    mask = out.get("mask")
+    if mask is not None:
+        m = mask.float().cpu().reshape(mask.shape[0], img // p, img // p)
+        result["mask"] = m.repeat_interleave(p, 1).repeat_interleave(p, 2).numpy()
+    return result
+
+
+def _fit(x: np.ndarray, size: int) -> np.ndarray:
+    """Centre-crop (or zero-pad) chips (N, C, H, W) to size x size."""
+    n, c, h, w = x.shape
+    out = np.zeros((n, c, size, size), dtype=np.float32)
+    hh, ww = min(h, size), min(w, size)
+    y0, x0 = (h - hh) // 2, (w - ww) // 2
+    out[:, :, :hh, :ww] = x[:, :, y0 : y0 + hh, x0 : x0 + ww]
+    return out
+
+
+def _unpatchify(t, p: int, img: int) -> np.ndarray:
+    """(B, L, p*p*c) per-patch values (all L patches) -> (B, c, H, W)."""
+    b, L, k = t.shape
+    c = k // (p * p)
+    g = img // p
+    if L != g * g:
+        raise ValueError(f"expected {g * g} patches, got {L}")
+    x = t.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+    return x.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def _plot_spectra(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, mod in zip(axes, ("optical", "sar")):
+        for name, r in results.items():
+            s = np.asarray(r["spectrum"][mod])
+            s = s[s > 1e-10]  # centring leaves one exact zero; float noise is not spectrum
+            rank = r["effective_rank"][f"{mod}_tokens"]
+            ax.semilogy(np.arange(1, s.size + 1), s, label=f"{name} (erank {rank:.1f})")
+        ax.set_title(f"{mod} token spectrum")
+        ax.set_xlabel("singular value index")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("normalised singular value")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_scatter(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax, (name, r) in zip(axes.ravel(), results.items()):
+        cos, ssim = r["_scatter"]
+        ax.scatter(ssim, cos, s=3, alpha=0.4)
+        c = r["similarity_vs_ssim"]
+        ax.set_title(f"{name}\nSpearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f}", fontsize=9)
+        ax.set_xlabel("optical/SAR patch SSIM")
+        ax.set_ylabel("token cosine similarity")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_reconstructions(rec: dict, name: str, path: Path, max_rows: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directions = [d for d in ("sar_to_optical", "optical_to_sar") if d in rec]
+    n = min(max_rows, rec["optical"].shape[0])
+    cols = 2 + 2 * len(directions)
+    fig, axes = plt.subplots(n, cols, figsize=(2.2 * cols, 2.2 * n), squeeze=False)
+    mask = rec.get("mask")
+
+    def show(ax, img, title):
+        img = np.asarray(img)
+        img = img.mean(0) if img.ndim == 3 else img
+        lo, hi = np.percentile(img, [2, 98])
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+
+    for i in range(n):
+        show(axes[i, 0], rec["optical"][i], "optical input")
+        show(axes[i, 1], rec["sar"][i], "SAR input")
+        for j, d in enumerate(directions):
+            tgt, pred = rec[d]["target"][i], rec[d]["pred"][i]
+            if mask is not None:  # only masked patches are predicted; show the rest as target
+                pred = np.where(mask[i][None] > 0, pred, tgt)
+            label = "optical" if d == "sar_to_optical" else "SAR"
+            show(axes[i, 2 + 2 * j], tgt, f"{label} target ({rec.get('degradation', '?')})")
+            show(axes[i, 3 + 2 * j], pred, f"{label} from {'SAR' if label == 'optical' else 'optical'}")
+    fig.suptitle(f"{name}: cross-modal reconstructions (masked patches predicted)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _json_clean(obj):
+    if isinstance(obj, dict):
+        return {k: _json_clean(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_clean(obj.item())
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def run_analyze(
+    checkpoints: Sequence[str | Path],
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    split: str = "val",
+    max_chips: int = 64,
+    *,
+    layer: Optional[int] = None,
+    reconstructions: int = 4,
+    batch_size: int = 16,
+    device: str = "cpu",
+    overwrite: bool = False,
+    plots: bool = True,
+) -> dict:
+    """Analyse ``checkpoints`` on up to ``max_chips`` chips of ``split``; returns the JSON dict.
+
+    ``layer``: encoder block whose tokens are analysed (default: the last one).
+    ``reconstructions``: how many chips to show in the reconstruction figures (0: none).
+    """
+    import torch
+
+    from codemae_cli.data.shards import PreparedDataset
+
+    if not checkpoints:
+        raise UserError("give at least one checkpoint to analyse")
+    if max_chips < 2:
+        raise UserError("max_chips must be at least 2 (paired vs unpaired similarity needs two chips)")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it")
+    data = PreparedDataset(dataset_dir)
+    if not data.meta.get("paired", True):
+        raise UserError(f"dataset '{dataset_dir}' is not paired; the cross-modal analyses need co-registered pairs")
+    idx = select_chips(data, split, max_chips)
+    chips = [data.read(i) for i in idx]
+    raw_opt = np.stack([c["optical"] for c in chips])
+    raw_sar = np.stack([c["sar"] for c in chips])
+    valid = np.isfinite(raw_opt).all(1) & np.isfinite(raw_sar).all(1)
+    if not valid.any():
+        raise UserError(f"the selected '{split}' chips have no pixel valid in both modalities")
+    rgb = _rgb_indices(data.meta.get("optical", {}).get("bands", []))
+    lum = M.optical_luminance(raw_opt, rgb)
+    sar_int = M.sar_intensity(raw_sar)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        results: dict[str, dict] = {}
+        recs: dict[str, dict] = {}
+        for path in checkpoints:
+            model, meta, name = load_pretrained(path, device=device)
+            if name in results:  # two checkpoints of one run (e.g. best and last)
+                name = f"{name}#{len(results)}"
+            ck_bands = meta["bands"]
+            if len(ck_bands["optical"]) != raw_opt.shape[1] or len(ck_bands["sar"]) != raw_sar.shape[1]:
+                raise UserError(
+                    f"checkpoint '{path}' expects {len(ck_bands['optical'])} optical and {len(ck_bands['sar'])} "
+                    f"SAR bands, the dataset has {raw_opt.shape[1]} and {raw_sar.shape[1]}"
+                )
+            stats = meta.get("stats") or data.stats
+            x_opt = np.stack([_normalise(c, stats["optical"]) for c in raw_opt])
+            x_sar = np.stack([_normalise(c, stats["sar"]) for c in raw_sar])
+            p = int(model.encoder.patch_size)
+            t = (min(x_opt.shape[-2:]) // p) * p
+            if t == 0:
+                raise UserError(f"chips of {x_opt.shape[-1]} px are smaller than the model's {p}-px patch")
+            crop = (slice(None), slice(None), slice(0, t), slice(0, t))
+            start = time.perf_counter()
+            feats = extract_features(model, x_opt[crop], x_sar[crop], layer=layer, batch_size=batch_size,
+                                     device=device)
+            r = representation_metrics(feats["optical"], feats["sar"], lum[:, :t, :t], sar_int[:, :t, :t],
+                                       valid[:, :t, :t], p)
+            r["checkpoint"] = str(path)
+            r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
+            r["step"] = meta.get("step")
+            r["components"] = _components(meta)
+            if reconstructions > 0:
+                k = min(reconstructions, x_opt.shape[0])
+                rec = cross_reconstructions(model, x_opt[:k], x_sar[:k], device=device)
+                if rec is not None:
+                    recs[name] = rec
+                    r["reconstructions"] = f"reconstructions_{_safe_name(name)}.png"
+            r["seconds"] = round(time.perf_counter() - start, 2)
+            results[name] = r
+            del model
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+        doc = {
+            "dataset": str(dataset_dir),
+            "split": split,
+            "chips": [c["chip_id"] for c in chips],
+            "checkpoints": _json_clean(results),
+        }
+        (tmp / "analysis.json").write_text(json.dumps(doc, indent=2))
+        if plots:
+            _plot_spectra(results, tmp / "spectra.png")
+            _plot_scatter(results, tmp / "similarity_vs_ssim.png")
+            for name, rec in recs.items():
+                _plot_reconstructions(rec, name, tmp / f"reconstructions_{_safe_name(name)}.png")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return doc
+
+
+def _components(meta: dict) -> dict:
+    """Which of OKD/CCL/CDR the checkpoint was trained with (from its resolved recipe)."""
+    m = (meta.get("recipe") or {}).get("model") or {}
+    okd, ccl, cdr = m.get("okd") or {}, m.get("ccl") or {}, m.get("cdr") or {}
+    return {
+        "okd": bool(okd.get("enabled")) and okd.get("teacher"),
+        "ccl": ccl.get("mode"),
+        "cdr": bool(cdr.get("enabled")) and cdr.get("degradation"),
+    }
+
+
+__all__ = ["cross_reconstructions", "extract_features", "load_pretrained", "representation_metrics",
+           "run_analyze", "select_chips"]

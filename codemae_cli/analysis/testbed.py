@@ -1,0 +1,421 @@
+"""A controlled optical/SAR testbed whose physics encodes CoDe-MAE's premise.
+
+At high resolution optical and SAR images of one place share their *layout* (parcel, building
+and water outlines, roads) but little else: colour and texture exist only in the optical
+image, while speckle, double bounce, layover and radar shadow exist only in the SAR image.
+Rigid alignment asks an encoder to make the two look alike and so either throws away what only
+one modality carries or invents it. This module renders such scenes, with labels, so the
+claims can be measured on data one can inspect (docs/analysis.md).
+
+Scene model (ground geometry, ``gsd`` metres per pixel, north up, SAR looking east from the
+west, i.e. range increases with the column index):
+
+- Ground cover: a Voronoi tessellation into agricultural parcels, each vegetated (class 0) or
+  bare soil (class 1); a lake and sometimes a meandering river (class 3, water); straight
+  roads (class 4); rectangular buildings with a height (class 2). Labels are the ground truth
+  footprints, i.e. the optical (orthographic) geometry.
+- Optical (4 bands B, G, R, NIR as surface reflectance): vegetation is dark in the visible and
+  bright in the NIR, bare soil brownish; each parcel draws its own crop colour and a row
+  texture (a sinusoid of random period and orientation); roofs draw their own colour
+  (tiles, concrete, metal); buildings cast a sun shadow to the north-east whose length grows
+  with height; water is dark and blue-green; roads are grey. A smooth illumination field and
+  sensor noise finish it. None of this reaches the SAR image.
+- SAR (2 bands VV, VH, rendered as linear sigma0 then converted to dB): each parcel draws a
+  soil-moisture/roughness backscatter *independently* of its optical colour (so parcel
+  outlines are shared but parcel values are not), with volume scattering lifting VH over
+  vegetation; water and roads are specular and dark; buildings produce (a) layover: the roof
+  return is displaced toward the sensor (west) by ``h / tan(incidence)`` and adds to the
+  ground return there, (b) double bounce: a very bright line at the base of the wall facing
+  the sensor, and (c) radar shadow: no return behind the building over
+  ``h * tan(incidence)``. Fully developed multiplicative speckle (Gamma with ``looks``
+  looks) is applied per band, then values are converted to dB with a -35 dB noise floor.
+
+The same seed always gives the same scene. ``write_testbed`` renders several scenes into one
+prepared chip dataset (the format ``codemae prepare`` writes), keeping the scenes as
+georeferenced GeoTIFF triplets (optical, SAR, labels) for inspection.
+
+Why not ``codemae_cli.data.synth``: that generator is built for large scenes (parcels of 96 px,
+towns and lakes on a scale of hundreds of pixels, a fixed layover of a few pixels), so 32-64 px
+chips would mostly hold a single class. The testbed packs every class into each small scene,
+makes layover and radar shadow grow with building height and incidence angle, adds optical-only
+sun shadows, and draws each parcel's SAR backscatter independently of its optical colour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = {0: "vegetation", 1: "bare_soil", 2: "building", 3: "water", 4: "road"}
+OPTICAL_BANDS = ["blue", "green", "red", "nir"]
+SAR_BANDS = ["VV", "VH"]
+_NOISE_FLOOR_DB = -35.0
+
+
+@dataclass
+class TestbedScene:
+    optical: np.ndarray  # (4, H, W) float32 reflectance in [0, 1]
+    sar: np.ndarray  # (2, H, W) float32 sigma0 in dB
+    labels: np.ndarray  # (H, W) uint8 class ids of CLASSES
+    layers: dict  # name -> (H, W) bool masks of the physical effects (for inspection)
+
+    __test__ = False  # not a pytest test class despite its name
+
+
+def _smooth_field(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
+    """Zero-mean, unit-ish smooth random field: bilinear upsampling of a coarse noise grid."""
+    gh, gw = max(2, height // cells + 2), max(2, width // cells + 2)
+    coarse = rng.normal(size=(gh, gw))
+    ys = np.linspace(0, gh - 1.001, height)
+    xs = np.linspace(0, gw - 1.001, width)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    c00 = coarse[y0][:, x0]
+    c01 = coarse[y0][:, x0 + 1]
+    c10 = coarse[y0 + 1][:, x0]
+    c11 = coarse[y0 + 1][:, x0 + 1]
+    return (c00 * (1 - fy) * (1 - fx) + c01 * (1 - fy) * fx + c10 * fy * (1 - fx) + c11 * fy * fx)
+
+
+def generate_scene(
+    height: int = 256,
+    width: int = 256,
+    *,
+    seed: int = 0,
+    gsd: float = 1.0,
+    looks: float = 2.0,
+    incidence_deg: float = 35.0,
+    parcels: int | None = None,
+    buildings: int | None = None,
+    building_height: tuple[float, float] = (6.0, 30.0),
+) -> TestbedScene:
+    """Render one co-registered optical/SAR scene with labels (see the module docstring)."""
+    if height < 16 or width < 16:
+        raise ValueError("a testbed scene needs at least 16 x 16 pixels")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    area = height * width
+    n_parcels = parcels if parcels is not None else max(4, area // 3000)
+    n_buildings = buildings if buildings is not None else max(2, area // 2500)
+
+    # --- ground geometry (shared by both modalities) ------------------------------------------
+    # Parcels: nearest of n seeds (Voronoi), computed in row bands to keep memory small.
+    seeds = rng.uniform([0, 0], [height, width], size=(n_parcels, 2)).astype(np.float32)
+    parcel = np.empty((height, width), dtype=np.int32)
+    for r0 in range(0, height, 64):
+        dy = yy[r0 : r0 + 64, :, None] - seeds[None, None, :, 0]
+        dx = xx[r0 : r0 + 64, :, None] - seeds[None, None, :, 1]
+        parcel[r0 : r0 + 64] = np.argmin(dy * dy + dx * dx, axis=-1)
+    parcel_bare = rng.uniform(size=n_parcels) < 0.35
+    labels = np.where(parcel_bare[parcel], 1, 0).astype(np.uint8)
+
+    # Water: a lobed lake and, half of the time, a meandering river.
+    water = np.zeros((height, width), dtype=bool)
+    cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+    radius = rng.uniform(0.08, 0.18) * min(height, width)
+    theta = np.arctan2(yy - cy, xx - cx)
+    lobes = 1 + 0.25 * np.sin(rng.integers(2, 5) * theta + rng.uniform(0, 2 * np.pi))
+    water |= np.hypot(yy - cy, xx - cx) < radius * lobes
+    if rng.uniform() < 0.5:
+        centre = rng.uniform(0.2, 0.8) * width + 0.08 * width * np.sin(
+            2 * np.pi * yy[:, 0] / rng.uniform(0.5, 1.5) / height + rng.uniform(0, 2 * np.pi)
+        )
+        half = rng.uniform(2.0, 5.0) / gsd
+        water |= np.abs(xx - centre[:, None]) < half
+    labels[water] = 3
+
+    # Roads: straight lines of 3-6 m width at random angles.
+    road = np.zeros((height, width), dtype=bool)
+    for _ in range(rng.integers(1, 4)):
+        angle = rng.uniform(0, np.pi)
+        py, px = rng.uniform(0, height), rng.uniform(0, width)
+        dist = np.abs((yy - py) * np.cos(angle) - (xx - px) * np.sin(angle))
+        road |= dist < rng.uniform(1.5, 3.0) / gsd
+    labels[road] = 4
+
+    # Buildings: rectangles on dry land off the roads, each with a height in metres.
+    footprint = np.zeros((height, width), dtype=bool)
+    height_map = np.zeros((height, width), dtype=np.float32)
+    boxes = []
+    for _ in range(n_buildings * 4):  # rejection sampling, bounded
+        if len(boxes) >= n_buildings:
+            break
+        bh = int(rng.uniform(8, 24) / gsd)
+        bw = int(rng.uniform(8, 24) / gsd)
+        r0 = int(rng.integers(0, max(1, height - bh)))
+        c0 = int(rng.integers(0, max(1, width - bw)))
+        box = (slice(r0, r0 + bh), slice(c0, c0 + bw))
+        if water[box].any() or road[box].any() or footprint[box].any():
+            continue
+        h_m = float(rng.uniform(*building_height))
+        footprint[box] = True
+        height_map[box] = h_m
+        boxes.append((r0, c0, bh, bw, h_m))
+    labels[footprint] = 2
+
+    # --- optical rendering (colour, texture, sun shadows: optical-only signals) ---------------
+    optical = np.zeros((4, height, width), dtype=np.float32)
+    veg_base = np.array([0.04, 0.08, 0.05, 0.40], dtype=np.float32)
+    soil_base = np.array([0.09, 0.14, 0.19, 0.26], dtype=np.float32)
+    for k in range(n_parcels):
+        mask = parcel == k
+        base = soil_base if parcel_bare[k] else veg_base
+        colour = base * rng.uniform(0.7, 1.3, size=4).astype(np.float32)
+        # Row texture: crops are sown in rows; period and direction vary per parcel.
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3.0, 9.0) / gsd
+        rows = np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)
+        texture = 1 + rng.uniform(0.05, 0.25) * rows
+        optical[:, mask] = colour[:, None] * texture[mask][None]
+    optical[:, water] = np.array([0.06, 0.06, 0.03, 0.015], dtype=np.float32)[:, None]
+    optical[:, road] = (rng.uniform(0.12, 0.18) * np.ones(4, dtype=np.float32))[:, None]
+    roof_palette = np.array(
+        [[0.10, 0.12, 0.30, 0.32], [0.25, 0.25, 0.25, 0.28], [0.45, 0.47, 0.48, 0.50], [0.15, 0.18, 0.20, 0.22]],
+        dtype=np.float32,
+    )
+    sun_shadow = np.zeros((height, width), dtype=bool)
+    # Sun in the south-west at 45 degrees elevation: shadow length = height, toward north-east.
+    for r0, c0, bh, bw, h_m in boxes:
+        roof = roof_palette[rng.integers(len(roof_palette))] * rng.uniform(0.85, 1.15)
+        optical[:, r0 : r0 + bh, c0 : c0 + bw] = roof[:, None, None]
+        length = int(h_m / gsd / math.sqrt(2))
+        for step in range(1, length + 1):
+            rs, cs = r0 - step, c0 + step
+            rr = slice(max(0, rs), max(0, min(height, rs + bh)))
+            cc = slice(max(0, cs), max(0, min(width, cs + bw)))
+            sun_shadow[rr, cc] = True
+    sun_shadow &= ~footprint
+    optical[:, sun_shadow] *= 0.35
+    illumination = 1 + 0.08 * _smooth_field(rng, height, width, 64)
+    optical *= illumination[None].astype(np.float32)
+    optical += rng.normal(0, 0.004, size=optical.shape).astype(np.float32)
+    optical = np.clip(optical, 0.0, 1.0)
+
+    # --- SAR rendering (speckle, layover, double bounce, shadow: SAR-only signals) ------------
+    def db(v):
+        return 10 ** (np.asarray(v, dtype=np.float32) / 10)
+
+    vv = np.zeros((height, width), dtype=np.float32)
+    vh = np.zeros((height, width), dtype=np.float32)
+    for k in range(n_parcels):
+        mask = parcel == k
+        # Moisture/roughness: drawn independently of the optical colour on purpose.
+        if parcel_bare[k]:
+            s_vv = rng.uniform(-16, -7)
+            s_vh = s_vv - rng.uniform(9, 13)  # little volume scattering
+        else:
+            s_vv = rng.uniform(-12, -7)
+            s_vh = s_vv - rng.uniform(4, 7)  # canopy volume scattering lifts cross-pol
+        vv[mask], vh[mask] = db(s_vv), db(s_vh)
+    vv *= db(1.5 * _smooth_field(rng, height, width, 48))  # soil moisture varies smoothly
+    vv[water], vh[water] = db(-23), db(-30)
+    vv[road], vh[road] = db(-18), db(-26)
+
+    tan_inc = math.tan(math.radians(incidence_deg))
+    layover = np.zeros((height, width), dtype=bool)
+    double_bounce = np.zeros((height, width), dtype=bool)
+    radar_shadow = np.zeros((height, width), dtype=bool)
+    for r0, c0, bh, bw, h_m in boxes:
+        rows = slice(r0, r0 + bh)
+        roof_vv, roof_vh = db(rng.uniform(-9, -5)), db(rng.uniform(-17, -13))
+        # Radar shadow behind the building (east, away from the sensor): no return.
+        shadow_len = int(round(h_m * tan_inc / gsd))
+        s0, s1 = c0 + bw, min(width, c0 + bw + shadow_len)
+        radar_shadow[rows, s0:s1] = True
+        # Roof: the building top is imaged closer to the sensor by h / tan(incidence).
+        shift = int(round(h_m / tan_inc / gsd))
+        l0, l1 = max(0, c0 - shift), max(0, c0 + bw - shift)
+        vv[rows, c0 : c0 + bw], vh[rows, c0 : c0 + bw] = db(-20), db(-28)  # true footprint: wall/ground seen under roof clutter
+        if l1 > l0:
+            vv[rows, l0:l1] += roof_vv
+            vh[rows, l0:l1] += roof_vh
+            layover[rows, l0:l1] = True
+        # Facade between the roof and its base also lays over onto the ground in front of it.
+        f0, f1 = max(0, c0 - shift), c0
+        if f1 > f0:
+            vv[rows, f0:f1] += 0.5 * roof_vv
+            vh[rows, f0:f1] += 0.5 * roof_vh
+            layover[rows, f0:f1] = True
+        # Double bounce ground-wall dihedral at the base of the wall facing the sensor.
+        if 0 <= c0 < width:
+            w_db = max(1, int(round(1.0 / gsd)))
+            vv[rows, c0 : c0 + w_db] = db(rng.uniform(8, 14))
+            vh[rows, c0 : c0 + w_db] = db(rng.uniform(-4, 0))
+            double_bounce[rows, c0 : c0 + w_db] = True
+    vv[radar_shadow], vh[radar_shadow] = db(_NOISE_FLOOR_DB), db(_NOISE_FLOOR_DB)
+
+    # Fully developed speckle: unit-mean Gamma(L, 1/L) intensity, independent per polarisation.
+    vv *= rng.gamma(looks, 1.0 / looks, size=vv.shape).astype(np.float32)
+    vh *= rng.gamma(looks, 1.0 / looks, size=vh.shape).astype(np.float32)
+    sar = np.stack([vv, vh])
+    sar = np.maximum(10 * np.log10(np.maximum(sar, 1e-12)), _NOISE_FLOOR_DB).astype(np.float32)
+
+    layers = {
+        "water": water,
+        "road": road,
+        "building": footprint,
+        "sun_shadow": sun_shadow,
+        "layover": layover,
+        "double_bounce": double_bounce,
+        "radar_shadow": radar_shadow,
+    }
+    return TestbedScene(optical=optical.astype(np.float32), sar=sar, labels=labels, layers=layers)
+
+
+def write_scene_tifs(scene: TestbedScene, out_dir: str | Path, name: str, *, gsd: float = 1.0,
+                     origin: tuple[float, float] = (500000.0, 5750000.0), crs: str = "EPSG:32631") -> dict:
+    """Write one scene as three co-registered GeoTIFFs; returns their paths."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _, height, width = scene.optical.shape
+    transform = from_origin(origin[0], origin[1], gsd, gsd)
+    common = dict(driver="GTiff", height=height, width=width, crs=crs, transform=transform)
+    paths = {"optical": out / f"{name}_optical.tif", "sar": out / f"{name}_sar.tif", "labels": out / f"{name}_labels.tif"}
+    # Optical as uint16 reflectance x 10000 with 0 = nodata, like most L2A products.
+    opt = np.clip(np.round(scene.optical * 10000), 1, 10000).astype(np.uint16)
+    with rasterio.open(paths["optical"], "w", count=4, dtype="uint16", nodata=0, **common) as dst:
+        dst.write(opt)
+        dst.descriptions = tuple(OPTICAL_BANDS)
+    with rasterio.open(paths["sar"], "w", count=2, dtype="float32", nodata=float("nan"), **common) as dst:
+        dst.write(scene.sar)
+        dst.descriptions = tuple(SAR_BANDS)
+    with rasterio.open(paths["labels"], "w", count=1, dtype="uint8", nodata=255, **common) as dst:
+        dst.write(scene.labels[None])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _split_of(col: int, n_cols: int, val_fraction: float, test_fraction: float) -> str:
+    """Spatial split by bands of chip columns: west train, then val, then test (east).
+
+    Whole column bands keep neighbouring chips in one split, so the probes are not scored on
+    chips that overlap what they were trained on; every scene contributes to every split, and
+    val and test get at least one column each when the scene has three or more.
+    """
+    n_test = max(1, round(n_cols * test_fraction)) if n_cols >= 3 and test_fraction > 0 else 0
+    n_val = max(1, round(n_cols * val_fraction)) if n_cols >= 3 and val_fraction > 0 else 0
+    if col >= n_cols - n_test:
+        return "test"
+    if col >= n_cols - n_test - n_val:
+        return "val"
+    return "train"
+
+
+def write_testbed(
+    out_dir: str | Path,
+    *,
+    scenes: int = 4,
+    size: int = 256,
+    tile: int = 64,
+    seed: int = 0,
+    gsd: float = 1.0,
+    looks: float = 2.0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    write_tifs: bool = True,
+) -> Path:
+    """Render ``scenes`` scenes and write them as one prepared chip dataset at ``out_dir``.
+
+    The dataset follows the prepared-dataset contract (metadata.json, index.gpkg, shards;
+    docs/architecture.md s.1), so pretraining, fine-tuning and ``analyze`` read it like any
+    output of ``codemae prepare``. With ``write_tifs`` the scenes are also kept as GeoTIFF
+    triplets in ``out_dir/scenes`` for inspection (``codemae prepare`` accepts them too).
+    Scene ``k`` uses seed ``seed * 1000 + k``; scene origins are spread apart so footprints
+    never overlap. Written to a temporary sibling and renamed at the end.
+    """
+    import datetime
+    import shutil
+
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from codemae_cli import __version__
+    from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
+
+    if size < tile:
+        raise ValueError(f"scenes of {size} px are smaller than one {tile}-px chip")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shards").mkdir(parents=True)
+    crs = "EPSG:32631"
+    try:
+        writer = ShardWriter(tmp / "shards", tile=tile, optical_bands=4, sar_bands=2, labels=True,
+                             shard_size=4096, prefix="part")
+        rows, manifest = [], []
+        n = size // tile
+        sums = {"optical": np.zeros((2, 4)), "sar": np.zeros((2, 2))}
+        count = 0
+        for k in range(scenes):
+            scene = generate_scene(size, size, seed=seed * 1000 + k, gsd=gsd, looks=looks)
+            origin = (500000.0 + k * (size * gsd + 1000.0), 5750000.0)
+            scene_id = f"scene{k:03d}"
+            if write_tifs:
+                paths = write_scene_tifs(scene, tmp / "scenes", scene_id, gsd=gsd, origin=origin)
+                manifest.append({"scene_id": scene_id, **{m: str(out / "scenes" / Path(p).name) for m, p in paths.items()}})
+            for r in range(n):
+                for c in range(n):
+                    win = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
+                    opt = scene.optical[(slice(None),) + win]
+                    sar = scene.sar[(slice(None),) + win]
+                    lab = scene.labels[win]
+                    part, offset = writer.write(opt, sar, lab)
+                    split = _split_of(c, n, val_fraction, test_fraction)
+                    if split == "train":
+                        for m, x in (("optical", opt), ("sar", sar)):
+                            flat = x.reshape(x.shape[0], -1).astype(np.float64)
+                            sums[m][0] += flat.sum(1)
+                            sums[m][1] += (flat * flat).sum(1)
+                        count += tile * tile
+                    x0, y0 = origin[0] + c * tile * gsd, origin[1] - r * tile * gsd
+                    rows.append({
+                        "chip_id": f"{scene_id}_r{r * tile:05d}_c{c * tile:05d}",
+                        "scene_id": scene_id, "optical_src": f"{scene_id}_optical.tif", "sar_src": f"{scene_id}_sar.tif",
+                        "row": r * tile, "col": c * tile, "valid_optical": 1.0, "valid_sar": 1.0, "valid_joint": 1.0,
+                        "split": split, "shard": part, "offset": offset,
+                        "geometry": box(x0, y0 - tile * gsd, x0 + tile * gsd, y0),
+                    })
+        parts = writer.close()
+        for i, part in enumerate(parts):
+            for m, p in part["files"].items():
+                Path(p).rename(tmp / "shards" / shard_name(m, i))
+        gpd.GeoDataFrame(rows, geometry="geometry", crs=crs).to_file(tmp / "index.gpkg", layer="chips", driver="GPKG")
+        stats = {}
+        for m, (s1, s2) in sums.items():
+            mean = s1 / max(count, 1)
+            std = np.sqrt(np.maximum(s2 / max(count, 1) - mean * mean, 1e-12))
+            stats[m] = {"mean": mean.tolist(), "std": std.tolist()}
+        splits = {s: sum(1 for row in rows if row["split"] == s) for s in ("train", "val", "test")}
+        from pyproj import CRS
+
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "codemae_version": __version__,
+            "tile": tile, "stride": tile, "crs": CRS.from_user_input(crs).to_wkt(), "res": [gsd, gsd],
+            "ref": "optical", "paired": True,
+            "optical": {"bands": list(OPTICAL_BANDS), "count": 4, "source_dtype": "float32", "nodata": None},
+            "sar": {"bands": list(SAR_BANDS), "count": 2, "scale": "db", "input_scale": "db"},
+            "labels": {"source": "codemae testbed", "classes": {str(k): v for k, v in CLASSES.items()},
+                       "ignore_index": 255},
+            "stats": stats, "splits": splits,
+            "scenes": manifest or [{"scene_id": f"scene{k:03d}"} for k in range(scenes)],
+            "dropped": {}, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "testbed": {"scenes": scenes, "size": size, "seed": seed, "gsd": gsd, "looks": looks,
+                        "generator": "codemae_cli.analysis.testbed.generate_scene"},
+        }
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["CLASSES", "OPTICAL_BANDS", "SAR_BANDS", "TestbedScene", "generate_scene", "write_scene_tifs", "write_testbed"]

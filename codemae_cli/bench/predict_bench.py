@@ -1,0 +1,221 @@
+"""``codemae bench predict``: end-to-end whole-scene prediction against a model-only loop.
+
+For each scene size a fresh subprocess (so its peak RSS is its own) generates a 3-band uint8
+optical scene with windowed writes, builds a randomly initialised segmentation model, and then
+1. model-only: the same windows as the scene, as random tensors already on the device, through
+   the model + softmax (the ceiling for end-to-end throughput);
+2. end-to-end: ``predict_scene`` on the generated scene to a COG (reads, normalisation, blending,
+   windowed writes, COG copy).
+Both are reported in scene Mpx/s, with their ratio and the subprocess's peak RSS, which must not
+grow with the scene when memory is bounded by a band of rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+BENCH_BANDS = 3
+BENCH_CLASSES = 4
+
+
+def generate_scene(path: Path, size: int, bands: int = BENCH_BANDS, block: int = 512, seed: int = 0) -> Path:
+    """A ``size x size`` uint8 scene (tiled, uncompressed), written block-row by block-row."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    rng = np.random.default_rng(seed)
+    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint8", crs="EPSG:32631",
+                   transform=from_origin(500000.0, 5800000.0, 0.5, 0.5), tiled=True, blockxsize=512,
+                   blockysize=512, BIGTIFF="IF_SAFER")
+    xs = np.arange(size)
+    with rasterio.open(path, "w", **profile) as ds:
+        for r in range(0, size, block):
+            n = min(block, size - r)
+            ys = np.arange(r, r + n)[:, None]
+            # fields of 64 px with noise: textured but cheap to generate
+            base = (((ys // 64) + (xs[None, :] // 64)) % 4 * 50).astype(np.uint8)
+            for b in range(bands):
+                noise = rng.integers(0, 40, size=(n, size), dtype=np.uint8)
+                ds.write(base + noise + np.uint8(10 * b), b + 1, window=Window(0, r, size, n))
+    return path
+
+
+def build_bench_model(preset: str, bands: int, num_classes: int, img_size: int, head: str = "linear"):
+    """A randomly initialised optical segmentation TaskModel (CoDe-MAE encoder of ``preset`` + head).
+
+    Built through the same code path as fine-tuning (``codemae_cli.tasks.build_task_model``), so
+    the benchmark measures the model that ``codemae predict`` runs.
+    """
+    from codemae_cli.tasks import build_task_model
+    from codemae_cli.tasks.config import EncoderSection, FinetuneRecipe, TaskConfig
+
+    recipe = FinetuneRecipe(
+        model=EncoderSection(preset=preset, img_size=img_size, drop_path=0.0),
+        task=TaskConfig(kind="segmentation", inputs="optical", head=head, from_scratch=True),
+    )
+    model, _ = build_task_model(recipe, optical_bands=bands, sar_bands=1, num_classes=num_classes)
+    return model.eval(), f"TaskModel({preset}, {head} head, random init)"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batch_size: int, workdir: Path,
+              compile: bool = False, head: str = "linear") -> dict:
+    """One scene size, in this process: model-only loop, then end-to-end predict."""
+    import torch
+
+    from codemae_cli.infer.predict import _probs, _resolve_device, predict_scene
+    from codemae_cli.infer.windows import WindowGrid, resolve_overlap
+
+    dev = _resolve_device(device)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    scene = generate_scene(workdir / f"scene_{size}.tif", size)
+    gen_s = time.perf_counter() - t
+    model, model_name = build_bench_model(preset, BENCH_BANDS, BENCH_CLASSES, window, head)
+    model = model.to(dev)
+    fn = torch.compile(model) if compile else model
+    autocast_dtype = torch.bfloat16 if dev.type == "cuda" else None
+
+    def model_fn(o, s):
+        return fn(optical=o, sar=s)
+
+    ov = resolve_overlap(window, overlap)
+    n_windows = len(WindowGrid(size, size, window, ov))
+    x = torch.randn(batch_size, BENCH_BANDS, window, window, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up (allocator, cuDNN/compile)
+            _probs(model_fn, x, None, window, False, autocast_dtype)
+        sync()
+        t = time.perf_counter()
+        done = 0
+        while done < n_windows:
+            b = min(batch_size, n_windows - done)
+            p = _probs(model_fn, x[:b], None, window, False, autocast_dtype)
+            done += b
+        p.sum().item()  # forces completion of queued kernels on any device
+        sync()
+        model_s = time.perf_counter() - t
+
+    stats = {"optical": {"mean": [100.0] * BENCH_BANDS, "std": [50.0] * BENCH_BANDS}}
+    out = workdir / f"pred_{size}.tif"
+    summary = predict_scene(model_fn, scene, None, out, window=window, overlap=ov, batch_size=batch_size,
+                            stats=stats, inputs="optical", device=dev, progress=False)
+    sync()
+    e2e_s = summary["seconds"]
+    mpx = size * size / 1e6
+    result = {
+        "size": size,
+        "model": model_name,
+        "device": str(dev),
+        "window": window,
+        "overlap": ov,
+        "batch_size": batch_size,
+        "windows": n_windows,
+        "generate_s": gen_s,
+        "model_only_s": model_s,
+        "end_to_end_s": e2e_s,
+        "model_only_mpx_s": mpx / model_s,
+        "end_to_end_mpx_s": mpx / e2e_s,
+        "ratio": model_s / e2e_s,
+        "band_rows": summary["band_rows"],
+        "output_bytes": summary["bytes"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+    for p in (scene, out):
+        p.unlink(missing_ok=True)
+    return result
+
+
+def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "auto", window: int = 512,
+                      overlap=0.125, batch_size: int = 8, workdir: Path | None = None,
+                      compile: bool = False, head: str = "linear") -> list[dict]:
+    """Run each size in its own subprocess (its own peak RSS) and collect the results."""
+    if not sizes or any(s < 1 for s in sizes):
+        raise UserError("--size needs at least one positive scene size")
+    if window < 16 or window % 16:
+        raise UserError("--window must be a positive multiple of 16 pixels")
+    own_tmp = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="codemae-bench-predict-")) if own_tmp else Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    try:
+        for size in sizes:
+            # scene (3 B/px) + temporary class map (1 B/px) + COG (< 1 B/px), with 20 % margin
+            need = int(size * size * (BENCH_BANDS + 2) * 1.2)
+            free = shutil.disk_usage(root).free
+            if free < need:
+                raise UserError(f"a {size} x {size} benchmark scene needs {need / 1e9:.1f} GB in '{root}' but only "
+                                f"{free / 1e9:.1f} GB are free; pass a smaller --size or another --workdir")
+            args = dict(size=size, preset=preset, device=device, window=window, overlap=overlap,
+                        batch_size=batch_size, workdir=str(root), compile=compile, head=head)
+            proc = subprocess.run([sys.executable, "-m", "codemae_cli.bench.predict_bench", json.dumps(args)],
+                                  capture_output=True, text=True, env=dict(os.environ))
+            lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise UserError(f"the {size} x {size} benchmark run failed: {tail[0]}")
+            results.append(json.loads(lines[-1]))
+    finally:
+        if own_tmp:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
+def print_results(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if results:
+        r0 = results[0]
+        console.print(f"model: {r0['model']} on {r0['device']} ({r0['threads']} CPU threads), window {r0['window']} px, "
+                      f"overlap {r0['overlap']} px, batch {r0['batch_size']}")
+    table = Table(title="codemae bench predict", show_edge=False)
+    for col in ("scene", "windows", "model-only Mpx/s", "end-to-end Mpx/s", "e2e / model", "peak RSS",
+                "band rows", "e2e s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(f"{r['size']} x {r['size']}", str(r["windows"]), f"{r['model_only_mpx_s']:.3f}",
+                      f"{r['end_to_end_mpx_s']:.3f}", f"{100 * r['ratio']:.1f} %", f"{r['peak_rss_mb']:.0f} MB",
+                      str(r["band_rows"]), f"{r['end_to_end_s']:.1f}")
+    console.print(table)
+    console.print("Mpx/s are scene megapixels per second; model-only runs the same windows as random tensors "
+                  "already on the device, so it is the ceiling for end-to-end throughput.")
+
+
+def _worker(argv: list[str]) -> None:
+    args = json.loads(argv[0])
+    try:
+        res = bench_one(args["size"], preset=args["preset"], device=args["device"], window=args["window"],
+                        overlap=args["overlap"], batch_size=args["batch_size"], workdir=Path(args["workdir"]),
+                        compile=args.get("compile", False), head=args.get("head", "linear"))
+    except UserError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

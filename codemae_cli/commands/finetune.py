@@ -1,0 +1,46 @@
+"""``codemae finetune``: segmentation / classification / linear probing from a pretrained encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from codemae_cli.cli import cli_command
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    @app.command("finetune")
+    @cli_command
+    def finetune_cmd(
+        recipe: Path = typer.Argument(..., help="Fine-tuning recipe (YAML), e.g. recipes/seg.yaml."),
+        overrides: Optional[list[str]] = typer.Option(
+            None, "--set", "-s", help="Override a recipe value: --set task.inputs=sar (repeatable)."
+        ),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from checkpoints/last."),
+        print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+    ) -> None:
+        """Fine-tune a pretrained CoDe-MAE encoder (or train from scratch) on labelled prepared chips.
+
+        Segmentation (UPerNet / FPN / linear) or (multi-label) classification, on optical, SAR or
+        both inputs; per-class IoU, mIoU, F1 and OA on the validation split every epoch; the best
+        checkpoint by task.best_metric. Runs the same on CPU, one GPU or under torchrun.
+        """
+        from rich.console import Console
+
+        from codemae_cli.config import dump_recipe, load_recipe
+        from codemae_cli.tasks.config import FinetuneRecipe
+
+        cfg = load_recipe(recipe, FinetuneRecipe, overrides)
+        console = Console()
+        if print_recipe:
+            console.print(dump_recipe(cfg), markup=False, highlight=False)
+            return
+        from codemae_cli.tasks.evaluate import metrics_table
+        from codemae_cli.tasks.finetune import run_finetune
+
+        result = run_finetune(cfg, resume=resume, console=console)
+        if result.get("best_metrics"):
+            console.print(metrics_table(result["best_metrics"], title=f"best validation (epoch {result['best_epoch']})"))
+        console.print(f"checkpoints: {Path(result['run_dir']) / 'checkpoints'}")

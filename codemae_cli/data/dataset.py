@@ -1,0 +1,439 @@
+"""Torch datasets over prepared chips (``codemae prepare`` output), for pretraining and fine-tuning.
+
+    chips = PairedChips([PreparedDataset("data/a"), PreparedDataset("data/b")], "train", 224)
+    sampler = PairedBatchSampler(chips, batch_size=128, weights=[2, 1], seed=0,
+                                 rank=dist.rank, world_size=dist.world_size)
+    loader = build_loader(chips, sampler, num_workers=4, pin_memory=True)
+    for epoch in ...: sampler.set_epoch(epoch); for batch in loader: ...
+
+Each item is a dict of tensors: ``optical`` (Co,H,W) and ``sar`` (Cs,H,W) float32 normalised with
+their dataset's per-band stats (NaN -> 0 after normalisation), ``valid`` (H,W) bool (both
+modalities valid), ``label`` (H,W) int64 with 255 = ignore (``with_labels``), ``dataset`` (int64),
+``paired`` (bool) and ``index`` (int64, global index).
+
+The random crop + flip of a pair is IDENTICAL for optical, SAR and label: the three are cut from
+the same window and resized in one call. Randomness is drawn from a per-sample seed that the
+batch sampler derives from (seed, epoch, position), never from worker RNG state, so a run is
+reproducible whatever the number of workers and resumes exactly mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+IGNORE_INDEX = 255
+_MASK64 = 2**64 - 1
+
+
+def _mix(*values: int) -> int:
+    """Hash integers into one 63-bit seed (splitmix64 steps); cheap and well distributed."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        x ^= x >> 31
+        x = x * 0x94D049BB133111EB & _MASK64
+        x ^= x >> 29
+    return x & (2**63 - 1)
+
+
+def open_datasets(datasets: Sequence) -> list:
+    """PreparedDataset objects from paths (or PreparedDataset objects, passed through)."""
+    from codemae_cli.data.shards import PreparedDataset
+
+    out = []
+    for d in datasets:
+        if isinstance(d, (str, os.PathLike)):
+            p = Path(d)
+            if not p.exists():
+                raise UserError(f"dataset directory '{p}' does not exist (run `codemae prepare` first)")
+            if not p.is_dir():
+                raise UserError(f"dataset '{p}' is not a directory written by `codemae prepare`")
+            d = PreparedDataset(p)
+        out.append(d)
+    return out
+
+
+def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
+                               scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop window (torchvision's algorithm)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centred window within the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class _Source:
+    """What a worker needs of one prepared dataset: shard paths, row lookup, stats. Picklable."""
+
+    def __init__(self, ds, split: str, with_labels: bool):
+        self.root = Path(ds.root)
+        meta = ds.meta
+        self.meta = meta
+        self.paired = bool(meta.get("paired", True))
+        self.tile = int(meta["tile"])
+        rows = np.asarray(ds.indices(split), dtype=np.int64)
+        self.rows = rows
+        index = ds.index
+        self.shard = index["shard"].to_numpy(dtype=np.int64)[rows]
+        self.offset = index["offset"].to_numpy(dtype=np.int64)[rows]
+        stats = meta.get("stats") or {}
+        try:
+            mean = list(stats["optical"]["mean"]) + list(stats["sar"]["mean"])
+            std = list(stats["optical"]["std"]) + list(stats["sar"]["std"])
+        except (KeyError, TypeError):
+            raise UserError(f"dataset '{self.root}' has no per-band stats in metadata.json; re-run `codemae prepare`") from None
+        self.n_opt = int(meta["optical"]["count"])
+        self.n_sar = int(meta["sar"]["count"])
+        if len(mean) != self.n_opt + self.n_sar or len(std) != len(mean):
+            raise UserError(f"dataset '{self.root}' stats do not match its band counts")
+        std = np.asarray(std, dtype=np.float32)
+        # A constant band (std 0) would divide by zero; it carries no signal, so scale by 1.
+        std = np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.inv_std = (1.0 / std).astype(np.float32)
+        self.with_labels = with_labels
+        if with_labels and not meta.get("labels"):
+            raise UserError(f"dataset '{self.root}' has no labels (prepare it with --labels)")
+        self._maps: dict = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def array(self, modality: str, k: int) -> np.ndarray:
+        from codemae_cli.data.shards import shard_name
+
+        if os.getpid() != self._pid:  # a forked worker opens its own maps
+            self._maps, self._pid = {}, os.getpid()
+        arr = self._maps.get((modality, k))
+        if arr is None:
+            path = self.root / "shards" / shard_name(modality, k)
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                raise UserError(f"shard '{path}' is missing or corrupt; re-run `codemae prepare`") from None
+            self._maps[(modality, k)] = arr
+        return arr
+
+
+class PairedChips:
+    """Optical/SAR(/label) chips of one split of one or several prepared datasets.
+
+    A torch map-style dataset: ``chips[i]`` (global index, augmentation seeded from
+    ``(seed, epoch, i)``) or ``chips[(i, sample_seed)]`` (what :class:`PairedBatchSampler` yields).
+    ``train=False`` is deterministic: the whole chip resized to ``img_size``, no flip.
+    """
+
+    def __init__(self, datasets: Sequence, split: str = "train", img_size: int = 224,
+                 crop_scale=(0.2, 1.0), hflip: bool = True, train: bool = True, with_labels: bool = False,
+                 ratio=(3 / 4, 4 / 3), seed: int = 0):
+        import torch
+
+        if not datasets:
+            raise UserError("no datasets given (set data.datasets to one or more `codemae prepare` outputs)")
+        opened = open_datasets(datasets)
+        self.split = split
+        self.img_size = int(img_size)
+        self.crop_scale = tuple(float(s) for s in crop_scale)
+        self.ratio = tuple(float(r) for r in ratio)
+        self.hflip = bool(hflip)
+        self.train = bool(train)
+        self.with_labels = bool(with_labels)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.sources = [_Source(ds, split, with_labels) for ds in opened]
+        first = self.sources[0]
+        for s in self.sources[1:]:
+            if s.n_opt != first.n_opt:
+                raise UserError(f"datasets '{first.root}' and '{s.root}' have different optical band counts "
+                                f"({first.n_opt} vs {s.n_opt}); mixed datasets need the same bands")
+            if s.n_sar != first.n_sar:
+                raise UserError(f"datasets '{first.root}' and '{s.root}' have different SAR band counts "
+                                f"({first.n_sar} vs {s.n_sar}); mixed datasets need the same bands")
+            for mod in ("optical", "sar"):
+                a, b = first.meta[mod].get("bands"), s.meta[mod].get("bands")
+                if a and b and list(a) != list(b):
+                    warnings.warn(f"{mod} band names differ between '{first.root}' ({a}) and '{s.root}' ({b}); "
+                                  "they are mixed by position", stacklevel=2)
+        self.sizes = [len(s.rows) for s in self.sources]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        if self.offsets[-1] == 0:
+            names = ", ".join(str(s.root) for s in self.sources)
+            raise UserError(f"no chips in split '{split}' of {names}")
+        self.optical_bands = first.n_opt
+        self.sar_bands = first.n_sar
+        self._torch = torch
+
+    # ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def paired_flags(self) -> list[bool]:
+        return [s.paired for s in self.sources]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global index -> (dataset number, position within that dataset's split)."""
+        d = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return d, int(index - self.offsets[d])
+
+    def chip_id(self, index: int) -> str:
+        d, p = self.locate(index)
+        src = self.sources[d]
+        return str(src.meta.get("name", src.root.name)) + f"#{int(src.rows[p])}"
+
+    def meta_summary(self) -> dict:
+        """Bands and stats of the (first) dataset, for checkpoint metadata."""
+        m = self.sources[0].meta
+        return {
+            "bands": {"optical": list(m["optical"].get("bands") or []), "sar": list(m["sar"].get("bands") or [])},
+            "stats": m.get("stats"),
+            "datasets": [str(s.root) for s in self.sources],
+        }
+
+    # ---------------------------------------------------------------------------------------
+    def _key(self, key) -> tuple[int, int]:
+        if isinstance(key, tuple):
+            index, sample_seed = int(key[0]), int(key[1])
+        else:
+            index = int(key)
+            sample_seed = _mix(self.seed, self.epoch, index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"chip {index} out of range 0..{len(self) - 1}")
+        return index, sample_seed
+
+    def __getitem__(self, key) -> dict:
+        """Load, crop, flip, normalise and resize one pair (and its label)."""
+        torch = self._torch
+        F = torch.nn.functional
+        index, sample_seed = self._key(key)
+        d, p = self.locate(index)
+        src = self.sources[d]
+        k, off = int(src.shard[p]), int(src.offset[p])
+        tile = src.tile
+        flip = False
+        if self.train:
+            rng = np.random.default_rng(sample_seed)
+            top, left, h, w = random_resized_crop_params(rng, tile, tile, self.crop_scale, self.ratio)
+            flip = self.hflip and bool(rng.random() < 0.5)
+        else:
+            top, left, h, w = 0, 0, tile, tile
+        rows = slice(top, top + h)
+        # The flip is folded into the copy out of the memory map (a negative-stride read), so it
+        # costs nothing, and the same window/flip is applied to optical, SAR and label.
+        cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if flip else slice(left, left + w)
+        co = src.n_opt
+        x = np.empty((co + src.n_sar, h, w), dtype=np.float32)                          # (Co+Cs, h, w)
+        # Copy out of the map and subtract the mean in one pass, then scale in place.
+        np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
+        np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
+        np.multiply(x, src.inv_std[:, None, None], out=x)
+        # One read-only pass answers "any nodata?" (NaN/inf propagate into the sum); the mask is
+        # only built for chips that have some.
+        has_nodata = not np.isfinite(x.sum(dtype=np.float32))
+        if has_nodata:
+            bad = ~np.isfinite(x)
+            valid = ~(bad[:co].any(0) | bad[co:].any(0))                                # (h, w)
+            x[bad] = 0.0
+        S = self.img_size
+        t = torch.from_numpy(x)
+        resize = (h, w) != (S, S)
+        if resize:
+            # Antialiasing only pays when shrinking a lot; at <= 1.5x it is invisible and 3x slower.
+            aa = h > 1.5 * S or w > 1.5 * S
+            t = F.interpolate(t[None], size=(S, S), mode="bilinear", align_corners=False, antialias=aa)[0]
+        if has_nodata:
+            v = torch.from_numpy(valid)
+            if resize:
+                v = F.interpolate(v[None, None].float(), size=(S, S), mode="bilinear", align_corners=False)[0, 0] > 0.5
+        else:
+            v = torch.ones((S, S), dtype=torch.bool)
+        out = {
+            "optical": t[:co],                                                            # (Co, S, S)
+            "sar": t[co:],                                                                # (Cs, S, S)
+            "valid": v,                                                                   # (S, S)
+            "dataset": torch.tensor(d, dtype=torch.int64),
+            "paired": torch.tensor(src.paired),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.with_labels:
+            lab = torch.from_numpy(np.ascontiguousarray(src.array("label", k)[off, rows, cols]))
+            if resize:
+                lab = F.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
+            out["label"] = lab.long()                                                     # (S, S)
+        return out
+
+
+class PairedBatchSampler:
+    """Batches of ``(index, sample_seed)`` for one rank: weighted mix, pairing-pure, sharded.
+
+    - ``weights`` (one per dataset): share of each dataset in an epoch; ``None`` = by size (every
+      chip once per epoch). An epoch has ``num_samples`` items (default: all chips).
+    - Every batch holds only paired or only unpaired chips (the model's cross-modal losses need
+      the whole batch to agree); all ranks see the same kind at the same step.
+    - Each global batch of ``batch_size * world_size`` is split between ranks
+      (DistributedSampler-style); ``set_epoch`` reshuffles; ``set_epoch(e, start_batch=k)``
+      resumes at batch ``k`` of epoch ``e``.
+    """
+
+    def __init__(self, chips: PairedChips, batch_size: int, weights: Sequence[float] | None = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, num_samples: int | None = None):
+        if batch_size < 1:
+            raise UserError("batch size must be at least 1")
+        self.chips = chips
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        sizes = np.asarray(chips.sizes, dtype=np.int64)
+        total = int(num_samples) if num_samples else int(sizes.sum())
+        if weights is None:
+            quotas = sizes.copy() if not num_samples else np.round(sizes / sizes.sum() * total).astype(np.int64)
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if len(w) != len(sizes):
+                raise UserError(f"{len(w)} dataset weights given for {len(sizes)} datasets")
+            if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+                raise UserError("dataset weights must be non-negative numbers with a positive sum")
+            w = np.where(sizes > 0, w, 0.0)
+            if w.sum() <= 0:
+                raise UserError("every dataset with a positive weight is empty in this split")
+            quotas = np.round(w / w.sum() * total).astype(np.int64)
+        self.quotas = quotas
+        self.epoch = 0
+        self.start_batch = 0
+        global_batch = self.batch_size * self.world_size
+        per_group = {}
+        for flag, q in zip(chips.paired_flags, quotas):
+            per_group[flag] = per_group.get(flag, 0) + int(q)
+        if self.drop_last:
+            self._n_global = sum(n // global_batch for n in per_group.values())
+        else:
+            self._n_global = sum(math.ceil(n / global_batch) for n in per_group.values())
+        if self._n_global == 0:
+            raise UserError(f"the split has {int(sizes.sum())} chips, fewer than one batch of {global_batch} "
+                            f"({self.batch_size} per process x {self.world_size} processes); lower the batch size")
+
+    def __len__(self) -> int:
+        return self._n_global - self.start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._n_global
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.start_batch = max(0, min(int(start_batch), self._n_global))
+        self.chips.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start_batch": self.start_batch}
+
+    def _epoch_batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(_mix(self.seed, self.epoch, 0xB47C4))
+        groups: dict[bool, list[np.ndarray]] = {}
+        for d, (flag, q) in enumerate(zip(self.chips.paired_flags, self.quotas)):
+            n = int(self.chips.sizes[d])
+            if q <= 0 or n == 0:
+                continue
+            if self.shuffle:
+                reps = [rng.permutation(n) for _ in range(int(q) // n)]
+                rest = int(q) % n
+                if rest:
+                    reps.append(rng.permutation(n)[:rest])
+                local = np.concatenate(reps) if reps else np.empty(0, np.int64)
+            else:
+                local = np.resize(np.arange(n), int(q))
+            groups.setdefault(flag, []).append(local + int(self.chips.offsets[d]))
+        global_batch = self.batch_size * self.world_size
+        batches = []
+        for flag in sorted(groups):
+            items = np.concatenate(groups[flag])
+            if self.shuffle:
+                items = items[rng.permutation(len(items))]
+            n_full = len(items) // global_batch
+            for b in range(n_full):
+                batches.append(items[b * global_batch:(b + 1) * global_batch])
+            rest = items[n_full * global_batch:]
+            if len(rest) and not self.drop_last:
+                # Pad with the group's first items so every rank gets the same number of batches.
+                pad = np.resize(items, global_batch - len(rest))
+                batches.append(np.concatenate([rest, pad]))
+        if self.shuffle:
+            order = rng.permutation(len(batches))
+            batches = [batches[i] for i in order]
+        return batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self._epoch_batches()
+        B = self.batch_size
+        for b in range(self.start_batch, len(batches)):
+            mine = batches[b][self.rank * B:(self.rank + 1) * B]
+            base = b * B * self.world_size + self.rank * B
+            yield [(int(i), _mix(self.seed, self.epoch, base + j)) for j, i in enumerate(mine)]
+
+
+def _worker_init(worker_id: int) -> None:
+    import torch
+
+    from codemae_cli.train.engine import seed_worker
+
+    # Resizing runs in each worker: one thread each, or workers fight over cores.
+    torch.set_num_threads(1)
+    seed_worker(worker_id)
+
+
+def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_workers: int = 4,
+                 pin_memory: bool = True, prefetch_factor: int = 4, persistent_workers: bool = True):
+    """A DataLoader over ``chips`` driven by ``batch_sampler`` with seeded, single-thread workers."""
+    import torch
+
+    kwargs = {}
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                      worker_init_fn=_worker_init)
+    return torch.utils.data.DataLoader(
+        chips, batch_sampler=batch_sampler, num_workers=num_workers,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(), **kwargs)
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PairedBatchSampler",
+    "PairedChips",
+    "build_loader",
+    "open_datasets",
+    "random_resized_crop_params",
+]

@@ -1,0 +1,165 @@
+"""Labels on the chip grid: vector files rasterised, or a label raster warped with nearest.
+
+Vector labels: every feature is burnt with the integer code of its class column value
+(``rasterio.features.rasterize``, pixel centres inside the polygon); pixels covered by no
+feature are class 0 ("background"); later features win where features overlap.
+
+* numeric column: values are the codes (0..254); names from ``--classes`` (one per code)
+  or ``class_<code>``;
+* text column: with ``--classes``, each value must be one of the names and takes its position
+  as code (or, when no value is a name and ``--classes`` is background plus one name per
+  distinct value, e.g. ``building=yes`` with ``background,building``, the sorted values take
+  codes 1..n); without, the sorted distinct values get codes 1..n after "background".
+
+Label rasters: values are the codes; the file's nodata (and pixels outside it) become 255
+(ignore). Class names from ``--classes``, else the raster's ``CLASSES`` tag (comma
+separated, as written by ``codemae synth``), else ``class_<code>`` for the codes seen.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+IGNORE = 255
+VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".kml", ".gml")
+
+
+def parse_classes(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    names = [c.strip() for c in str(text).split(",")]
+    if not names or any(not n for n in names):
+        raise UserError(f"--classes '{text}' must be comma-separated names like background,building")
+    if len(set(names)) != len(names):
+        raise UserError(f"--classes '{text}' names a class twice")
+    if len(names) > IGNORE:
+        raise UserError("--classes can name at most 255 classes (255 is the ignore value)")
+    return names
+
+
+def is_vector(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VECTOR_SUFFIXES
+
+
+class VectorLabels:
+    """A vector label file, re-projected to the grid CRS, with integer class codes."""
+
+    def __init__(self, path: str | Path, column: Optional[str], classes: Optional[list[str]], crs_wkt: str):
+        import geopandas as gpd
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"label file '{self.path}' does not exist")
+        try:
+            gdf = gpd.read_file(self.path)
+        except Exception:  # pyogrio raises several types for unreadable files
+            raise UserError(f"label file '{self.path}' is not a readable vector file") from None
+        if len(gdf) == 0:
+            raise UserError(f"label file '{self.path}' has no features")
+        if gdf.crs is None:
+            raise UserError(f"label file '{self.path}' has no CRS")
+        column = column or "class"
+        if column not in gdf.columns:
+            cols = ", ".join(c for c in gdf.columns if c != "geometry")
+            raise UserError(
+                f"label file '{self.path}' has no column '{column}' (choose one with --label-column: {cols})"
+            )
+        gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+        gdf = gdf[gdf[column].notna()]
+        if len(gdf) == 0:
+            raise UserError(f"label file '{self.path}' has no features with a geometry and a '{column}' value")
+        values = gdf[column]
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        if is_numeric_dtype(values.dtype) and not is_bool_dtype(values.dtype):
+            v = values.to_numpy(dtype=np.float64)
+            if (v != np.round(v)).any() or v.min() < 0 or v.max() >= IGNORE:
+                raise UserError(f"label column '{column}' must hold whole class codes 0..254")
+            codes = v.astype(np.int64)
+            if classes is not None:
+                if codes.max() >= len(classes):
+                    raise UserError(
+                        f"label column '{column}' has code {codes.max()} but --classes names only {len(classes)} classes"
+                    )
+                names = classes
+            else:
+                names = ["background"] + [f"class_{k}" for k in range(1, int(codes.max()) + 1)]
+        else:
+            text = values.astype(str)
+            distinct = sorted(set(text))
+            if classes is not None and not set(distinct) & set(classes) and len(classes) == len(distinct) + 1:
+                # e.g. building=yes with --classes background,building: rename in sorted order.
+                lookup = {n: k + 1 for k, n in enumerate(distinct)}
+                names = classes
+            elif classes is not None:
+                unknown = sorted(set(text) - set(classes))
+                if unknown:
+                    raise UserError(f"label value '{unknown[0]}' of column '{column}' is not one of --classes")
+                lookup = {n: k for k, n in enumerate(classes)}
+                names = classes
+            else:
+                names = ["background"] + distinct
+                lookup = {n: k + 1 for k, n in enumerate(distinct)}
+                if len(names) > IGNORE:
+                    raise UserError(f"label column '{column}' has more than 254 distinct values")
+            codes = text.map(lookup).to_numpy(dtype=np.int64)
+        self.column = column
+        self.classes = {str(k): n for k, n in enumerate(names)}
+        gdf = gdf.assign(_code=codes)[["_code", "geometry"]].to_crs(crs_wkt)
+        self.gdf = gdf.reset_index(drop=True)
+
+    def rasterize(self, grid, row: int, col: int, height: int, width: int) -> np.ndarray:
+        """uint8 codes on the grid window; 0 where no feature."""
+        from rasterio.features import rasterize
+
+        left, bottom, right, top = grid.window_bounds(row, col, height, width)
+        hits = self.gdf.sindex.query(_box(left, bottom, right, top), predicate="intersects")
+        out = np.zeros((height, width), dtype=np.uint8)
+        if len(hits) == 0:
+            return out
+        sub = self.gdf.iloc[np.sort(hits)]
+        shapes = ((geom, int(code)) for geom, code in zip(sub.geometry, sub["_code"]))
+        return rasterize(shapes, out_shape=(height, width), transform=grid.window_transform(row, col),
+                         fill=0, out=out, dtype=np.uint8)
+
+
+def _box(*b):
+    from shapely.geometry import box
+
+    return box(*b)
+
+
+def raster_label_prepare(nodata: Optional[float]):
+    """Turn a raw label block into uint8 codes with 255 at nodata."""
+
+    def prepare(block: np.ndarray) -> np.ndarray:
+        if np.issubdtype(block.dtype, np.floating):
+            bad = ~np.isfinite(block)
+            block = np.where(bad, IGNORE, block)
+        else:
+            bad = np.zeros(block.shape, dtype=bool)
+        if nodata is not None and not math.isnan(nodata):
+            bad = bad | (block == nodata)
+        out_of_range = (block < 0) | (block > IGNORE)
+        if out_of_range.any():
+            raise UserError("the label raster holds values outside 0..255; it must hold class codes")
+        out = block.astype(np.uint8)
+        out[bad] = IGNORE
+        return out
+
+    return prepare
+
+
+def raster_classes(tags: dict, classes: Optional[list[str]]) -> Optional[list[str]]:
+    if classes is not None:
+        return classes
+    tag = tags.get("CLASSES") or tags.get("classes")
+    if tag:
+        return [c.strip() for c in tag.split(",")]
+    return None

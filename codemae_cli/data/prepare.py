@@ -1,0 +1,623 @@
+"""``codemae prepare``: optical/SAR scene pairs -> co-registered, memory-mappable chip shards.
+
+    from codemae_cli.data.prepare import PrepareOptions, run_prepare
+    summary = run_prepare(PrepareOptions(out="data/", optical=["a.tif"], sar=["b.tif"], tile=256))
+
+Pipeline per scene (docs/architecture.md section 1 describes the output):
+
+1. open and validate every input (CRS, readable, band counts), detect the SAR input scale;
+2. reference grid (coregister.reference_grid) and the overlap of all inputs on it;
+3. chip lattice over the overlap (``tile``, ``stride``; the last chip snapped to the edge),
+   chips grouped into blocks for the spatial split (split.assign_blocks);
+4. one band of ``tile`` rows at a time: every input read or warped onto the grid (SAR in
+   linear power, then dB once; labels nearest or rasterised), chips cut, the joint validity
+   filter applied, kept chips streamed into shards, train chips into the running stats.
+
+Memory follows one band of rows (tile x overlap width x bands), never the scene. With
+``workers > 1`` bands of rows run in worker processes, each writing its own shard parts,
+which are renumbered at the end. Everything is written into ``OUT.tmp-<pid>`` and renamed to
+``OUT`` when complete; on any error the temporary directory is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from codemae_cli import __version__
+from codemae_cli.data import raster as R
+from codemae_cli.data.coregister import Grid, choose_resampling, footprint, overlap_window, read_on_grid, reference_grid
+from codemae_cli.data.labels import IGNORE, VectorLabels, is_vector, parse_classes, raster_classes, raster_label_prepare
+from codemae_cli.data.manifest import SceneSpec, read_manifest
+from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
+from codemae_cli.data.split import assign_blocks, block_key, parse_split
+from codemae_cli.data.stats import RunningStats
+from codemae_cli.errors import UserError
+
+
+@dataclass
+class PrepareOptions:
+    """Everything ``codemae prepare`` accepts (see ``codemae prepare --help``)."""
+
+    out: str
+    optical: list[str] = field(default_factory=list)
+    sar: list[str] = field(default_factory=list)
+    manifest: Optional[str] = None
+    labels: Optional[str] = None
+    label_column: Optional[str] = None
+    classes: Optional[str] = None
+    tile: int = 256
+    stride: Optional[int] = None
+    overlap: Optional[int] = None
+    ref: str = "optical"
+    crs: Optional[str] = None
+    res: Optional[float] = None
+    sar_scale: str = "auto"
+    nodata_optical: Optional[str] = None
+    nodata_sar: Optional[str] = None
+    min_valid: float = 0.5
+    split: str = "0.8,0.1,0.1"
+    block: int = 4
+    seed: int = 0
+    workers: int = 1
+    overwrite: bool = False
+    shard_size: int = 1024
+    quicklook: bool = True
+    progress: bool = False
+
+
+@dataclass
+class ScenePlan:
+    """One scene, resolved and validated (picklable: sent to worker processes)."""
+
+    scene_id: str
+    optical: list
+    sar: list
+    optical_nodata: list
+    sar_nodata: list
+    sar_scales: list
+    optical_resampling: list
+    sar_resampling: list
+    grid: Grid
+    window: tuple  # (row, col, height, width) of the overlap on the grid
+    rows: list  # chip row offsets on the grid
+    cols: list
+    overlap_area: float
+    labels: Optional[dict] = None  # {"kind": "vector", "vector": VectorLabels} | {"kind": "raster", ...}
+
+
+# ----------------------------------------------------------------------------- planning
+def _check_options(o: PrepareOptions) -> tuple[int, tuple[float, float, float]]:
+    if o.tile < 8:
+        raise UserError("--tile must be at least 8 pixels")
+    if o.stride is not None and o.overlap is not None:
+        raise UserError("give either --stride or --overlap, not both")
+    stride = o.stride if o.stride is not None else o.tile - (o.overlap or 0)
+    if not 0 < stride:
+        raise UserError("--overlap must be smaller than --tile" if o.overlap is not None else "--stride must be positive")
+    if o.ref not in ("optical", "sar"):
+        raise UserError(f"--ref must be optical or sar, not '{o.ref}'")
+    if o.sar_scale not in R.SAR_SCALES:
+        raise UserError(f"--sar-scale must be one of {', '.join(R.SAR_SCALES)}, not '{o.sar_scale}'")
+    if not 0.0 <= o.min_valid <= 1.0:
+        raise UserError("--min-valid must be a fraction between 0 and 1")
+    if o.block < 1:
+        raise UserError("--block must be at least 1 chip")
+    if o.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if o.shard_size < 1:
+        raise UserError("--shard-size must be at least 1 chip")
+    if o.manifest and (o.optical or o.sar):
+        raise UserError("give either --manifest or --optical/--sar, not both")
+    if o.manifest and o.labels:
+        raise UserError("with --manifest, give labels per scene in its 'labels' column")
+    return stride, parse_split(o.split)
+
+
+def _scene_specs(o: PrepareOptions) -> list[SceneSpec]:
+    if o.manifest:
+        return read_manifest(o.manifest)
+    if not o.optical or not o.sar:
+        raise UserError("give --optical and --sar (one or more files each), or --manifest")
+    return [SceneSpec(optical=list(o.optical), sar=list(o.sar), labels=o.labels)]
+
+
+def _positions(start: int, length: int, tile: int, stride: int) -> list[int]:
+    """Chip offsets covering [start, start+length): regular steps, last one snapped to the edge."""
+    if length < tile:
+        return []
+    pos = list(range(start, start + length - tile + 1, stride))
+    if pos[-1] + tile < start + length:
+        pos.append(start + length - tile)
+    return pos
+
+
+def _crs_name(crs) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else (crs.to_string()[:40] or "custom CRS")
+
+
+def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, classes) -> ScenePlan:
+    opt_paths = R.expand_inputs(spec.optical, "optical")
+    sar_paths = R.expand_inputs(spec.sar, "SAR")
+    optical = [R.open_source(p, "optical") for p in opt_paths]
+    sar = [R.open_source(p, "SAR") for p in sar_paths]
+    for s in optical:
+        if s.is_complex:
+            raise UserError(f"optical raster '{s.path}' holds complex values; is it SAR?")
+    nd_opt, nd_sar = R.parse_nodata(o.nodata_optical), R.parse_nodata(o.nodata_sar)
+    grid = reference_grid(optical if o.ref == "optical" else sar, o.crs, o.res)
+    polys = [footprint(s, grid.crs_wkt) for s in optical + sar]
+    window, area = overlap_window(grid, polys)
+    if window[2] == 0 or window[3] == 0:
+        raise UserError(f"scene '{sid}': the optical and SAR rasters do not overlap")
+    rows = _positions(window[0], window[2], o.tile, stride)
+    cols = _positions(window[1], window[3], o.tile, stride)
+    if not rows or not cols:
+        raise UserError(
+            f"scene '{sid}': the optical/SAR overlap ({window[2]} x {window[3]} px on the reference grid) "
+            f"is smaller than one {o.tile} px chip; use a smaller --tile"
+        )
+    labels = None
+    if spec.labels:
+        lp = Path(spec.labels)
+        if not lp.exists():
+            raise UserError(f"label file '{lp}' does not exist")
+        if is_vector(lp):
+            labels = {"kind": "vector", "source": str(lp),
+                      "vector": VectorLabels(lp, o.label_column, classes, grid.crs_wkt)}
+        else:
+            src = R.open_source(lp, "label")
+            if src.count != 1:
+                raise UserError(f"label raster '{lp}' must have one band of class codes, not {src.count}")
+            if src.is_complex:
+                raise UserError(f"label raster '{lp}' must hold class codes")
+            labels = {"kind": "raster", "source": str(lp), "raster": src,
+                      "nodata": R.effective_nodata(src, (False, None)),
+                      "resampling": "none" if choose_resampling(src, grid, "label") == "none" else "nearest",
+                      "classes": raster_classes(src.tags, classes)}
+    return ScenePlan(
+        scene_id=sid,
+        optical=optical,
+        sar=sar,
+        optical_nodata=[R.effective_nodata(s, nd_opt) for s in optical],
+        sar_nodata=[R.effective_nodata(s, nd_sar) for s in sar],
+        sar_scales=[R.detect_sar_scale(s, o.sar_scale) for s in sar],
+        optical_resampling=[choose_resampling(s, grid, "optical") for s in optical],
+        sar_resampling=[choose_resampling(s, grid, "sar") for s in sar],
+        grid=grid,
+        window=window,
+        rows=rows,
+        cols=cols,
+        overlap_area=area,
+        labels=labels,
+    )
+
+
+def _unique_ids(specs: list[SceneSpec]) -> list[str]:
+    ids, seen = [], Counter()
+    for spec in specs:
+        base = spec.scene_id or Path(str(spec.optical[0]).rstrip("/")).stem or "scene"
+        seen[base] += 1
+        ids.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return ids
+
+
+def _harmonise_vector_classes(plans: list[ScenePlan], o: PrepareOptions, classes) -> None:
+    """Without --classes, label files of several scenes must share one code table."""
+    vec = [p.labels["vector"] for p in plans if p.labels and p.labels["kind"] == "vector"]
+    if classes is not None or len(vec) < 2:
+        return
+    tables = [v.classes for v in vec]
+    if all(t == tables[0] for t in tables):
+        return
+    names = sorted({n for t in tables for n in t.values()} - {"background"})
+    merged = ["background"] + names
+    for p in plans:
+        if p.labels and p.labels["kind"] == "vector":
+            p.labels["vector"] = VectorLabels(p.labels["source"], o.label_column, merged, p.grid.crs_wkt)
+
+
+# ----------------------------------------------------------------------------- chip rows
+def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int, label_kind: Optional[str]):
+    """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
+    grid = plan.grid
+    parts = []
+    for src, nd, rs in zip(plan.optical, plan.optical_nodata, plan.optical_resampling):
+        parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
+                                  prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
+    optical = R.invalidate_pixels(np.concatenate(parts, axis=0))
+    parts = []
+    for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling):
+        parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
+                                  prepare=lambda b, nd=nd, sc=sc: R.to_linear_power(b, sc, nd)))
+    # Resampled in linear power above; converted to dB exactly once here.
+    sar = R.power_to_db(R.invalidate_pixels(np.concatenate(parts, axis=0)))
+    label = None
+    if plan.labels is not None:
+        if plan.labels["kind"] == "vector":
+            label = plan.labels["vector"].rasterize(grid, row, col0, tile, width)
+        else:
+            lab = plan.labels
+            label = read_on_grid(lab["raster"], grid, row, col0, tile, width, resampling=lab["resampling"],
+                                 prepare=raster_label_prepare(lab["nodata"]), out_dtype=np.uint8, fill=IGNORE)[0]
+    return optical, sar, label
+
+
+def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: int, min_valid: float,
+                  block: int, writer: ShardWriter, on_row: Optional[Callable[[int], None]] = None) -> dict:
+    """Cut, filter, write and accumulate the chips of some chip rows of one scene."""
+    n_opt = sum(s.count for s in plan.optical)
+    n_sar = sum(s.count for s in plan.sar)
+    stats = {"optical": RunningStats(n_opt), "sar": RunningStats(n_sar)}
+    rows_out, dropped, label_values = [], Counter(), set()
+    col0 = plan.cols[0]
+    width = plan.cols[-1] + tile - col0
+    area = float(tile * tile)
+    for ri in row_indices:
+        row = plan.rows[ri]
+        optical, sar, label = _read_row_band(plan, row, col0, width, tile, None)
+        valid_o = ~np.isnan(optical[0])
+        valid_s = ~np.isnan(sar[0])
+        for ci, col in enumerate(plan.cols):
+            sl = np.s_[col - col0: col - col0 + tile]
+            vo, vs = valid_o[:, sl], valid_s[:, sl]
+            f_opt = float(vo.sum()) / area
+            f_sar = float(vs.sum()) / area
+            f_joint = float((vo & vs).sum()) / area
+            if f_joint < min_valid or f_joint == 0.0:
+                reason = "no_optical" if f_opt == 0 else "no_sar" if f_sar == 0 else "low_valid"
+                dropped[reason] += 1
+                continue
+            chip_o = optical[:, :, sl]
+            chip_s = sar[:, :, sl]
+            chip_l = label[:, sl] if label is not None else None
+            split = splits[(plan.scene_id, *block_key(ri, ci, block))]
+            part, offset = writer.write(chip_o, chip_s, chip_l)
+            if split == "train":
+                stats["optical"].update(chip_o)
+                stats["sar"].update(chip_s)
+            if chip_l is not None:
+                label_values.update(np.unique(chip_l).tolist())
+            rows_out.append({
+                "scene_id": plan.scene_id, "row": int(row), "col": int(col),
+                "valid_optical": f_opt, "valid_sar": f_sar, "valid_joint": f_joint,
+                "split": split, "part": part, "offset": offset,
+            })
+        if on_row is not None:
+            on_row(len(plan.cols))
+    return {"rows": rows_out, "stats": stats, "dropped": dropped, "label_values": label_values}
+
+
+def _worker_task(args: tuple) -> dict:
+    """Worker process: one group of chip rows of one scene into its own shard parts."""
+    plan, row_indices, splits, tile, min_valid, block, shards_dir, prefix, shard_size, has_labels = args
+    writer = ShardWriter(shards_dir, tile=tile, optical_bands=sum(s.count for s in plan.optical),
+                         sar_bands=sum(s.count for s in plan.sar), labels=has_labels,
+                         shard_size=shard_size, prefix=prefix)
+    try:
+        res = _process_rows(plan, row_indices, splits, tile, min_valid, block, writer)
+    except BaseException:
+        writer.abort()
+        raise
+    res["parts"] = writer.close()
+    return res
+
+
+# ----------------------------------------------------------------------------- output
+def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"output '{out}' already exists; pass --overwrite to replace it")
+        if not out.is_dir():
+            raise UserError(f"output '{out}' exists and is not a directory")
+        is_dataset = (out / "metadata.json").is_file()
+        if not is_dataset and any(out.iterdir()):
+            raise UserError(f"refusing to overwrite '{out}': it is not empty and not a prepared dataset")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "shards").mkdir(parents=True)
+    return tmp
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _source_note(src, rs: str, grid: Grid) -> str:
+    name = Path(src.path).name
+    if rs == "none":
+        return f"{name}: on the reference grid (read, not resampled)"
+    return (f"{name}: {_crs_name(src.crs)} {src.pixel_size:.3g} -> {_crs_name(grid.crs)} "
+            f"{math.sqrt(grid.res[0] * grid.res[1]):.3g}, {rs}")
+
+
+def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
+    """Prepare chips; returns a summary dict (counts, dropped reasons, warping, paths)."""
+    o = options if options is not None else PrepareOptions(**kwargs)
+    t0 = time.perf_counter()
+    stride, fractions = _check_options(o)
+    classes = parse_classes(o.classes)
+    out = Path(o.out).expanduser()
+    if out.exists() and not o.overwrite:
+        raise UserError(f"output '{out}' already exists; pass --overwrite to replace it")
+
+    specs = _scene_specs(o)
+    ids = _unique_ids(specs)
+    plans = [_plan_scene(spec, o, stride, sid, classes) for spec, sid in zip(specs, ids)]
+    _harmonise_vector_classes(plans, o, classes)
+    first = plans[0]
+    n_opt = sum(s.count for s in first.optical)
+    n_sar = sum(s.count for s in first.sar)
+    for p in plans[1:]:
+        if sum(s.count for s in p.optical) != n_opt or sum(s.count for s in p.sar) != n_sar:
+            raise UserError(f"scene '{p.scene_id}' has a different number of optical or SAR bands than '{first.scene_id}'")
+        if p.grid.crs != first.grid.crs:
+            raise UserError(
+                f"scenes '{first.scene_id}' and '{p.scene_id}' are in different CRSs "
+                f"({_crs_name(first.grid.crs)}, {_crs_name(p.grid.crs)}); pass --crs to choose one"
+            )
+    has_labels = any(p.labels for p in plans)
+    if has_labels and not all(p.labels for p in plans):
+        raise UserError("give labels for every scene of the manifest or for none")
+    keys = [(p.scene_id, *block_key(ri, ci, o.block)) for p in plans
+            for ri in range(len(p.rows)) for ci in range(len(p.cols))]
+    splits = assign_blocks(keys, fractions, o.seed)
+
+    tmp = _prepare_out_dir(out, o.overwrite)
+    try:
+        results = _run_tasks(plans, splits, o, tmp / "shards", has_labels)
+        summary = _finish(plans, results, o, stride, tmp, out, has_labels, classes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():  # --overwrite: replace only once the new dataset is complete
+        shutil.rmtree(out)
+    tmp.rename(out)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["out"] = str(out)
+    summary["paths"] = {k: str(out / Path(v).relative_to(tmp)) if v else None for k, v in summary["paths"].items()}
+    return summary
+
+
+def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: bool) -> list[dict]:
+    total = sum(len(p.rows) * len(p.cols) for p in plans)
+    progress = None
+    if o.progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("chips"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    results = []
+    with progress if progress is not None else _Null():
+        task_id = progress.add_task("prepare", total=total) if progress is not None else None
+
+        def advance(n):
+            if progress is not None:
+                progress.advance(task_id, n)
+
+        if o.workers <= 1:
+            writer = ShardWriter(shards_dir, tile=o.tile, optical_bands=sum(s.count for s in plans[0].optical),
+                                 sar_bands=sum(s.count for s in plans[0].sar), labels=has_labels,
+                                 shard_size=o.shard_size, prefix="part")
+            try:
+                for plan in plans:
+                    res = _process_rows(plan, list(range(len(plan.rows))), splits, o.tile, o.min_valid,
+                                        o.block, writer, on_row=advance)
+                    res["parts"] = None  # filled below: one writer for all scenes
+                    results.append(res)
+            except BaseException:
+                writer.abort()
+                raise
+            parts = writer.close()
+            for res in results:
+                res["parts"] = parts
+            results = [dict(r, writer=0) for r in results]
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            tasks = []
+            for plan in plans:
+                n = len(plan.rows)
+                groups = max(1, min(n, 2 * o.workers if len(plans) == 1 else 1))
+                size = math.ceil(n / groups)
+                for g in range(0, n, size):
+                    idx = list(range(g, min(n, g + size)))
+                    tasks.append((plan, idx, splits, o.tile, o.min_valid, o.block, str(shards_dir),
+                                  f"w{len(tasks):05d}", o.shard_size, has_labels))
+            # spawn, not fork: GDAL and thread pools do not survive a fork reliably.
+            with ProcessPoolExecutor(max_workers=o.workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_worker_task, t) for t in tasks]
+                for k, (fut, t) in enumerate(zip(futures, tasks)):
+                    res = fut.result()
+                    res["writer"] = k
+                    results.append(res)
+                    advance(len(t[1]) * len(t[0].cols))
+    return results
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, out: Path, has_labels: bool, classes) -> dict:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    # Renumber shard parts (per writer, in task order) to the final consecutive numbering.
+    part_map: dict[tuple[int, int], int] = {}
+    seen_writers = set()
+    k = 0
+    for res in results:
+        w = res["writer"]
+        if w in seen_writers:
+            continue
+        seen_writers.add(w)
+        for pi, part in enumerate(res["parts"]):
+            if part["count"] == 0:
+                for p in part["files"].values():
+                    Path(p).unlink(missing_ok=True)
+                continue
+            for modality, path in part["files"].items():
+                Path(path).rename(tmp / "shards" / shard_name(modality, k))
+            part_map[(w, pi)] = k
+            k += 1
+    plan_by_id = {p.scene_id: p for p in plans}
+    records, geoms = [], []
+    stats = {"optical": None, "sar": None}
+    dropped, label_values = Counter(), set()
+    for res in results:
+        dropped.update(res["dropped"])
+        label_values |= res["label_values"]
+        for m in stats:
+            stats[m] = res["stats"][m] if stats[m] is None else stats[m].merge(res["stats"][m])
+        for r in res["rows"]:
+            plan = plan_by_id[r["scene_id"]]
+            geoms.append(box(*plan.grid.window_bounds(r["row"], r["col"], o.tile, o.tile)))
+            records.append({
+                "chip_id": f"{r['scene_id']}_r{r['row']:06d}_c{r['col']:06d}",
+                "scene_id": r["scene_id"],
+                "optical_src": ";".join(s.path for s in plan.optical),
+                "sar_src": ";".join(s.path for s in plan.sar),
+                "row": r["row"], "col": r["col"],
+                "valid_optical": r["valid_optical"], "valid_sar": r["valid_sar"], "valid_joint": r["valid_joint"],
+                "split": r["split"], "shard": part_map[(res["writer"], r["part"])], "offset": r["offset"],
+            })
+    if not records:
+        reasons = ", ".join(f"{v} {k}" for k, v in sorted(dropped.items())) or "none"
+        raise UserError(
+            f"no chip has at least {o.min_valid:.0%} pixels valid in both optical and SAR (dropped: {reasons}); "
+            "check the nodata values or lower --min-valid"
+        )
+    index = gpd.GeoDataFrame(records, geometry=geoms, crs=plans[0].grid.crs_wkt)
+    index.to_file(tmp / "index.gpkg", layer="chips", driver="GPKG")
+    split_counts = {s: int((index["split"] == s).sum()) for s in ("train", "val", "test")}
+
+    st = {}
+    for m in ("optical", "sar"):
+        r = stats[m].result()
+        st[m] = {"mean": [_nan_to_none(v) for v in r["mean"]], "std": [_nan_to_none(v) for v in r["std"]]}
+    if split_counts["train"] == 0:
+        st = {m: {"mean": [None] * len(st[m]["mean"]), "std": [None] * len(st[m]["std"])} for m in st}
+
+    label_meta = None
+    if has_labels:
+        first = plans[0].labels
+        if first["kind"] == "vector":
+            table = first["vector"].classes
+        else:
+            names = first.get("classes") or classes
+            if names:
+                table = {str(k): n for k, n in enumerate(names)}
+            else:
+                table = {str(v): f"class_{v}" for v in sorted(label_values - {IGNORE})}
+        label_meta = {
+            "source": ";".join(p.labels["source"] for p in plans),
+            "kind": first["kind"],
+            "column": first["vector"].column if first["kind"] == "vector" else None,
+            "classes": table,
+            "ignore_index": IGNORE,
+        }
+    g = plans[0].grid
+    scales = sorted({s for p in plans for s in p.sar_scales})
+    scenes_meta = []
+    warped = []
+    for p in plans:
+        n_kept = int((index["scene_id"] == p.scene_id).sum())
+        notes = [_source_note(s, rs, p.grid) for s, rs in zip(p.optical, p.optical_resampling)]
+        notes += [_source_note(s, rs, p.grid) + (f" (input {sc}, resampled in linear power)" if rs != "none" else f" (input {sc})")
+                  for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales)]
+        if p.labels is not None:
+            notes.append(f"{Path(p.labels['source']).name}: " + (
+                "rasterised onto the grid" if p.labels["kind"] == "vector" else f"label raster, {p.labels['resampling']}"))
+        warped.append({"scene_id": p.scene_id, "notes": notes})
+        scenes_meta.append({
+            "scene_id": p.scene_id,
+            "optical": [s.path for s in p.optical],
+            "sar": [s.path for s in p.sar],
+            "labels": p.labels["source"] if p.labels else None,
+            "grid_transform": list(p.grid.transform),
+            "grid_size": [p.grid.height, p.grid.width],
+            "window": list(p.window),
+            "overlap_area": p.overlap_area,
+            "sar_input_scale": p.sar_scales,
+            "resampling": {"optical": p.optical_resampling, "sar": p.sar_resampling},
+            "chips": n_kept,
+        })
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "codemae_version": __version__,
+        "tile": o.tile,
+        "stride": stride,
+        "crs": g.crs_wkt,
+        "crs_name": _crs_name(g.crs),
+        "res": [g.res[0], g.res[1]],
+        "ref": o.ref,
+        "paired": True,
+        "optical": {
+            "bands": R.band_names(plans[0].optical, "B"),
+            "count": sum(s.count for s in plans[0].optical),
+            "source_dtype": plans[0].optical[0].dtype,
+            "nodata": _nan_to_none(plans[0].optical_nodata[0]) if plans[0].optical_nodata[0] is not None else None,
+        },
+        "sar": {
+            "bands": R.band_names(plans[0].sar, "P"),
+            "count": sum(s.count for s in plans[0].sar),
+            "scale": "db",
+            "input_scale": scales[0] if len(scales) == 1 else "mixed",
+        },
+        "labels": label_meta,
+        "stats": st,
+        "splits": split_counts,
+        "split_fractions": list(parse_split(o.split)),
+        "split_block": o.block,
+        "seed": o.seed,
+        "min_valid": o.min_valid,
+        "scenes": scenes_meta,
+        "dropped": dict(sorted(dropped.items())),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
+    ql = None
+    if o.quicklook:
+        from codemae_cli.data.quicklook import write_quicklook
+
+        ql = write_quicklook(tmp, tmp / "quicklook.png")
+    return {
+        "chips": len(index),
+        "splits": split_counts,
+        "dropped": dict(sorted(dropped.items())),
+        "candidates": len(index) + sum(dropped.values()),
+        "scenes": len(plans),
+        "overlap_area": sum(p.overlap_area for p in plans),
+        "crs": _crs_name(g.crs),
+        "res": [g.res[0], g.res[1]],
+        "warped": warped,
+        "shards": k,
+        "stats": st,
+        "labels": label_meta,
+        "paths": {
+            "metadata": str(tmp / "metadata.json"),
+            "index": str(tmp / "index.gpkg"),
+            "shards": str(tmp / "shards"),
+            "quicklook": str(ql) if ql else None,
+        },
+    }

@@ -1,0 +1,249 @@
+"""Opening and validating input rasters, nodata handling and SAR scale conversions.
+
+Conventions used throughout ``codemae prepare``:
+
+* Nodata comes from the file and can be overridden per modality; 0 is a legitimate nodata
+  value (never tested for truthiness) and NaN is always nodata.
+* An optical pixel of one file is invalid when *all* its bands equal the nodata value (a black
+  pixel of a legitimate band is not nodata) or any band is not finite.
+* SAR is resampled in linear power and converted to dB once. Values <= 0 in linear power (or
+  amplitude) are nodata. Complex single-look-complex (SLC) input is converted to intensity
+  ``|z|^2`` (uncalibrated: any product-specific scale factor is not applied), which is the
+  linear power the rest of the pipeline expects.
+* Inputs are read as float32 with NaN marking invalid pixels, so later stages only test NaN.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+SAR_SCALES = ("auto", "linear", "amplitude", "db")
+
+
+@dataclass
+class RasterSource:
+    """What prepare needs to know about one input raster (no open handle: picklable)."""
+
+    path: str
+    crs_wkt: str
+    transform: tuple  # affine coefficients (a, b, c, d, e, f)
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: Optional[float]
+    descriptions: list
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def affine(self):
+        from affine import Affine
+
+        return Affine(*self.transform)
+
+    @property
+    def crs(self):
+        from rasterio.crs import CRS
+
+        return CRS.from_wkt(self.crs_wkt)
+
+    @property
+    def is_complex(self) -> bool:
+        return np.dtype(self.dtype).kind == "c"
+
+    @property
+    def pixel_size(self) -> float:
+        """Geometric mean pixel size in CRS units (works for rotated transforms)."""
+        a = self.affine
+        return math.sqrt(abs(a.a * a.e - a.b * a.d))
+
+
+def expand_inputs(values: list[str] | str | None, role: str) -> list[Path]:
+    """Paths from files, directories (their rasters, sorted) or glob patterns."""
+    if values is None:
+        return []
+    if isinstance(values, (str, Path)):
+        values = [values]
+    out: list[Path] = []
+    for v in values:
+        v = str(v)
+        p = Path(v).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in RASTER_SUFFIXES)
+            if not found:
+                raise UserError(f"{role} directory '{p}' holds no raster files (.tif, .tiff, .vrt, .jp2)")
+            out.extend(found)
+        elif any(ch in v for ch in "*?["):
+            found = sorted(Path(q) for q in glob.glob(os.path.expanduser(v)))
+            found = [q for q in found if q.is_file()]
+            if not found:
+                raise UserError(f"{role} pattern '{v}' matches no file")
+            out.extend(found)
+        else:
+            if not p.exists():
+                raise UserError(f"{role} file '{p}' does not exist")
+            out.append(p)
+    return out
+
+
+def open_source(path: str | Path, role: str) -> RasterSource:
+    """Open ``path`` and check that prepare can use it; errors are one sentence."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{role} file '{p}' does not exist")
+    try:
+        with rasterio.open(p) as src:
+            if src.crs is None:
+                if src.gcps[0]:
+                    raise UserError(
+                        f"{role} raster '{p}' is georeferenced only by ground control points; "
+                        "orthorectify it first (e.g. gdalwarp -tps)"
+                    )
+                raise UserError(f"{role} raster '{p}' has no CRS (coordinate reference system)")
+            if src.transform.is_identity:
+                raise UserError(f"{role} raster '{p}' has no geotransform")
+            return RasterSource(
+                path=str(p),
+                crs_wkt=src.crs.to_wkt(),
+                transform=tuple(src.transform)[:6],
+                width=src.width,
+                height=src.height,
+                count=src.count,
+                dtype=src.dtypes[0],
+                nodata=src.nodata,
+                descriptions=list(src.descriptions),
+                tags=dict(src.tags()),
+            )
+    except RasterioIOError:
+        raise UserError(f"{role} file '{p}' is not a readable raster") from None
+
+
+def parse_nodata(value: Optional[str | float]) -> tuple[bool, Optional[float]]:
+    """``--nodata-*`` value -> (override given, value). 'none' removes the file's nodata."""
+    if value is None:
+        return False, None
+    if isinstance(value, (int, float)):
+        return True, float(value)
+    s = str(value).strip().lower()
+    if s in ("none", "null", ""):
+        return True, None
+    try:
+        return True, float(s)
+    except ValueError:
+        raise UserError(f"nodata value '{value}' is not a number, 'nan' or 'none'") from None
+
+
+def effective_nodata(src: RasterSource, override: tuple[bool, Optional[float]]) -> Optional[float]:
+    given, value = override
+    return value if given else src.nodata
+
+
+def band_names(sources: list[RasterSource], default_prefix: str) -> list[str]:
+    """Band names: file band descriptions, else what distinguishes the file names, else B1.."""
+    if len(sources) == 1:
+        s = sources[0]
+        return [d if d else f"{default_prefix}{k + 1}" for k, d in enumerate(s.descriptions)]
+    stems = [Path(s.path).stem for s in sources]
+    # What the file names share, cut at a separator so "x_B02", "x_B8A" give "B02", "B8A".
+    seps = "_-. "
+    prefix = os.path.commonprefix(stems)
+    prefix = prefix[: max((prefix.rfind(c) for c in seps), default=-1) + 1]
+    suffix = os.path.commonprefix([t[::-1] for t in stems])[::-1]
+    cut = [suffix.find(c) for c in seps if c in suffix]
+    suffix = suffix[min(cut):] if cut else ""
+    names = []
+    for s, stem in zip(sources, stems):
+        core = stem[len(prefix): len(stem) - len(suffix) if suffix else None] or stem
+        for k, d in enumerate(s.descriptions):
+            if d:
+                names.append(d)
+            else:
+                names.append(core if s.count == 1 else f"{core}_{k + 1}")
+    return names
+
+
+def detect_sar_scale(src: RasterSource, requested: str) -> str:
+    """The input scale of a SAR file: 'slc', 'linear', 'amplitude' or 'db'.
+
+    ``auto`` (documented in the summary): complex -> slc; integers -> amplitude (digital
+    numbers of GRD products); floats with negative values -> dB; other floats -> linear power.
+    """
+    if src.is_complex:
+        return "slc"
+    if requested != "auto":
+        return requested
+    if np.dtype(src.dtype).kind in "iu":
+        return "amplitude"
+    import rasterio
+
+    with rasterio.open(src.path) as ds:
+        # A decimated read is enough to see the sign of the values.
+        step = max(1, max(ds.width, ds.height) // 256)
+        sample = ds.read(1, out_shape=(max(1, ds.height // step), max(1, ds.width // step))).astype(np.float64)
+    nodata = src.nodata
+    ok = np.isfinite(sample)
+    if nodata is not None and not math.isnan(nodata):
+        ok &= sample != nodata
+    return "db" if (sample[ok] < 0).any() else "linear"
+
+
+def to_linear_power(arr: np.ndarray, scale: str, nodata: Optional[float]) -> np.ndarray:
+    """SAR values of ``scale`` -> float32 linear power, NaN where invalid (nodata, <= 0)."""
+    if scale == "slc":
+        out = (arr.real.astype(np.float32) ** 2 + arr.imag.astype(np.float32) ** 2)
+        bad = ~np.isfinite(out)
+    else:
+        a = arr.astype(np.float32, copy=True)
+        bad = ~np.isfinite(a)
+        if nodata is not None and not math.isnan(nodata):
+            bad |= arr == nodata
+        if scale == "db":
+            with np.errstate(over="ignore"):
+                out = np.power(np.float32(10.0), a / np.float32(10.0))
+        elif scale == "amplitude":
+            out = a * a
+        elif scale == "linear":
+            out = a
+        else:
+            raise UserError(f"unknown SAR scale '{scale}' (use linear, amplitude or db)")
+    bad |= ~(out > 0)
+    out[bad] = np.nan
+    return out
+
+
+def power_to_db(power: np.ndarray) -> np.ndarray:
+    """Linear power -> dB; non-positive or NaN -> NaN."""
+    out = np.full(power.shape, np.nan, dtype=np.float32)
+    ok = power > 0
+    out[ok] = np.float32(10.0) * np.log10(power[ok])
+    return out
+
+
+def optical_to_float(arr: np.ndarray, nodata: Optional[float]) -> np.ndarray:
+    """(bands, h, w) optical -> float32 with every band NaN at invalid pixels."""
+    a = arr.astype(np.float32, copy=True)
+    bad = ~np.isfinite(a).all(axis=0)
+    if nodata is not None and not math.isnan(nodata):
+        bad |= (arr == nodata).all(axis=0)
+    a[:, bad] = np.nan
+    return a
+
+
+def invalidate_pixels(arr: np.ndarray) -> np.ndarray:
+    """Set all bands to NaN where any band is NaN (pixel-level validity); in place."""
+    bad = np.isnan(arr).any(axis=0)
+    arr[:, bad] = np.nan
+    return arr

@@ -1,0 +1,449 @@
+"""Synthetic, georeferenced optical/SAR scene pairs with land-cover labels, of any size.
+
+The generator is a testbed: the same scene is "photographed" by an optical sensor and "imaged"
+by a SAR sensor, so the two rasters share structure but each carries signal the other lacks.
+Everything is a pure function of ground coordinates and the seed (integer hashing, no global
+arrays), so any window is generated independently: memory does not depend on the scene size
+and a SAR raster on another grid (CRS, resolution) sees exactly the same ground.
+
+Scene (in optical pixel units; ``x`` grows east, ``y`` grows south):
+
+* Structure shared by both modalities
+  - field parcels: a brick-like grid of ``PARCEL`` px cells, each row shifted by a hashed offset;
+    each parcel is vegetation or bare/field, or built-up where a low-frequency "urbanness"
+    field is high (towns cluster);
+  - water bodies: a smooth value-noise field below a threshold, with curved shorelines,
+    overriding everything;
+  - roads: strips along parcel edges inside towns and along every 4th parcel row outside;
+  - building footprints: rectangles on a sub-grid inside built-up parcels (hashed size,
+    presence and height).
+* Optical-only signal: class colours (B, G, R, NIR reflectance; vegetation has high NIR, water
+  very low NIR), per-parcel brightness and per-building roof colour, row texture in fields,
+  pixel noise.
+* SAR-only signal (sensor looks from the east, toward -x):
+  - sigma0 per class and polarisation: water -24 dB (specular, dark and smooth), bare -15 dB,
+    vegetation -11 dB (VH relatively strong: volume scattering), built-up ground -9 dB;
+  - double bounce: a very bright line (+8 dB) at the sensor-facing (east) building walls;
+  - layover: roofs appear shifted toward the sensor by ``LAYOVER`` px (bright), and a radar
+    shadow (very dark) lies on the far (west) side of each building;
+  - multiplicative gamma speckle with ``LOOKS`` looks (mean 1), independent per polarisation.
+  Water and built-up are therefore separable from SAR backscatter alone (about 15 dB apart
+  before speckle).
+
+Classes (label raster values): 0 water, 1 vegetation, 2 bare/field, 3 built-up.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+CLASSES = ["water", "vegetation", "bare", "built-up"]
+WATER, VEGETATION, BARE, BUILT = 0, 1, 2, 3
+PARCEL = 96  # field parcel size, optical px
+BUILDING_CELL = 24  # building sub-grid inside towns, px
+ROAD_HALF = 3  # half width of town roads, px
+LAYOVER = 4  # roof displacement toward the sensor, px
+SHADOW = 5  # radar shadow length behind a building, px
+LOOKS = 4  # speckle looks
+WATER_SCALE = 350.0  # value-noise lattice spacing of the water field, px
+URBAN_SCALE = 300.0
+
+# Reflectance-like class signatures (B, G, R, NIR), in [0, 1].
+_OPTICAL = np.array(
+    [
+        [0.06, 0.07, 0.04, 0.02],  # water
+        [0.04, 0.09, 0.05, 0.42],  # vegetation
+        [0.12, 0.15, 0.20, 0.27],  # bare/field
+        [0.18, 0.19, 0.20, 0.22],  # built-up ground / roads
+    ],
+    dtype=np.float32,
+)
+# sigma0 in dB per class for (VV, VH); more polarisations reuse the pattern (co-pol, cross-pol).
+_SAR_DB = np.array(
+    [
+        [-24.0, -31.0],  # water: specular
+        [-11.0, -16.0],  # vegetation: volume scattering, strong cross-pol
+        [-15.0, -23.0],  # bare/field
+        [-9.0, -17.0],  # built-up ground
+    ],
+    dtype=np.float32,
+)
+_SAR_POWER = (10.0 ** (_SAR_DB / 10.0)).astype(np.float32)
+_ROOF_DB = (-6.0, -13.0)
+_DOUBLE_BOUNCE_DB = (8.0, -2.0)
+_SHADOW_DB = (-27.0, -33.0)
+
+
+# ----------------------------------------------------------------------------- hashing / noise
+def _hash(seed: int, *keys: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) float32 from integer keys (a splitmix64-style mixer, vectorised)."""
+    with np.errstate(over="ignore"):
+        h = np.uint64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF)
+        for k in keys:
+            h = h ^ (np.asarray(k).astype(np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+            h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = h ^ (h >> np.uint64(31))
+    return ((h >> np.uint64(40)).astype(np.float32)) * np.float32(1.0 / (1 << 24))
+
+
+def _value_noise(x: np.ndarray, y: np.ndarray, scale: float, seed: int) -> np.ndarray:
+    """Smooth noise in [0, 1): hashed lattice values, smoothstep-interpolated."""
+    gx, gy = x / scale, y / scale
+    ix, iy = np.floor(gx), np.floor(gy)
+    fx, fy = (gx - ix).astype(np.float32), (gy - iy).astype(np.float32)
+    fx, fy = fx * fx * (3 - 2 * fx), fy * fy * (3 - 2 * fy)
+    ix, iy = ix.astype(np.int64), iy.astype(np.int64)
+    v00, v10 = _hash(seed, ix, iy), _hash(seed, ix + 1, iy)
+    v01, v11 = _hash(seed, ix, iy + 1), _hash(seed, ix + 1, iy + 1)
+    top = v00 + (v10 - v00) * fx
+    bottom = v01 + (v11 - v01) * fx
+    return top + (bottom - top) * fy
+
+
+def _fbm(x, y, scale, seed):
+    # Two octaves: large blobs with wiggly shorelines.
+    return 0.7 * _value_noise(x, y, scale, seed) + 0.3 * _value_noise(x, y, scale / 3.1, seed + 1)
+
+
+# ----------------------------------------------------------------------------- the scene
+def _key_tables(a: np.ndarray, b: np.ndarray):
+    """Flat lookup index of integer key pairs over the window's key range, and the range grid.
+
+    Keys (parcel or building-cell indices) take few distinct values per window, so computing
+    per-key quantities on the small grid and gathering is much cheaper than per pixel.
+    """
+    a0, b0 = int(a.min()), int(b.min())
+    na, nb = int(a.max()) - a0 + 1, int(b.max()) - b0 + 1
+    ta, tb = np.meshgrid(np.arange(a0, a0 + na), np.arange(b0, b0 + nb))
+    idx = (b - b0).astype(np.int32) * np.int32(na) + (a - a0).astype(np.int32)
+    return idx, ta.ravel(), tb.ravel()
+
+
+def _table_hash(seed: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``_hash(seed, a, b)`` through a lookup table over the window's key range."""
+    idx, ta, tb = _key_tables(a, b)
+    if ta.size > a.size:  # degenerate (tiny window): hash directly
+        return _hash(seed, a, b)
+    return np.take(_hash(seed, ta, tb), idx)
+
+
+def _coarse(fn, x: np.ndarray, y: np.ndarray, step: int = 8) -> np.ndarray:
+    """Evaluate a smooth field on every ``step``-th pixel of a 2-D window and interpolate."""
+    h, w = x.shape
+    if h <= 2 * step or w <= 2 * step:
+        return fn(x, y)
+    ri = np.unique(np.r_[np.arange(0, h, step), h - 1])
+    ci = np.unique(np.r_[np.arange(0, w, step), w - 1])
+    grid = fn(x[np.ix_(ri, ci)], y[np.ix_(ri, ci)])
+    # Fractional coarse-grid coordinates of every row/col (last cell may be shorter).
+    fr = np.interp(np.arange(h), ri, np.arange(len(ri))).astype(np.float32)
+    fc = np.interp(np.arange(w), ci, np.arange(len(ci))).astype(np.float32)
+    return _bilinear_grid(grid.astype(np.float32), fr, fc)
+
+
+def _parcels(x: np.ndarray, y: np.ndarray, seed: int):
+    """Parcel indices and local coordinates for float pixel coordinates (x east, y south)."""
+    j = np.floor(y / PARCEL).astype(np.int64)
+    shift = _table_hash(seed + 11, j, np.zeros_like(j)) * PARCEL  # brick layout: rows shifted
+    xs = x + shift
+    i = np.floor(xs / PARCEL).astype(np.int64)
+    u = xs - i * PARCEL  # local coords in [0, PARCEL)
+    v = y - j * PARCEL
+    return i, j, u, v
+
+
+def _is_urban(i: np.ndarray, j: np.ndarray, seed: int) -> np.ndarray:
+    i0, j0 = int(i.min()), int(j.min())
+    ti, tj = np.meshgrid(np.arange(i0, int(i.max()) + 1), np.arange(j0, int(j.max()) + 1))
+    cx, cy = (ti + 0.5) * PARCEL, (tj + 0.5) * PARCEL
+    table = _value_noise(cx, cy, URBAN_SCALE, seed + 31) > 0.66
+    return table[j - j0, i - i0]
+
+
+def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Optional[np.ndarray] = None):
+    """Boolean building mask (and a per-building hash) at float pixel coordinates."""
+    i, j, u, v = parcels if parcels is not None else _parcels(x, y, seed)
+    if urban is None:
+        urban = _is_urban(i, j, seed)
+    # Sub-grid cells inside the road margin.
+    inner_u, inner_v = u - ROAD_HALF, v - ROAD_HALF
+    ci = np.floor(inner_u * (1.0 / BUILDING_CELL)).astype(np.int32)
+    cj = np.floor(inner_v * (1.0 / BUILDING_CELL)).astype(np.int32)
+    lu, lv = inner_u - ci * BUILDING_CELL, inner_v - cj * BUILDING_CELL
+    idx, ta, tb = _key_tables(i * 8 + ci, j * 8 + cj)
+    # Per building cell: footprint 9..18 x 8..17 px centred in the 24 px cell, height hash,
+    # and presence (some cells stay empty).
+    h1, h2 = _hash(seed + 21, ta, tb), _hash(seed + 22, ta, tb)
+    w, hgt = 9 + h1 * 9, 8 + h2 * 9
+    lo_u, lo_v = (BUILDING_CELL - w) * 0.5, (BUILDING_CELL - hgt) * 0.5
+    present = (h1 * 7.3) % 1.0 < 0.85
+    lo_u = np.where(present, lo_u, np.float32(1e9)).astype(np.float32)  # absent: never inside
+    # Only full sub-cells inside the road margin: the road strip lives at the parcel edge.
+    limit = (PARCEL - 2 * ROAD_HALF) // BUILDING_CELL
+    mask = urban & (ci >= 0) & (cj >= 0) & (ci < limit) & (cj < limit)
+    mask &= lu >= np.take(lo_u, idx)
+    mask &= lu < np.take((lo_u + w).astype(np.float32), idx)
+    mask &= lv >= np.take(lo_v.astype(np.float32), idx)
+    mask &= lv < np.take((lo_v + hgt).astype(np.float32), idx)
+    return mask, np.take(h2, idx)
+
+
+def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+    """Evaluate the scene at float optical-pixel coordinates (pixel centres are ``k + 0.5``).
+
+    ``x`` and ``y`` are 2-D windows of coordinates (smooth fields are sampled on a coarse grid
+    of the window and interpolated).
+    """
+    parcels = _parcels(x, y, seed)
+    i, j, u, v = parcels
+    urban = _is_urban(i, j, seed)
+    ph = _table_hash(seed + 41, i, j)  # per-parcel draw
+    cls = np.where(ph < 0.5, VEGETATION, BARE).astype(np.uint8)
+    edge = np.minimum(np.minimum(u, PARCEL - u), np.minimum(v, PARCEL - v))
+    town_road = urban & (edge < ROAD_HALF)
+    rural_road = (~urban) & (j % 4 == 0) & (v < 2)
+    cls[urban | rural_road] = BUILT
+    water = _coarse(lambda a, b: _fbm(a, b, WATER_SCALE, seed + 51), x, y) < 0.29
+    cls[water] = WATER
+    building, bh = _buildings(x, y, seed, parcels, urban)
+    building &= ~water
+    return {"cls": cls, "building": building, "building_hash": bh, "parcel_hash": ph, "water": water,
+            "road": town_road | rural_road, "u": u, "v": v}
+
+
+def _optical_window(x, y, seed, bands: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    s = scene_at(x, y, seed)
+    cls = s["cls"]
+    sig = _OPTICAL[cls]  # (h, w, 4)
+    # Per-parcel brightness and field rows (texture the SAR does not see at this scale).
+    bright = 0.8 + 0.4 * s["parcel_hash"]
+    rows = np.where(cls == BARE, 1.0 + 0.12 * np.sin((s["u"] + s["v"] * (s["parcel_hash"] - 0.5)) * 1.3), 1.0)
+    factor = (bright * rows).astype(np.float32)[..., None]
+    roof = 0.15 + 0.25 * s["building_hash"]
+    sig = sig * factor
+    b = s["building"]
+    sig[b] = np.stack([roof[b] * 0.9, roof[b] * 0.85, roof[b] * 1.1, roof[b] * 0.9], axis=-1)
+    # Band mapping: 4 -> B,G,R,NIR; 3 -> R,G,B; other counts interpolate across the signature.
+    if bands == 4:
+        out = sig
+    elif bands == 3:
+        out = sig[..., [2, 1, 0]]
+    else:
+        pos = np.linspace(0, 3, bands)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, 3)
+        f = (pos - lo).astype(np.float32)
+        out = sig[..., lo] * (1 - f) + sig[..., hi] * f
+    noise = rng.standard_normal(out.shape, dtype=np.float32) * 0.008
+    out = np.clip(out + noise, 0.001, 1.0)
+    return np.moveaxis(out, -1, 0), cls
+
+
+def _sar_window(x, y, seed, bands: int, rng: np.random.Generator) -> np.ndarray:
+    """Linear sigma0 power (bands, h, w) at float optical-pixel coordinates."""
+    s = scene_at(x, y, seed)
+    cls = s["cls"]
+    water = s["water"]
+    # Sensor to the east: a roof at ground x appears at x + LAYOVER in the image, the wall
+    # facing the sensor is the east edge, the shadow falls west of the footprint.
+    roof_img, _ = _buildings(x - LAYOVER, y, seed)
+    foot = s["building"]
+    east_of, _ = _buildings(x + 1.5, y, seed)
+    wall = foot & ~east_of
+    behind, _ = _buildings(x + SHADOW, y, seed)
+    shadow = behind & ~foot & ~roof_img & ~water
+    roof_img &= ~water
+    out = np.empty((bands, *cls.shape), dtype=np.float32)
+    for b in range(bands):
+        p = b % 2  # co-pol / cross-pol pattern
+        power = _SAR_POWER[cls, p]
+        power[shadow] = 10 ** (_SHADOW_DB[p] / 10)
+        power[roof_img] = 10 ** (_ROOF_DB[p] / 10)
+        power[wall] = 10 ** (_DOUBLE_BOUNCE_DB[p] / 10)
+        # Multiplicative speckle: Gamma(L, 1/L) has mean 1 and variance 1/L.
+        speckle = rng.standard_gamma(LOOKS, size=cls.shape, dtype=np.float32)
+        np.multiply(power, speckle * np.float32(1.0 / LOOKS), out=out[b])
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+def _windows(height: int, width: int, block: int):
+    for r in range(0, height, block):
+        for c in range(0, width, block):
+            yield r, c, min(block, height - r), min(block, width - c)
+
+
+def _optical_to_float_pixels(xs, ys, opt_transform):
+    inv = ~opt_transform
+    return inv.a * xs + inv.b * ys + inv.c, inv.d * xs + inv.e * ys + inv.f
+
+
+def write_scene_pair(
+    out_dir: str | Path,
+    height: int,
+    width: int,
+    *,
+    seed: int = 0,
+    optical_bands: int = 4,
+    optical_dtype: str = "uint16",
+    sar_bands: int = 2,
+    sar_scale: str = "linear",
+    sar_crs: Optional[str] = None,
+    sar_res: Optional[float] = None,
+    nodata_optical: Optional[float] = 0,
+    block: int = 1024,
+    labels: bool = True,
+    crs: str = "EPSG:32631",
+    res: float = 1.0,
+    origin: tuple[float, float] = (590000.0, 5760000.0),
+    name: str = "scene",
+) -> dict:
+    """Write ``<name>_optical.tif``, ``<name>_sar.tif`` (and ``<name>_labels.tif``) into ``out_dir``.
+
+    The optical raster is ``height x width`` at ``res`` in ``crs`` with its top-left corner at
+    ``origin``. The SAR raster covers the same ground on its own grid: ``sar_crs`` (default the
+    optical CRS) and ``sar_res`` (default ``res``, in ``sar_crs`` units). Optical values are
+    reflectance scaled to the dtype (uint16: x10000, uint8: x255, float32: as is) and never
+    equal ``nodata_optical``; SAR is sigma0 in ``sar_scale`` (linear power, amplitude or dB).
+    Returns ``dict(optical=Path, sar=Path, labels=Path | None, classes=list[str])``.
+    """
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_bounds
+    from rasterio.windows import Window
+
+    if height < 1 or width < 1:
+        raise UserError("the synthetic scene needs a height and width of at least 1 pixel")
+    if sar_scale not in ("linear", "db", "amplitude"):
+        raise UserError(f"sar_scale must be linear, db or amplitude, not '{sar_scale}'")
+    if optical_dtype not in ("uint8", "uint16", "float32"):
+        raise UserError(f"optical dtype must be uint8, uint16 or float32, not '{optical_dtype}'")
+    if optical_bands < 1 or sar_bands < 1:
+        raise UserError("the synthetic scene needs at least one optical and one SAR band")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    opt_crs = CRS.from_user_input(crs)
+    s_crs = CRS.from_user_input(sar_crs) if sar_crs else opt_crs
+    opt_tf = from_origin(origin[0], origin[1], res, res)
+    left, top = origin
+    right, bottom = left + width * res, top - height * res
+    if s_crs == opt_crs:
+        sb = (left, bottom, right, top)
+    else:
+        sb = transform_bounds(opt_crs, s_crs, left, bottom, right, top, densify_pts=51)
+    s_res = float(sar_res) if sar_res else float(res)
+    if s_crs != opt_crs and not sar_res:
+        # Keep about the same number of pixels across the scene in the other CRS.
+        s_res = (sb[2] - sb[0]) / width
+    s_w = max(1, int(math.ceil((sb[2] - sb[0]) / s_res)))
+    s_h = max(1, int(math.ceil((sb[3] - sb[1]) / s_res)))
+    sar_tf = from_origin(sb[0], sb[3], s_res, s_res)
+
+    scale = {"uint16": 10000.0, "uint8": 255.0, "float32": 1.0}[optical_dtype]
+    lo = 1.0 if optical_dtype != "float32" else 1e-4
+    if nodata_optical is not None and float(nodata_optical) >= lo:
+        lo = None  # a nodata value inside the data range: values are moved off it below
+    tiled = dict(tiled=True, blockxsize=256, blockysize=256) if min(height, width) >= 256 else {}
+    paths = {
+        "optical": out / f"{name}_optical.tif",
+        "sar": out / f"{name}_sar.tif",
+        "labels": out / f"{name}_labels.tif" if labels else None,
+    }
+    opt_profile = dict(driver="GTiff", width=width, height=height, count=optical_bands, dtype=optical_dtype,
+                       crs=opt_crs, transform=opt_tf, nodata=nodata_optical, interleave="pixel", **tiled)
+    s_tiled = dict(tiled=True, blockxsize=256, blockysize=256) if min(s_h, s_w) >= 256 else {}
+    sar_profile = dict(driver="GTiff", width=s_w, height=s_h, count=sar_bands, dtype="float32", crs=s_crs,
+                       transform=sar_tf, nodata=float("nan"), interleave="pixel", **s_tiled)
+    lab_profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs=opt_crs,
+                       transform=opt_tf, nodata=255, **tiled)
+    opt_names = {4: ["blue", "green", "red", "nir"], 3: ["red", "green", "blue"]}.get(
+        optical_bands, [f"B{k + 1}" for k in range(optical_bands)])
+    sar_names = {1: ["VV"], 2: ["VV", "VH"], 4: ["HH", "HV", "VH", "VV"]}.get(
+        sar_bands, [f"P{k + 1}" for k in range(sar_bands)])
+
+    try:
+        with rasterio.open(paths["optical"], "w", **opt_profile) as dst_o:
+            dst_l = rasterio.open(paths["labels"], "w", **lab_profile) if labels else None
+            try:
+                for k, nm in enumerate(opt_names):
+                    dst_o.set_band_description(k + 1, nm)
+                for r, c, h, w in _windows(height, width, block):
+                    rng = np.random.default_rng([seed, 1, r, c])
+                    yy, xx = np.mgrid[r:r + h, c:c + w].astype(np.float32) + np.float32(0.5)
+                    refl, cls = _optical_window(xx, yy, seed, optical_bands, rng)
+                    vals = refl * np.float32(scale)
+                    if optical_dtype != "float32":
+                        vals = np.rint(vals)
+                    if lo is not None:
+                        vals = np.maximum(vals, lo)
+                    elif nodata_optical is not None:
+                        vals[vals == np.float32(nodata_optical)] += 1
+                    dst_o.write(vals.astype(optical_dtype), window=Window(c, r, w, h))
+                    if dst_l is not None:
+                        dst_l.write(cls[None], window=Window(c, r, w, h))
+                if dst_l is not None:
+                    dst_l.update_tags(CLASSES=",".join(CLASSES))
+            finally:
+                if dst_l is not None:
+                    dst_l.close()
+
+        from rasterio.warp import transform as warp_transform
+
+        with rasterio.open(paths["sar"], "w", **sar_profile) as dst_s:
+            for k, nm in enumerate(sar_names):
+                dst_s.set_band_description(k + 1, nm)
+            dst_s.update_tags(SAR_SCALE=sar_scale)
+            for r, c, h, w in _windows(s_h, s_w, block):
+                rng = np.random.default_rng([seed, 2, r, c])
+                # SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is
+                # transformed exactly and interpolated: projections are smooth at this scale.
+                step = 32
+                gr = np.arange(0, h + step, step, dtype=np.float64)
+                gc = np.arange(0, w + step, step, dtype=np.float64)
+                GC, GR = np.meshgrid(c + gc + 0.5, r + gr + 0.5)
+                X = sar_tf.a * GC + sar_tf.c
+                Y = sar_tf.e * GR + sar_tf.f
+                if s_crs != opt_crs:
+                    X, Y = (np.asarray(a).reshape(GC.shape) for a in warp_transform(s_crs, opt_crs, X.ravel(), Y.ravel()))
+                px, py = _optical_to_float_pixels(X, Y, opt_tf)
+                fr = (np.arange(h, dtype=np.float32)) / step
+                fc = (np.arange(w, dtype=np.float32)) / step
+                xx = _bilinear_grid(px.astype(np.float32), fr, fc)
+                yy = _bilinear_grid(py.astype(np.float32), fr, fc)
+                power = _sar_window(xx, yy, seed, sar_bands, rng)
+                if sar_scale == "db":
+                    vals = 10.0 * np.log10(power)
+                elif sar_scale == "amplitude":
+                    vals = np.sqrt(power)
+                else:
+                    vals = power
+                dst_s.write(vals.astype(np.float32), window=Window(c, r, w, h))
+    except BaseException:
+        for p in paths.values():
+            if p is not None:
+                Path(p).unlink(missing_ok=True)
+        raise
+    return {"optical": paths["optical"], "sar": paths["sar"], "labels": paths["labels"], "classes": list(CLASSES)}
+
+
+def _bilinear_grid(grid: np.ndarray, fr: np.ndarray, fc: np.ndarray) -> np.ndarray:
+    """Interpolate a coarse (R, C) grid at fractional row/col positions (outer product)."""
+    r0 = np.minimum(np.floor(fr).astype(np.int64), grid.shape[0] - 2)
+    c0 = np.minimum(np.floor(fc).astype(np.int64), grid.shape[1] - 2)
+    tr = (fr - r0)[:, None]
+    tc = (fc - c0)[None, :]
+    g00 = grid[r0][:, c0]
+    g01 = grid[r0][:, c0 + 1]
+    g10 = grid[r0 + 1][:, c0]
+    g11 = grid[r0 + 1][:, c0 + 1]
+    top = g00 + (g01 - g00) * tc
+    bot = g10 + (g11 - g10) * tc
+    return (top + (bot - top) * tr).astype(np.float32)

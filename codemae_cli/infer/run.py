@@ -1,0 +1,193 @@
+"""``codemae predict`` from a fine-tuned checkpoint: checks, model loading, provenance tags.
+
+    summary = predict_from_checkpoint("runs/seg", "scene.tif", out="mask.tif", sar="sar.tif")
+
+The checkpoint's ``meta.json`` decides which inputs the model reads, how they are normalised
+(``stats``, SAR in dB) and what the classes are called; the output COG carries the model preset,
+the SHA-256 of ``model.safetensors``, the resolved recipe and the class names as tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from codemae_cli.errors import UserError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _task_kind(meta: dict) -> str:
+    task = meta.get("task")
+    if isinstance(task, dict):
+        return str(task.get("kind", "segmentation"))
+    if isinstance(task, str):
+        return task
+    recipe_task = (meta.get("recipe") or {}).get("task") or {}
+    return str(recipe_task.get("kind", "segmentation"))
+
+
+def _classes(meta: dict) -> tuple[list[str], list]:
+    names, colors = [], []
+    for i, c in enumerate(meta.get("classes") or []):
+        if isinstance(c, dict):
+            names.append(str(c.get("name", i)))
+            colors.append(c.get("color"))
+        else:
+            names.append(str(c))
+            colors.append(None)
+    return names, colors
+
+
+def _preset(meta: dict) -> str:
+    recipe_model = (meta.get("recipe") or {}).get("model") or {}
+    return str(meta.get("preset") or recipe_model.get("preset") or "unknown")
+
+
+def _default_window(meta: dict, patch: int) -> int:
+    size = meta.get("img_size") or ((meta.get("recipe") or {}).get("model") or {}).get("img_size") or 224
+    size = max(int(size), 256)  # larger windows amortise the overlap; position embeddings interpolate
+    return -(-size // patch) * patch
+
+
+def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], inputs: Optional[str]):
+    """Which scene is optical and which SAR, given the checkpoint's inputs and the user's override."""
+    if ckpt_inputs not in ("optical", "sar", "both"):
+        raise UserError(f"the checkpoint's inputs '{ckpt_inputs}' are not optical, sar or both")
+    use = inputs or ckpt_inputs
+    if use not in ("optical", "sar", "both"):
+        raise UserError(f"--inputs must be optical, sar or both, not '{use}'")
+    if ckpt_inputs != "both" and use != ckpt_inputs:
+        raise UserError(f"this checkpoint was fine-tuned on {ckpt_inputs} input only, so it cannot predict from {use}")
+    if use == "optical":
+        if sar is not None:
+            raise UserError("this prediction reads the optical scene only; drop --sar")
+        if scene is None:
+            raise UserError("pass the optical scene to predict")
+        return scene, None, use
+    if use == "sar":
+        if scene is not None and sar is not None:
+            raise UserError("this prediction reads SAR only: pass the SAR scene once (as SCENE or with --sar)")
+        if scene is None and sar is None:
+            raise UserError("pass the SAR scene to predict")
+        return None, (sar if sar is not None else scene), use
+    if scene is None or sar is None:
+        raise UserError("this checkpoint reads optical and SAR: pass the optical scene and --sar SAR_SCENE")
+    return scene, sar, use
+
+
+def predict_from_checkpoint(
+    checkpoint: str | Path,
+    scene: Optional[str] = None,
+    *,
+    out: str | Path,
+    sar: Optional[str] = None,
+    inputs: Optional[str] = None,
+    window: Optional[int] = None,
+    overlap: float | int = 0.25,
+    batch_size: int = 8,
+    device: str = "auto",
+    tta: bool = False,
+    probabilities: Optional[str] = None,
+    probabilities_dtype: str = "uint8",
+    vectorize: Optional[str] = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    sar_scale: str = "db",
+    precision: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """Load a fine-tuned segmentation checkpoint and predict a whole scene (see predict_scene)."""
+    import torch
+
+    from codemae_cli.infer.cog import check_output_path
+    from codemae_cli.infer.predict import _resolve_device, predict_scene
+    from codemae_cli.train.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint
+
+    # cheap checks first: a typo in a path must not wait for a model to load
+    check_output_path(out)
+    ckpt = resolve_checkpoint(checkpoint)
+    meta = read_meta(ckpt)
+    if meta.get("kind") != "finetune":
+        raise UserError(f"checkpoint '{ckpt}' is a {meta.get('kind', 'unknown')} checkpoint, not a fine-tuned "
+                        "model; fine-tune it first with codemae finetune")
+    if _task_kind(meta) != "segmentation":
+        raise UserError(f"checkpoint '{ckpt}' is a {_task_kind(meta)} model; only segmentation models map scenes")
+    optical_path, sar_path, use = resolve_scenes(str(meta.get("inputs", "both")), scene, sar, inputs)
+    for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
+        if p is not None and not Path(p).exists():
+            raise UserError(f"the {what} scene '{p}' does not exist")
+    names, colors = _classes(meta)
+
+    try:
+        from codemae_cli.tasks import build_task_model_from_checkpoint
+    except ImportError as err:  # pragma: no cover - the fine-tuning package ships it
+        raise RuntimeError("codemae_cli.tasks.build_task_model_from_checkpoint is not available") from err
+    dev = _resolve_device(device)
+    model, meta = build_task_model_from_checkpoint(ckpt, dev)
+    model.eval()
+    encoder = getattr(model, "encoder", None)
+    patch = int(getattr(encoder, "patch_size", 16) or 16)
+    win = int(window) if window is not None else _default_window(meta, patch)
+    if win % patch:
+        raise UserError(f"the window ({win} px) must be a multiple of the model's patch size ({patch} px)")
+    stats = meta.get("stats") or {}
+    for m, p in (("optical", optical_path), ("sar", sar_path)):
+        if p is not None and not (stats.get(m) or {}).get("mean"):
+            raise UserError(f"checkpoint '{ckpt}' holds no {m} normalisation statistics, so it cannot read that input")
+
+    def model_fn(optical, sar_x):
+        return model(optical=optical, sar=sar_x)
+
+    tags = {
+        "codemae_model": _preset(meta),
+        "codemae_checkpoint": str(ckpt),
+        "codemae_checkpoint_sha256": sha256_file(ckpt / MODEL_FILE),
+        "codemae_recipe": json.dumps(meta.get("recipe") or {}, sort_keys=True, default=str),
+        "codemae_inputs": use,
+        "codemae_version": meta.get("codemae_version", ""),
+        "codemae_bands": json.dumps(meta.get("bands") or {}),
+    }
+    with torch.inference_mode():
+        summary = predict_scene(
+            model_fn,
+            optical_path,
+            sar_path,
+            out,
+            window=win,
+            overlap=overlap,
+            batch_size=batch_size,
+            stats=stats,
+            inputs=use,
+            class_names=names or None,
+            class_colors=colors or None,
+            device=dev,
+            tta=tta,
+            probabilities=probabilities,
+            probabilities_dtype=probabilities_dtype,
+            vectorize=vectorize,
+            min_area=min_area,
+            simplify=simplify,
+            tags=tags,
+            sar_scale=sar_scale,
+            precision=precision,
+            progress=progress,
+        )
+    summary["checkpoint"] = str(ckpt)
+    summary["checkpoint_sha256"] = tags["codemae_checkpoint_sha256"]
+    summary["model"] = tags["codemae_model"]
+    return summary
+
+
+__all__ = ["predict_from_checkpoint", "resolve_scenes", "sha256_file"]

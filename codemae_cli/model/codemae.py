@@ -1,0 +1,336 @@
+"""CoDe-MAE: dual-modality masked autoencoder with OKD, CCL and CDR.
+
+Forward stages (B pairs, N patches, n = int(N (1 - mask_ratio)) visible, D trunk width,
+Dd decoder width, T teacher width):
+
+    random_masking      one mask per pair                      ids_keep (B, n), mask (B, N)
+    forward_encoder     optical + SAR as one 2B batch          latent (2B, n, D), aux (2B, n, D)
+    decoder_embed       Linear to the decoder width            h (2B, n, Dd) = [h_o; h_s]
+    forward_self        shared self decoder, own modality      pred (B, N, C_m p^2) per modality
+    forward_cdr         shared cross decoder, other modality   pred (B, N, K) per direction
+    forward_okd         heads on LN(h_o) and the aux branch    (B, n, T) vs teacher tokens
+    forward_ccl         conditioned cross-attention + InfoNCE  scalar
+
+The decoder-embedding LayerNorm of the reference (LN + Linear) is the trunk's final norm
+(``encoder.norm``), so downstream users of the encoder keep it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embedding
+from codemae_cli.model.config import ModelConfig
+from codemae_cli.model.decoder import MAEDecoder, PatchHeads
+from codemae_cli.model.encoder import CoDeMAEEncoder
+from codemae_cli.model.layers import init_weights, make_block, norm_layer
+from codemae_cli.model.targets import (
+    default_rgb_bands,
+    degraded_target,
+    masked_mse,
+    pixel_target,
+    target_dim,
+)
+from codemae_cli.model.teacher import (
+    EMATeacher,
+    TimmTeacher,
+    create_timm_teacher,
+    default_teacher_bands,
+    teacher_targets,
+)
+
+
+def random_masking(batch: int, num_patches: int, mask_ratio: float, device) -> tuple[torch.Tensor, ...]:
+    """MAE's per-sample random masking by sorting uniform noise.
+
+    -> ids_keep (B, n) visible indices, ids_restore (B, N) inverse permutation,
+       mask (B, N) float with 1 = hidden, 0 = visible; n = int(N * (1 - mask_ratio)).
+    """
+    n_keep = int(num_patches * (1 - mask_ratio))
+    noise = torch.rand(batch, num_patches, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the first n are kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :n_keep]
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)  # back to patch order
+    return ids_keep, ids_restore, mask
+
+
+def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, N, K) gathered at (B, n) -> (B, n, K)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class CoDeMAE(nn.Module):
+    def __init__(self, cfg: ModelConfig, optical_bands: int, sar_bands: int):
+        super().__init__()
+        cfg.validate()
+        if optical_bands < 1 or sar_bands < 1:
+            raise ValueError("CoDe-MAE needs at least one optical and one SAR band")
+        self.cfg = cfg
+        spec = cfg.spec
+        D, Dd = int(spec["embed_dim"]), int(spec["decoder_dim"])
+        p = cfg.patch_size
+        self.img_size = cfg.img_size
+        self.patch_size = p
+        self.bands = {"optical": optical_bands, "sar": sar_bands}
+        self.encoder = CoDeMAEEncoder(
+            optical_bands, sar_bands, img_size=cfg.img_size, patch_size=p, embed_dim=D,
+            depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), mlp_ratio=float(spec["mlp_ratio"]),
+            drop_path=cfg.drop_path, fused_attn=cfg.fused_attn,
+        )
+        grid = self.encoder.grid
+        # Decoder embedding feeding every head (self, cross, OKD, CCL): (2B, n, D) -> (2B, n, Dd).
+        self.decoder_embed = nn.Linear(D, Dd)
+        dec_kw = dict(dim=Dd, depth=int(spec["decoder_depth"]), num_heads=int(spec["decoder_heads"]),
+                      grid=grid, mlp_ratio=float(spec["mlp_ratio"]), fused_attn=cfg.fused_attn)
+        self.self_decoder = MAEDecoder(**dec_kw)
+        self.self_heads = PatchHeads(Dd, {m: c * p * p for m, c in self.bands.items()})
+
+        # CDR: one cross decoder for both directions; heads by target modality.
+        self.rgb_bands = default_rgb_bands(optical_bands, cfg.cdr.rgb_bands)
+        if self.rgb_bands and max(self.rgb_bands) >= optical_bands:
+            raise ValueError("model.cdr.rgb_bands names a band the optical input does not have")
+        if cfg.cdr.enabled:
+            self.cross_decoder = MAEDecoder(**dec_kw)
+            deg = cfg.cdr.degradation
+            self.cross_heads = PatchHeads(Dd, {m: target_dim(deg, c, p) for m, c in self.bands.items()})
+
+        # OKD: teacher outside the module tree (not in state_dict, not seen by DDP/optimizer).
+        self._teacher: Optional[nn.Module] = None
+        self._teacher_synced = False
+        aux_layer = None
+        if cfg.okd.enabled:
+            T = self._build_teacher_dim()
+            self.okd_norm = norm_layer(Dd)
+            self.okd_head = nn.Linear(Dd, T)
+            if cfg.okd.aux_head:
+                aux_layer = min(int(0.75 * self.encoder.depth), self.encoder.depth - 1)
+                self.okd_aux_blocks = nn.ModuleList(
+                    [make_block(D, int(spec["num_heads"]), float(spec["mlp_ratio"]), 0.0, cfg.fused_attn)
+                     for _ in range(2)]
+                )
+                self.okd_aux_norm = norm_layer(D)
+                self.okd_aux_head = nn.Linear(D, T)
+            if cfg.okd.sar_side:
+                self.okd_sar_norm = norm_layer(Dd)
+                self.okd_sar_head = nn.Linear(Dd, T)
+        self.aux_layer = aux_layer
+
+        if cfg.ccl.mode == "conditioned":
+            self.ccl = ConditionedContrast(Dd, cfg.ccl.num_heads, cfg.ccl.temperature, cfg.fused_attn)
+
+        self.apply(init_weights)
+        for dec in self._decoders():
+            nn.init.normal_(dec.mask_token, std=0.02)
+        if cfg.okd.enabled and cfg.okd.teacher == "ema":
+            # After initialisation, so the EMA starts as an exact copy of the student.
+            self._set_teacher(EMATeacher(self.encoder))
+
+    # -- teacher plumbing ---------------------------------------------------------------------
+    def _build_teacher_dim(self) -> int:
+        okd = self.cfg.okd
+        if okd.teacher == "ema":
+            return self.encoder.embed_dim
+        model = create_timm_teacher(okd, fused_attn=self.cfg.fused_attn)
+        in_chans = int(getattr(model, "patch_embed").proj.in_channels) if hasattr(model, "patch_embed") else 3
+        bands = default_teacher_bands(self.bands["optical"], okd.teacher_bands, in_chans)
+        teacher = TimmTeacher(model, bands)
+        self._set_teacher(teacher)
+        return teacher.dim
+
+    def _set_teacher(self, teacher: nn.Module) -> None:
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration
+
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() must move the unregistered teacher too.
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher._apply(fn)
+        return self
+
+    def teacher_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA teacher's weights (for the resume state); empty for frozen teachers, which
+        are rebuilt from their name/file."""
+        if self._teacher is None or not isinstance(self._teacher, EMATeacher):
+            return {}
+        return {k: v.detach().clone() for k, v in self._teacher.state_dict().items()}
+
+    def load_teacher_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            return
+        if not isinstance(self._teacher, EMATeacher):
+            raise ValueError("this model has no EMA teacher to load weights into")
+        self._teacher.load_state_dict(state, strict=True)
+        self._teacher_synced = True
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """EMA step after each optimizer step; a no-op for frozen teachers or OKD off."""
+        if isinstance(self._teacher, EMATeacher):
+            self._teacher.update(self.encoder, self.cfg.okd.ema_momentum)
+
+    def _sync_teacher(self) -> None:
+        # Ranks build their teachers independently (an EMA copy of a not-yet-broadcast student,
+        # or random timm weights): broadcast rank 0's teacher once so all ranks distil the same.
+        import torch.distributed as dist
+
+        self._teacher_synced = True
+        if self._teacher is None or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() == 1:
+            return
+        for t in list(self._teacher.parameters()) + list(self._teacher.buffers()):
+            dist.broadcast(t.data, src=0)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.encoder.state_dict()
+
+    def _decoders(self) -> list[MAEDecoder]:
+        return [m for m in (self.self_decoder, getattr(self, "cross_decoder", None)) if m is not None]
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"encoder.pos_embed"}
+        names |= {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
+        return names
+
+    # -- stages -------------------------------------------------------------------------------
+    def forward_encoder(self, optical: torch.Tensor, sar: torch.Tensor, ids_keep: torch.Tensor):
+        """-> latent (2B, n, D) normed, aux (2B, n, D) or None."""
+        return self.encoder.forward_masked([("optical", optical), ("sar", sar)], ids_keep, self.aux_layer)
+
+    def forward_self(self, h: torch.Tensor, ids_restore: torch.Tensor, grid, B: int):
+        dec = self.self_decoder(h, ids_restore.repeat(2, 1), grid)  # (2B, N, Dd)
+        return self.self_heads(dec[:B], "optical"), self.self_heads(dec[B:], "sar")  # (B, N, C_m p^2)
+
+    def forward_cdr(self, h: torch.Tensor, ids_restore: torch.Tensor, grid, B: int):
+        dec = self.cross_decoder(h, ids_restore.repeat(2, 1), grid)  # (2B, N, Dd)
+        # Optical tokens predict the degraded SAR target and vice versa.
+        return self.cross_heads(dec[:B], "sar"), self.cross_heads(dec[B:], "optical")
+
+    def forward_okd(self, h_o, h_s, aux, optical, ids_keep, grid):
+        """-> (loss, detached parts) with SmoothL1 main + aux heads (+ cosine SAR side)."""
+        B = h_o.shape[0]
+        targets = _gather_tokens(teacher_targets(self._teacher, optical, grid), ids_keep)  # (B, n, T)
+        main = self.okd_head(self.okd_norm(h_o))  # (B, n, T)
+        parts = {"okd_main": F.smooth_l1_loss(main.float(), targets)}
+        if self.cfg.okd.aux_head:
+            a = aux[:B]  # optical half of the 3/4-depth trunk output, (B, n, D)
+            for blk in self.okd_aux_blocks:
+                a = blk(a)
+            a = self.okd_aux_head(self.okd_aux_norm(a))  # (B, n, T)
+            parts["okd_aux"] = F.smooth_l1_loss(a.float(), targets)
+        if self.cfg.okd.sar_side:
+            s = self.okd_sar_head(self.okd_sar_norm(h_s))  # SAR tokens -> paired optical teacher
+            parts["okd_sar"] = (1 - F.cosine_similarity(s.float(), targets, dim=-1)).mean()
+        return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
+
+    def forward_ccl(self, h_o, h_s, latent, B: int) -> torch.Tensor:
+        if self.cfg.ccl.mode == "conditioned":
+            return self.ccl(h_o, h_s)
+        # rigid: plain InfoNCE on the mean-pooled encoder tokens themselves
+        return info_nce(pooled_embedding(latent[:B]), pooled_embedding(latent[B:]), self.cfg.ccl.temperature)
+
+    def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True) -> dict:
+        cfg = self.cfg
+        if optical.shape[0] != sar.shape[0] or optical.shape[-2:] != sar.shape[-2:]:
+            raise ValueError(
+                f"optical {tuple(optical.shape)} and SAR {tuple(sar.shape)} batches must share batch and size"
+            )
+        if self._teacher is not None and not self._teacher_synced:
+            self._sync_teacher()
+        B = optical.shape[0]
+        grid = self.encoder.check_image(optical, "optical")
+        self.encoder.check_image(sar, "sar")
+        N = grid[0] * grid[1]
+        p = self.patch_size
+
+        ids_keep, ids_restore, mask = random_masking(B, N, cfg.mask_ratio, optical.device)
+        latent, aux = self.forward_encoder(optical, sar, ids_keep)  # (2B, n, D)
+        h = self.decoder_embed(latent)  # (2B, n, Dd)
+        h_o, h_s = h[:B], h[B:]
+
+        out: dict = {"mask": mask, "ids_keep": ids_keep}
+        losses: dict[str, torch.Tensor] = {}
+        with torch.autocast(optical.device.type, enabled=False):
+            tgt_o = pixel_target(optical, p, cfg.norm_pix_loss)  # (B, N, Co p^2)
+            tgt_s = pixel_target(sar, p, cfg.norm_pix_loss)
+        pred_o, pred_s = self.forward_self(h, ids_restore, grid, B)
+        losses["self_optical"] = masked_mse(pred_o, tgt_o, mask)
+        losses["self_sar"] = masked_mse(pred_s, tgt_s, mask)
+        out["pred_self_optical"], out["pred_self_sar"] = pred_o, pred_s
+
+        if cfg.cdr.enabled:
+            deg = cfg.cdr.degradation
+            with torch.autocast(optical.device.type, enabled=False):
+                cdr_s = degraded_target(sar, "sar", deg, p, None, cfg.norm_pix_loss)
+                cdr_o = degraded_target(optical, "optical", deg, p, self.rgb_bands, cfg.norm_pix_loss)
+            pred_to_s, pred_to_o = self.forward_cdr(h, ids_restore, grid, B)
+            losses["cdr"] = 0.5 * (masked_mse(pred_to_s, cdr_s, mask) + masked_mse(pred_to_o, cdr_o, mask))
+            out["pred_cdr_sar"], out["pred_cdr_optical"] = pred_to_s, pred_to_o
+
+        if cfg.okd.enabled:
+            losses["okd"], out["okd_terms"] = self.forward_okd(h_o, h_s, aux, optical, ids_keep, grid)
+
+        if cfg.ccl.mode != "off":
+            losses["ccl"] = self.forward_ccl(h_o, h_s, latent, B)
+
+        # Unpaired batches: CCL and CDR are computed (every parameter keeps a gradient, so DDP
+        # needs no find_unused_parameters) but weighted by zero.
+        if isinstance(paired, torch.Tensor):
+            gate = paired.to(device=optical.device).bool().all().float()
+        else:
+            gate = 1.0 if paired else 0.0
+        weights = self.loss_weights(gate)
+        out["losses"] = losses
+        out["loss"] = sum(weights[k] * v for k, v in losses.items())
+        return out
+
+    def loss_weights(self, gate: Union[float, torch.Tensor] = 1.0) -> dict:
+        """The weight of every loss term; ``gate`` = 0 for unpaired batches (CCL, CDR).
+        The self term is the mean over the two modalities, as the reference averages over 2B."""
+        cfg = self.cfg
+        return {
+            "self_optical": 0.5 * cfg.self_weight,
+            "self_sar": 0.5 * cfg.self_weight,
+            "cdr": cfg.cdr.weight * gate,
+            "okd": cfg.okd.weight,
+            "ccl": cfg.ccl.weight * gate,
+        }
+
+
+def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAE:
+    """The full CoDe-MAE pretraining model for the given band counts."""
+    if optical_bands < 1 or sar_bands < 1:
+        from codemae_cli.errors import UserError
+
+        raise UserError("CoDe-MAE needs at least one optical band and one SAR band")
+    try:
+        return CoDeMAE(cfg, optical_bands, sar_bands)
+    except ValueError as err:
+        from codemae_cli.errors import UserError
+
+        raise UserError(str(err)) from None
+
+
+def build_encoder(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAEEncoder:
+    """The encoder alone (for fine-tuning and analysis): same keys as ``model.encoder``."""
+    cfg.validate()
+    spec = cfg.spec
+    encoder = CoDeMAEEncoder(
+        optical_bands, sar_bands, img_size=cfg.img_size, patch_size=cfg.patch_size,
+        embed_dim=int(spec["embed_dim"]), depth=int(spec["depth"]), num_heads=int(spec["num_heads"]),
+        mlp_ratio=float(spec["mlp_ratio"]), drop_path=cfg.drop_path, fused_attn=cfg.fused_attn,
+    )
+    encoder.apply(init_weights)
+    return encoder

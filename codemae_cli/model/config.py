@@ -1,0 +1,162 @@
+"""The ``model:`` section of a pretraining recipe, and the named model presets.
+
+Pure Python (no torch import), so recipes can be loaded and validated instantly.
+Every CoDe-MAE component is a switch here, so the paper's ablations and baselines are recipe
+overrides:
+
+    plain joint MAE        --set model.okd.enabled=false model.ccl.mode=off model.cdr.enabled=false
+    rigid alignment        --set model.ccl.mode=rigid
+    msGFM-like full cross  --set model.cdr.degradation=none
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from codemae_cli.errors import UserError
+
+# Trunk and decoder sizes per preset. `base` is the reference setting (ViT-B/16 trunk, 8 x 512
+# decoders with 16 heads); `tiny` exists so CPU tests run in seconds.
+PRESETS: dict[str, dict[str, float]] = {
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
+                 decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+                  decoder_dim=256, decoder_depth=4, decoder_heads=8),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 decoder_dim=512, decoder_depth=8, decoder_heads=16),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+                  decoder_dim=512, decoder_depth=8, decoder_heads=16),
+}
+
+
+def preset_spec(name: str) -> dict[str, float]:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class OKDConfig:
+    """Optical-anchored knowledge distillation from a frozen (or EMA) teacher.
+
+    Teacher input (timm / file teachers): the student sees dataset-normalised optical bands;
+    the teacher gets the optical bands ``teacher_bands`` (default the first three, read as RGB),
+    stretched per image to [0, 1] (min-max over the selected bands jointly, so colour balance
+    is kept), then normalised with the teacher's own ``pretrained_cfg`` mean/std. An EMA
+    teacher is a copy of the student's optical encoder and sees exactly what the student sees.
+    """
+
+    enabled: bool = True
+    teacher: Literal["timm", "file", "ema"] = "ema"
+    teacher_model: str = "vit_large_patch16_dinov3.sat493m"
+    teacher_weights: Optional[str] = None  # local .safetensors file (teacher: file)
+    teacher_pretrained: bool = False  # teacher: timm -> load the hub weights (needs them cached)
+    teacher_bands: Optional[list[int]] = None  # optical band indices fed to the teacher as RGB
+    ema_momentum: float = 0.996
+    sar_side: bool = False  # also map SAR visible tokens to the paired optical teacher tokens
+    aux_head: bool = True  # auxiliary head from the trunk at 3/4 depth through 2 extra blocks
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise UserError("model.okd.ema_momentum must lie in [0, 1]")
+        if self.weight < 0:
+            raise UserError("model.okd.weight must not be negative")
+        if self.enabled and self.teacher == "file" and not self.teacher_weights:
+            raise UserError("model.okd.teacher is 'file' but model.okd.teacher_weights names no file")
+        if self.teacher_weights and self.teacher != "file":
+            raise UserError("model.okd.teacher_weights is set but model.okd.teacher is not 'file'")
+        if self.teacher_bands is not None:
+            if not self.teacher_bands or any(b < 0 for b in self.teacher_bands):
+                raise UserError("model.okd.teacher_bands must list non-negative optical band indices")
+
+
+@dataclass
+class CCLConfig:
+    """Conditioned contrastive learning (residual cross-attention, then symmetric InfoNCE)."""
+
+    mode: Literal["conditioned", "rigid", "off"] = "conditioned"
+    temperature: float = 0.07
+    num_heads: int = 16
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise UserError("model.ccl.temperature must be positive")
+        if self.num_heads < 1:
+            raise UserError("model.ccl.num_heads must be at least 1")
+        if self.weight < 0:
+            raise UserError("model.ccl.weight must not be negative")
+
+
+@dataclass
+class CDRConfig:
+    """Cross-modal degraded reconstruction (optical -> degraded SAR, SAR -> degraded optical)."""
+
+    enabled: bool = True
+    degradation: Literal["none", "channel", "spatial", "dual", "hog", "sar_gradient", "median"] = "channel"
+    # Optical band indices of R, G, B for the luminance 0.299R+0.587G+0.114B. None: the first
+    # three bands when the optical image has 3 or 4 bands (RGB / RGB+NIR), otherwise the band
+    # mean. An empty list forces the band mean.
+    rgb_bands: Optional[list[int]] = None
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.weight < 0:
+            raise UserError("model.cdr.weight must not be negative")
+        if self.rgb_bands is not None and len(self.rgb_bands) not in (0, 3):
+            raise UserError("model.cdr.rgb_bands must list three band indices (R, G, B) or none")
+
+
+@dataclass
+class ModelConfig:
+    preset: Literal["tiny", "small", "base", "large"] = "base"
+    img_size: int = 224
+    patch_size: int = 16
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    fused_attn: bool = True  # scaled_dot_product_attention; false = plain matmul/softmax fallback
+    self_weight: float = 1.0
+    drop_path: float = 0.0
+    okd: OKDConfig = field(default_factory=OKDConfig)
+    ccl: CCLConfig = field(default_factory=CCLConfig)
+    cdr: CDRConfig = field(default_factory=CDRConfig)
+
+    def validate(self) -> None:
+        spec = preset_spec(self.preset)
+        if self.patch_size < 1 or self.img_size < self.patch_size:
+            raise UserError("model.patch_size must be at least 1 and no larger than model.img_size")
+        if self.img_size % self.patch_size:
+            raise UserError(
+                f"model.img_size {self.img_size} is not divisible by model.patch_size {self.patch_size}"
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise UserError("model.mask_ratio must lie in [0, 1)")
+        num_patches = (self.img_size // self.patch_size) ** 2
+        if int(num_patches * (1 - self.mask_ratio)) < 1:
+            raise UserError("model.mask_ratio leaves no visible patch at this image and patch size")
+        if self.self_weight < 0:
+            raise UserError("model.self_weight must not be negative")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise UserError("model.drop_path must lie in [0, 1)")
+        if self.ccl.mode == "conditioned" and int(spec["decoder_dim"]) % self.ccl.num_heads:
+            raise UserError(
+                f"model.ccl.num_heads {self.ccl.num_heads} does not divide the decoder width "
+                f"{int(spec['decoder_dim'])} of preset '{self.preset}'"
+            )
+        for section in (self.okd, self.ccl, self.cdr):
+            section.validate()
+        if self.cdr.enabled and self.cdr.degradation == "hog" and self.patch_size % 2:
+            raise UserError("model.cdr.degradation 'hog' needs an even model.patch_size (2 x 2 cells per patch)")
+
+    @property
+    def spec(self) -> dict[str, float]:
+        return preset_spec(self.preset)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+
+__all__ = ["CCLConfig", "CDRConfig", "ModelConfig", "OKDConfig", "PRESETS", "preset_spec"]

@@ -1,0 +1,151 @@
+"""The CoDe-MAE encoder: one patch embedding per modality, one shared ViT trunk."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from codemae_cli.errors import UserError
+from codemae_cli.model.layers import (
+    PatchEmbed,
+    evenly_spaced_layers,
+    make_block,
+    norm_layer,
+    resize_pos_embed,
+    sincos_pos_embed,
+)
+
+MODALITIES = ("optical", "sar")
+
+
+class CoDeMAEEncoder(nn.Module):
+    """Per-modality patch embeddings feeding one shared transformer trunk.
+
+    A modality with 0 bands gets no patch embedding (single-modality MAE baselines).
+    Position embeddings are a fixed 2-D sin-cos table for ``img_size`` (a persistent buffer,
+    so it travels in checkpoints); other input sizes resample it bicubically.
+    """
+
+    def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, fused_attn: bool = True):
+        super().__init__()
+        if optical_bands < 0 or sar_bands < 0 or optical_bands + sar_bands == 0:
+            raise UserError("the encoder needs at least one optical or SAR band")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.bands = {"optical": optical_bands, "sar": sar_bands}
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.patch_embed = nn.ModuleDict(
+            {m: PatchEmbed(c, embed_dim, patch_size) for m, c in self.bands.items() if c > 0}
+        )
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid))  # (1, N, D)
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+        self.default_layers = evenly_spaced_layers(depth, 4)
+
+    # -- stages -------------------------------------------------------------------------------
+    def check_image(self, x: torch.Tensor, modality: str) -> tuple[int, int]:
+        if modality not in self.patch_embed:
+            raise UserError(f"this encoder has no {modality} input")
+        if x.ndim != 4:
+            raise UserError(f"{modality} input must be (batch, bands, height, width), got shape {tuple(x.shape)}")
+        want = self.bands[modality]
+        if x.shape[1] != want:
+            raise UserError(f"{modality} input has {x.shape[1]} bands but the model expects {want}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise UserError(f"{modality} input size {H}x{W} is not divisible by the patch size {p}")
+        return H // p, W // p
+
+    def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """Patch tokens with positions: (B, C, H, W) -> (B, N, D)."""
+        grid = self.check_image(x, modality)
+        tokens = self.patch_embed[modality](x)  # (B, N, D)
+        return tokens + resize_pos_embed(self.pos_embed, self.grid, grid).to(tokens.dtype)
+
+    def forward_masked(self, images: Sequence[tuple[str, torch.Tensor]], ids_keep: torch.Tensor,
+                       aux_layer: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Encode only the visible patches of several modalities as ONE batch.
+
+        images: [(modality, (B, C_m, H, W)), ...]; ids_keep: (B, n) visible patch indices,
+        shared by all modalities. Returns the normed trunk output (M*B, n, D) in the order of
+        ``images`` and, when ``aux_layer`` is given, the raw output of that block (M*B, n, D).
+        """
+        tokens = torch.cat([self.embed(x, m) for m, x in images], dim=0)  # (M*B, N, D)
+        keep = ids_keep.repeat(len(images), 1)  # (M*B, n): the same mask for every modality
+        x = torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (M*B, n, D)
+        aux = None
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i == aux_layer:
+                aux = x
+        return self.norm(x), aux
+
+    def forward_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
+        """All patch tokens of one modality through the trunk: (B, C, H, W) -> (B, N, D), normed."""
+        x = self.embed(x, modality)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_features(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
+                         layers: Optional[Sequence[int]] = None, norm: bool = True) -> dict[str, list[torch.Tensor]]:
+        """Dense features of the given modalities from several trunk depths.
+
+        Returns {"optical": [(B, D, H/p, W/p), ...], "sar": [...]} (only the modalities given),
+        one map per entry of ``layers`` (block indices, default ``default_layers``). ``norm``
+        applies the trunk's final LayerNorm to every map (timm's forward_intermediates style).
+        """
+        layers = tuple(self.default_layers if layers is None else layers)
+        if not layers:
+            raise UserError("forward_features needs at least one layer index")
+        for i in layers:
+            if not -self.depth <= i < self.depth:
+                raise UserError(f"layer index {i} is outside the encoder's {self.depth} blocks")
+        layers = tuple(i % self.depth for i in layers)
+        inputs = [(m, x) for m, x in (("optical", optical), ("sar", sar)) if x is not None]
+        if not inputs:
+            raise UserError("forward_features needs an optical or a SAR input")
+        grids = {m: self.check_image(x, m) for m, x in inputs}
+        batches = {m: x.shape[0] for m, x in inputs}
+        # Co-registered pairs share the grid: run them as one batch (one trunk pass).
+        if len(inputs) == 2 and len(set(grids.values())) == 1 and len(set(batches.values())) == 1:
+            groups = [inputs]
+        else:
+            groups = [[item] for item in inputs]
+        out: dict[str, list[torch.Tensor]] = {}
+        last = max(layers)
+        for group in groups:
+            x = torch.cat([self.embed(img, m) for m, img in group], dim=0)  # (M*B, N, D)
+            feats = {}
+            for i, blk in enumerate(self.blocks[: last + 1]):
+                x = blk(x)
+                if i in layers:
+                    feats[i] = self.norm(x) if norm else x
+            start = 0
+            for m, img in group:
+                B = img.shape[0]
+                h, w = grids[m]
+                out[m] = [
+                    feats[i][start : start + B].transpose(1, 2).reshape(B, self.embed_dim, h, w)
+                    for i in layers
+                ]  # (B, D, h, w) per layer
+                start += B
+        return out
+
+    def forward(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
+                layers: Optional[Sequence[int]] = None) -> dict[str, list[torch.Tensor]]:
+        return self.forward_features(optical=optical, sar=sar, layers=layers)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}

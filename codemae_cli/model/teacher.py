@@ -1,0 +1,176 @@
+"""OKD teachers: a frozen timm model (hub weights or a local safetensors file) or an EMA copy
+of the student's optical encoder. Teachers never receive gradients.
+
+Targets are the teacher's patch tokens (prefix/register tokens dropped) on the student's patch
+grid (bilinear resampling when the teacher's grid differs), passed through a LayerNorm without
+affine parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from codemae_cli.errors import UserError
+from codemae_cli.model.config import OKDConfig
+from codemae_cli.model.layers import set_fused_attn
+
+
+def create_timm_teacher(cfg: OKDConfig, fused_attn: bool = True) -> nn.Module:
+    """Build the timm teacher named by ``cfg.teacher_model`` (weights per ``cfg.teacher``)."""
+    import timm
+
+    name = cfg.teacher_model
+    kwargs: dict = dict(num_classes=0)
+    if cfg.teacher == "file":
+        path = Path(cfg.teacher_weights or "")
+        if not path.is_file():
+            raise UserError(f"teacher weights file '{path}' does not exist")
+        if path.suffix.lower() != ".safetensors":
+            # Pickled checkpoints can run arbitrary code when loaded: only safetensors are read.
+            raise UserError(f"teacher weights file '{path}' must be a .safetensors file")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    else:
+        kwargs.update(pretrained=bool(cfg.teacher_pretrained))
+    try:
+        model = timm.create_model(name, dynamic_img_size=True, **kwargs)
+    except TypeError:  # architectures without dynamic_img_size support
+        try:
+            model = timm.create_model(name, **kwargs)
+        except RuntimeError as err:
+            raise _teacher_error(cfg, err) from None
+    except RuntimeError as err:  # unknown model name or weights that do not fit it
+        raise _teacher_error(cfg, err) from None
+    except Exception as err:  # hub/network errors when the weights are not cached locally
+        if cfg.teacher == "timm" and cfg.teacher_pretrained:
+            raise UserError(
+                f"could not load the pretrained weights of teacher '{name}' ({type(err).__name__}); "
+                "download them first, or point model.okd.teacher_weights at a local .safetensors file"
+            ) from None
+        raise
+    model.eval().requires_grad_(False)
+    set_fused_attn(model, fused_attn)
+    return model
+
+
+def _teacher_error(cfg: OKDConfig, err: Exception) -> UserError:
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "Unknown model" in msg or "Invalid model" in msg:
+        return UserError(f"model.okd.teacher_model '{cfg.teacher_model}' is not a timm model name")
+    if cfg.teacher == "file":
+        return UserError(
+            f"teacher weights file '{cfg.teacher_weights}' does not fit model '{cfg.teacher_model}': {msg}"
+        )
+    return UserError(f"could not build teacher '{cfg.teacher_model}': {msg}")
+
+
+class TimmTeacher(nn.Module):
+    """A frozen timm ViT teacher. Input: the student's dataset-normalised optical image.
+
+    Preprocessing: select ``bands`` (read as RGB), stretch each image to [0, 1] (min-max over
+    the selected bands jointly), then normalise with the teacher's pretrained_cfg mean/std.
+    """
+
+    def __init__(self, model: nn.Module, bands: Sequence[int]):
+        super().__init__()
+        self.model = model
+        self.bands = tuple(bands)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = cfg.get("mean", (0.485, 0.456, 0.406))
+        std = cfg.get("std", (0.229, 0.224, 0.225))
+        chans = len(self.bands)
+        if len(mean) != chans:  # single-channel or exotic teachers: broadcast the first value
+            mean, std = (mean[0],) * chans, (std[0],) * chans
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.dim = int(getattr(model, "num_features", getattr(model, "embed_dim")))
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", 16)
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        self.in_chans = chans
+
+    def prepare(self, optical: torch.Tensor) -> torch.Tensor:
+        x = optical[:, list(self.bands)].float()  # (B, 3, H, W)
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        hi = x.amax(dim=(1, 2, 3), keepdim=True)
+        x = (x - lo) / (hi - lo).clamp_min(1e-6)  # per image to [0, 1]
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, optical: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """-> patch tokens (B, h*w, T) and the teacher grid (h, w)."""
+        x = self.prepare(optical)
+        tokens = self.model.forward_features(x)  # (B, prefix + h*w, T)
+        tokens = tokens[:, self.num_prefix_tokens :]
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        return tokens, grid
+
+
+class EMATeacher(nn.Module):
+    """An exponential moving average of the student's optical encoder (patch embedding,
+    positions, trunk, final norm). It sees the full (unmasked) optical image."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        enc = copy.deepcopy(encoder)
+        # The SAR patch embedding plays no part in the optical teacher.
+        for name in list(enc.patch_embed.keys()):
+            if name != "optical":
+                del enc.patch_embed[name]
+        self.encoder = enc.eval().requires_grad_(False)
+        self.dim = encoder.embed_dim
+        self.patch_size = encoder.patch_size
+
+    @torch.no_grad()
+    def forward(self, optical: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens = self.encoder.forward_tokens(optical, "optical")  # (B, N, D)
+        grid = (optical.shape[-2] // self.patch_size, optical.shape[-1] // self.patch_size)
+        return tokens, grid
+
+    @torch.no_grad()
+    def update(self, student_encoder: nn.Module, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        student = dict(student_encoder.named_parameters())
+        t_params, s_params = [], []
+        for name, p in self.encoder.named_parameters():
+            t_params.append(p)
+            s_params.append(student[name].detach())
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def teacher_targets(teacher: nn.Module, optical: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Teacher patch tokens on the student's grid, LayerNorm without affine: -> (B, h*w, T) fp32."""
+    with torch.no_grad():
+        tokens, t_grid = teacher(optical)  # (B, ht*wt, T)
+        tokens = tokens.float()
+        if tuple(t_grid) != tuple(grid):
+            B, _, T = tokens.shape
+            maps = tokens.transpose(1, 2).reshape(B, T, *t_grid)
+            maps = F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
+            tokens = maps.flatten(2).transpose(1, 2)
+        return F.layer_norm(tokens, tokens.shape[-1:])
+
+
+def default_teacher_bands(optical_bands: int, bands: Optional[Sequence[int]], in_chans: int = 3) -> tuple[int, ...]:
+    if bands is not None:
+        bad = [b for b in bands if b >= optical_bands]
+        if bad:
+            raise UserError(
+                f"model.okd.teacher_bands names band {bad[0]} but the optical input has {optical_bands} bands"
+            )
+        if len(bands) != in_chans:
+            raise UserError(f"model.okd.teacher_bands must name {in_chans} bands for this teacher, not {len(bands)}")
+        return tuple(bands)
+    if optical_bands >= in_chans:
+        return tuple(range(in_chans))
+    if optical_bands == 1:
+        return (0,) * in_chans  # a panchromatic band repeated as grey RGB
+    raise UserError(
+        f"the optical input has {optical_bands} bands; set model.okd.teacher_bands to the {in_chans} "
+        "bands the teacher should see"
+    )

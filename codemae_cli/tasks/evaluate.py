@@ -1,0 +1,416 @@
+"""Evaluation: a fine-tuned checkpoint on a prepared split, or a predicted class raster against a
+reference raster / vector file.
+
+    metrics = evaluate_checkpoint("runs/seg", ["data/"], split="test")
+    metrics = evaluate_raster("mask.tif", "buildings.gpkg", label_column=None)
+
+Raster evaluation reconciles extents and CRS by bringing the reference onto the prediction's
+grid: a reference raster is warped with nearest resampling (labels must not be blended), a
+vector reference is reprojected and rasterised. Only pixels where both carry a class count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+from codemae_cli.tasks.metrics import confusion_matrix, multilabel_metrics, segmentation_metrics
+
+VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".gml", ".kml"}
+
+
+# --------------------------------------------------------------------------------------------
+# model evaluation (shared with fine-tuning's validation)
+# --------------------------------------------------------------------------------------------
+def chip_class_targets(label, num_classes: int, ignore_index: int, multilabel: bool, min_fraction: float):
+    """Classification targets from chip label masks (B, H, W).
+
+    Multi-label: every class covering at least ``min_fraction`` of the chip's valid pixels
+    (B, K) float. Single-label: the majority class (B,) long, -1 for chips without a valid pixel.
+    """
+    import torch
+
+    b = label.shape[0]
+    flat = label.reshape(b, -1).long()
+    valid = (flat != ignore_index) & (flat >= 0) & (flat < num_classes)
+    counts = torch.zeros(b, num_classes, device=label.device, dtype=torch.float32)
+    counts.scatter_add_(1, torch.where(valid, flat, torch.zeros_like(flat)), valid.float())
+    total = counts.sum(1, keepdim=True)
+    if multilabel:
+        return ((counts / total.clamp_min(1)) >= min_fraction).float() * (total > 0).float()
+    target = counts.argmax(1)
+    return torch.where(total.squeeze(1) > 0, target, torch.full_like(target, -1))
+
+
+def task_loss(logits, label, task, num_classes: int, class_weights=None):
+    """Loss of a batch for the task config ``task`` (label: (B, H, W) long, ignore_index)."""
+    import torch.nn.functional as F
+
+    if task.kind == "segmentation":
+        return F.cross_entropy(logits.float(), label, weight=class_weights, ignore_index=task.ignore_index)
+    target = chip_class_targets(label, num_classes, task.ignore_index, task.multilabel, task.min_class_fraction)
+    if task.multilabel:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+        if class_weights is not None:
+            loss = loss * class_weights.view(1, -1)
+        return loss.mean()
+    return F.cross_entropy(logits.float(), target, weight=class_weights, ignore_index=-1)
+
+
+def evaluate_model(model, loader, task, num_classes: int, device, precision: str = "auto",
+                   class_names: Optional[Sequence[str]] = None, class_weights=None,
+                   drop: Optional[str] = None) -> dict:
+    """Metrics of ``model`` over ``loader`` (batches of dict optical/sar/label), all ranks summed.
+
+    Segmentation: the confusion matrix over all valid pixels -> mIoU, per-class IoU, F1, OA.
+    Classification: per-chip targets from the label masks (see :func:`chip_class_targets`).
+    Also returns the mean ``loss``. ``drop`` leaves one modality out (see :func:`batch_inputs`).
+    """
+    import torch
+
+    from codemae_cli.tasks.data import batch_inputs
+
+    from codemae_cli.train.distributed import is_dist
+    from codemae_cli.train.engine import autocast
+
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n_batches = torch.zeros((), dtype=torch.float64, device=device)
+    scores, targets = [], []
+    with torch.no_grad():
+        for batch in loader:
+            optical, sar, label = batch_inputs(batch, device, task.ignore_index, drop)
+            with autocast(device, precision):
+                logits = model(optical=optical, sar=sar)
+            logits = logits.float()
+            loss_sum += task_loss(logits, label, task, num_classes, class_weights).double()
+            n_batches += 1
+            if task.kind == "segmentation":
+                cm += _cm_torch(logits.argmax(1), label, num_classes, task.ignore_index)
+            elif task.multilabel:
+                t = chip_class_targets(label, num_classes, task.ignore_index, True, task.min_class_fraction)
+                scores.append(torch.sigmoid(logits).cpu())
+                targets.append(t.cpu())
+            else:
+                t = chip_class_targets(label, num_classes, task.ignore_index, False, task.min_class_fraction)
+                keep = t >= 0
+                cm += _cm_torch(logits.argmax(1)[keep], t[keep], num_classes, None)
+    if is_dist():
+        import torch.distributed as dist
+
+        for t in (cm, loss_sum, n_batches):
+            dist.all_reduce(t)
+        if task.kind == "classification" and task.multilabel:
+            scores = _gather_cat(scores, num_classes)
+            targets = _gather_cat(targets, num_classes)
+    loss = float(loss_sum / n_batches.clamp_min(1))
+    if task.kind == "classification" and task.multilabel:
+        if not scores:
+            raise UserError("the evaluation split holds no chips")
+        out = multilabel_metrics(torch.cat(scores).numpy(), torch.cat(targets).numpy(), class_names=class_names)
+    else:
+        cm_np = cm.cpu().numpy()
+        if cm_np.sum() == 0:
+            raise UserError("the evaluation split holds no labelled pixels")
+        out = segmentation_metrics(cm_np, class_names)
+        out["confusion"] = cm_np.tolist()
+        if task.kind == "classification":
+            out["top1"] = out["oa"]
+    out["loss"] = loss
+    return out
+
+
+def _gather_cat(parts: list, num_classes: int) -> list:
+    import torch
+    import torch.distributed as dist
+
+    local = torch.cat(parts) if parts else torch.zeros(0, num_classes)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [g for g in gathered if g is not None and len(g)]
+
+
+def _cm_torch(pred, target, num_classes: int, ignore_index):
+    from codemae_cli.tasks.metrics import _confusion_torch
+
+    return _confusion_torch(pred, target, num_classes, ignore_index)
+
+
+def evaluate_checkpoint(checkpoint, datasets: Sequence[str], split: str = "test", batch_size: int = 8,
+                        device: str = "auto", precision: str = "auto", num_workers: int = 0,
+                        inputs: Optional[str] = None) -> dict:
+    """Metrics of a fine-tuned checkpoint on ``split`` of prepared datasets.
+
+    ``inputs`` ("optical" | "sar") evaluates a bi-modal model with the other modality missing.
+    """
+    from codemae_cli.tasks.data import open_datasets, task_loader
+    from codemae_cli.tasks.model_io import build_task_model_from_checkpoint
+    from codemae_cli.train.distributed import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = build_task_model_from_checkpoint(checkpoint, device=dev)
+    from codemae_cli.config import from_dict
+    from codemae_cli.tasks.config import FinetuneRecipe
+
+    recipe = from_dict(FinetuneRecipe, meta["recipe"])
+    task = recipe.task
+    if inputs is not None:
+        if inputs not in ("optical", "sar", "both"):
+            raise UserError(f"--inputs must be optical, sar or both, not '{inputs}'")
+        if meta["inputs"] != "both" and inputs != meta["inputs"]:
+            raise UserError(f"this model was trained on {meta['inputs']} input only; it cannot be evaluated on {inputs}")
+    dsets = open_datasets(datasets)
+    _check_dataset_fits(dsets, meta)
+    loader = task_loader(dsets, split, recipe, train=False, batch_size=batch_size, num_workers=num_workers)
+    drop = None if inputs in (None, "both") else ("sar" if inputs == "optical" else "optical")
+    names = [c["name"] for c in meta["classes"]]
+    out = evaluate_model(model, loader, task, len(names), dev, precision, class_names=names, drop=drop)
+    out["checkpoint"] = str(meta.get("_path", checkpoint))
+    out["split"] = split
+    out["task"] = meta["task"]
+    out["inputs"] = inputs or meta["inputs"]
+    return out
+
+
+def _check_dataset_fits(dsets, meta: dict) -> None:
+    for ds in dsets:
+        if not ds.has_labels:
+            raise UserError(f"prepared dataset '{ds.root}' has no labels; prepare it with --labels to evaluate")
+        for mod in ("optical", "sar"):
+            if meta["inputs"] not in (mod, "both"):
+                continue
+            want = len(meta["bands"][mod])
+            have = int(ds.meta[mod]["count"])
+            if want != have:
+                raise UserError(f"the checkpoint expects {want} {mod} band(s) but '{ds.root}' has {have}")
+
+
+# --------------------------------------------------------------------------------------------
+# raster vs reference
+# --------------------------------------------------------------------------------------------
+def _class_names_from_tags(tags: dict) -> Optional[list[str]]:
+    for key in ("classes", "class_names", "CLASSES", "CLASS_NAMES"):
+        raw = tags.get(key)
+        if not raw:
+            continue
+        try:
+            val = json.loads(raw)
+        except ValueError:
+            val = [s.strip() for s in raw.split(",") if s.strip()]
+        if isinstance(val, dict):
+            val = [val[k] for k in sorted(val, key=lambda s: int(s))]
+        if isinstance(val, list):
+            return [v["name"] if isinstance(v, dict) else str(v) for v in val]
+    return None
+
+
+def _read_raster(path: Path, what: str):
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    if not path.is_file():
+        raise UserError(f"{what} raster '{path}' does not exist")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError:
+        raise UserError(f"{what} raster '{path}' cannot be read as a raster") from None
+
+
+def _reference_on_grid(ref: Path, shape, transform, crs, nodata_value: int, label_column: Optional[str],
+                       class_names: Optional[list[str]], pred_bounds) -> tuple[np.ndarray, Optional[list[str]]]:
+    """The reference as uint8/int labels on the prediction grid; ``nodata_value`` where unknown."""
+    if ref.suffix.lower() in VECTOR_SUFFIXES:
+        return _rasterise_reference(ref, shape, transform, crs, nodata_value, label_column, class_names, pred_bounds)
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject, transform_bounds
+
+    with _read_raster(ref, "reference") as src:
+        if src.crs is None:
+            raise UserError(f"reference raster '{ref}' has no CRS")
+        rb = transform_bounds(src.crs, crs, *src.bounds)
+        if not _overlap(rb, pred_bounds):
+            raise UserError(f"reference '{ref}' does not overlap the prediction")
+        data = src.read(1)
+        dst = np.full(shape, nodata_value, dtype=np.int32)
+        src_nodata = src.nodata
+        reproject(source=data.astype(np.int32), destination=dst, src_transform=src.transform, src_crs=src.crs,
+                  dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest,
+                  src_nodata=src_nodata if src_nodata is not None and not math.isnan(src_nodata) else None,
+                  dst_nodata=nodata_value)
+        names = _class_names_from_tags(src.tags())
+    return dst, names
+
+
+def _rasterise_reference(ref: Path, shape, transform, crs, nodata_value, label_column, class_names, pred_bounds):
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    if not ref.is_file():
+        raise UserError(f"reference vector file '{ref}' does not exist")
+    try:
+        gdf = gpd.read_file(ref)
+    except Exception:
+        raise UserError(f"reference '{ref}' cannot be read as a vector file") from None
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if len(gdf) == 0:
+        raise UserError(f"reference vector file '{ref}' holds no geometries")
+    if gdf.crs is None:
+        raise UserError(f"reference vector file '{ref}' has no CRS")
+    gdf = gdf.to_crs(crs)
+    if not _overlap(tuple(gdf.total_bounds), pred_bounds):
+        raise UserError(f"reference '{ref}' does not overlap the prediction")
+    names = None
+    if label_column is None:
+        # Footprints (buildings, water bodies...): inside = class 1, outside = class 0.
+        values = np.ones(len(gdf), dtype=np.int32)
+        names = class_names if class_names and len(class_names) == 2 else ["background", "foreground"]
+        fill = 0
+    else:
+        if label_column not in gdf.columns:
+            cols = ", ".join(c for c in gdf.columns if c != "geometry")
+            raise UserError(f"reference '{ref}' has no column '{label_column}' (columns: {cols})")
+        col = gdf[label_column]
+        if col.isna().any():
+            raise UserError(f"column '{label_column}' of '{ref}' has empty values")
+        if np.issubdtype(col.dtype, np.number):
+            vals = col.to_numpy()
+            if not np.all(np.equal(np.mod(vals, 1), 0)) or vals.min() < 0:
+                raise UserError(f"column '{label_column}' of '{ref}' must hold class ids (non-negative integers) or class names")
+            values = vals.astype(np.int32)
+        else:
+            if not class_names:
+                raise UserError(f"column '{label_column}' of '{ref}' holds names; give the class order with --classes")
+            lookup = {n.lower(): i for i, n in enumerate(class_names)}
+            unknown = sorted({str(v) for v in col if str(v).lower() not in lookup})
+            if unknown:
+                raise UserError(f"class name(s) {', '.join(unknown[:5])} in '{ref}' are not among {', '.join(class_names)}")
+            values = np.array([lookup[str(v).lower()] for v in col], dtype=np.int32)
+        # Pixels outside every polygon are unknown, unless class 0 is a background class.
+        fill = nodata_value
+    out = rasterize(((g, int(v)) for g, v in zip(gdf.geometry, values)), out_shape=shape, transform=transform,
+                    fill=fill, dtype="int32")
+    return out, names
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Optional[Sequence[str]] = None,
+                    ignore_index: int = 255, band: int = 1) -> dict:
+    """Metrics of a predicted class raster against a reference raster or vector file."""
+    pred = Path(pred)
+    ref = Path(ref)
+    with _read_raster(pred, "predicted") as src:
+        if src.crs is None:
+            raise UserError(f"predicted raster '{pred}' has no CRS")
+        if not 1 <= band <= src.count:
+            raise UserError(f"predicted raster '{pred}' has {src.count} band(s); band {band} does not exist")
+        if np.dtype(src.dtypes[band - 1]).kind == "f":
+            raise UserError(f"predicted raster '{pred}' holds floating-point values; evaluate a class map")
+        data = src.read(band).astype(np.int64)
+        valid = src.read_masks(band) > 0
+        shape, transform, crs, bounds = data.shape, src.transform, src.crs, tuple(src.bounds)
+        names = list(classes) if classes else _class_names_from_tags(src.tags())
+    if not valid.any():
+        raise UserError(f"predicted raster '{pred}' holds only nodata")
+    nodata_value = -1
+    reference, ref_names = _reference_on_grid(ref, shape, transform, crs, nodata_value, label_column, names, bounds)
+    names = names or ref_names
+    keep = valid & (reference != nodata_value) & (reference != ignore_index)
+    if not keep.any():
+        raise UserError("the prediction and the reference share no valid pixel")
+    if names:
+        k = len(names)
+    else:
+        k = int(max(data[keep].max(), reference[keep].max())) + 1
+    too_big = max(int(data[keep].max()), int(reference[keep].max()))
+    if too_big >= k:
+        raise UserError(f"class id {too_big} is outside the {k} class names given")
+    cm = confusion_matrix(data[keep], reference[keep], k, ignore_index=None)
+    out = segmentation_metrics(cm, names or [str(i) for i in range(k)])
+    out["confusion"] = cm.tolist()
+    out["prediction"] = str(pred)
+    out["reference"] = str(ref)
+    out["valid_fraction"] = float(keep.mean())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.2f}"
+
+
+def metrics_table(metrics: dict, title: str = "metrics"):
+    """A rich Table: one row per class (IoU, F1, precision, recall / AP) plus the summary line."""
+    from rich.table import Table
+
+    names = metrics.get("classes") or [str(i) for i in range(len(metrics.get("iou", metrics.get("ap", []))))]
+    table = Table(title=title)
+    table.add_column("class")
+    if "iou" in metrics:
+        for col in ("IoU %", "F1 %", "precision %", "recall %", "support"):
+            table.add_column(col, justify="right")
+        for i, name in enumerate(names):
+            table.add_row(name, _fmt(metrics["iou"][i]), _fmt(metrics["f1"][i]), _fmt(metrics["precision"][i]),
+                          _fmt(metrics["recall"][i]), f"{metrics['support'][i]:,}")
+        table.add_section()
+        table.add_row("[bold]mean[/bold]", f"[bold]{_fmt(metrics['miou'])}[/bold]", _fmt(metrics["mf1"]), "",
+                      _fmt(metrics["macc"]), f"{sum(metrics['support']):,}")
+        table.caption = f"OA {_fmt(metrics['oa'])} %   kappa {metrics['kappa']:.4f}"
+    else:
+        for col in ("AP %", "F1 %", "support"):
+            table.add_column(col, justify="right")
+        for i, name in enumerate(names):
+            table.add_row(name, _fmt(metrics["ap"][i]), _fmt(metrics["f1"][i]), f"{metrics['support'][i]:,}")
+        table.add_section()
+        table.add_row("[bold]micro / macro mAP[/bold]", f"{_fmt(metrics['micro_map'])} / {_fmt(metrics['macro_map'])}",
+                      f"{_fmt(metrics['micro_f1'])} / {_fmt(metrics['macro_f1'])}", f"{metrics['samples']:,}")
+    return table
+
+
+def write_json(metrics: dict, path) -> Path:
+    """Write metrics as JSON atomically (NaN becomes null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(_jsonable(metrics), indent=2))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "item"):
+        return _jsonable(o.item())
+    return o
+
+
+__all__ = [
+    "chip_class_targets",
+    "evaluate_checkpoint",
+    "evaluate_model",
+    "evaluate_raster",
+    "metrics_table",
+    "task_loss",
+    "write_json",
+]

@@ -1,0 +1,341 @@
+"""Checkpoints: a directory of safetensors + JSON, written atomically (docs/architecture.md, 3).
+
+    RUN/checkpoints/<name>/
+      model.safetensors    unwrapped model state_dict (no pickle, ever)
+      meta.json            kind, versions, step, epoch, recipe, bands, stats, ...
+      resume.safetensors   optimizer tensors, EMA teacher, RNG states (uint8 tensors)
+      resume.json          scalar optimizer state, scheduler step, epoch, sampler position
+
+The directory is built under a temporary sibling name and renamed into place; an existing
+checkpoint of the same name is moved aside first and removed only after the new one is in
+place, so a crash at any moment leaves one complete checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from codemae_cli.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+RESUME_TENSORS = "resume.safetensors"
+RESUME_JSON = "resume.json"
+_TENSOR_TAG = "__tensor__"
+_TUPLE_TAG = "__tuple__"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def unwrap_model(model):
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and model.__class__.__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
+            model = model.module
+        else:
+            return model
+
+
+def versions() -> dict:
+    import torch
+
+    from codemae_cli import __version__
+
+    out = {"codemae_version": __version__, "torch_version": torch.__version__}
+    try:
+        import timm
+
+        out["timm_version"] = timm.__version__
+    except Exception:  # timm is a dependency, but meta must never fail to write
+        out["timm_version"] = None
+    return out
+
+
+def _plain_state(state: dict) -> dict:
+    """CPU, contiguous, unshared copies: safetensors refuses tensors that share storage."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def _split_tree(tree: Any, tensors: dict, prefix: str) -> Any:
+    """Replace tensors in a nested structure by placeholders, collecting them in ``tensors``."""
+    import numpy as np
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        tensors[prefix] = tree.detach().to("cpu").contiguous().clone()
+        return {_TENSOR_TAG: prefix}
+    if isinstance(tree, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(tree)).clone()
+        return {_TENSOR_TAG: prefix, "numpy": True}
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"resume state keys must be str or int, got {type(k).__name__}")
+            out[str(k)] = _split_tree(v, tensors, f"{prefix}/{k}")
+        return out
+    if isinstance(tree, tuple):
+        return {_TUPLE_TAG: [_split_tree(v, tensors, f"{prefix}/{i}") for i, v in enumerate(tree)]}
+    if isinstance(tree, list):
+        return [_split_tree(v, tensors, f"{prefix}/{i}") for i, v in enumerate(tree)]
+    if isinstance(tree, (np.integer, np.floating, np.bool_)):
+        return tree.item()
+    if tree is None or isinstance(tree, (str, int, float, bool)):
+        return tree
+    raise TypeError(f"cannot store a {type(tree).__name__} in a checkpoint's resume state")
+
+
+def _join_tree(tree: Any, tensors: dict) -> Any:
+    if isinstance(tree, dict):
+        if _TENSOR_TAG in tree:
+            t = tensors[tree[_TENSOR_TAG]]
+            return t.numpy() if tree.get("numpy") else t
+        if _TUPLE_TAG in tree:
+            return tuple(_join_tree(v, tensors) for v in tree[_TUPLE_TAG])
+        return {k: _join_tree(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_tree(v, tensors) for v in tree]
+    return tree
+
+
+def capture_rng() -> dict:
+    """Torch CPU/CUDA, numpy and Python RNG states (tensors as uint8, the rest JSON-able)."""
+    import numpy as np
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"kind": kind, "keys": np.asarray(keys, dtype=np.uint32).view(np.uint8),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    version, internal, gauss_next = random.getstate()
+    state["python"] = {"version": version, "state": list(internal), "gauss_next": gauss_next}
+    return state
+
+
+def restore_rng(state: dict | None) -> None:
+    """Inverse of :func:`capture_rng` (missing parts are left alone)."""
+    import numpy as np
+    import torch
+
+    if not state:
+        return
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [t.to(torch.uint8) for t in state["cuda"]]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in state:
+        s = state["numpy"]
+        keys = np.asarray(s["keys"], dtype=np.uint8).view(np.uint32)
+        np.random.set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["gauss"]))
+    if "python" in state:
+        s = state["python"]
+        random.setstate((s["version"], tuple(s["state"]), s["gauss_next"]))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------------
+def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: dict | None = None,
+                    rng: bool = True) -> Path:
+    """Write a checkpoint directory atomically and return its path.
+
+    ``model`` may be wrapped (DDP, torch.compile): the unwrapped module's state_dict is saved.
+    ``meta`` is completed with versions. When ``optimizer`` or ``resume_extra`` is given, the
+    resume state is written too: optimizer state, RNG states (when ``rng``) and ``resume_extra``
+    (any nested dict of scalars, strings, lists and tensors: scheduler step, epoch, sampler
+    position, EMA teacher state_dict ...).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        module = unwrap_model(model)
+        save_file(_plain_state(module.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        if optimizer is not None or resume_extra is not None:
+            tensors: dict = {}
+            doc: dict = {"format": "codemae-resume", "format_version": 1}
+            if optimizer is not None:
+                doc["optimizer"] = _split_tree(optimizer.state_dict(), tensors, "optimizer")
+            if rng:
+                doc["rng"] = _split_tree(capture_rng(), tensors, "rng")
+            doc["extra"] = _split_tree(dict(resume_extra or {}), tensors, "extra")
+            save_file(tensors, str(tmp / RESUME_TENSORS), metadata={"format": "pt"})
+            _write_json(tmp / RESUME_JSON, doc)
+        full_meta = {**versions(), **dict(meta)}
+        full_meta.setdefault("format", "codemae-checkpoint")
+        # meta.json last: its presence marks a complete checkpoint.
+        _write_json(tmp / META_FILE, full_meta)
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not directory.exists():
+            old.rename(directory)
+        raise
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# resolve / load
+# --------------------------------------------------------------------------------------------
+def _is_checkpoint_dir(p: Path) -> bool:
+    return (p / MODEL_FILE).is_file() and (p / META_FILE).is_file()
+
+
+def _recover(p: Path) -> Path | None:
+    """A checkpoint moved aside by a save that was killed between its two renames."""
+    for cand in sorted(p.parent.glob(f".{p.name}.old-*")):
+        if _is_checkpoint_dir(cand):
+            return cand
+    return None
+
+
+def resolve_checkpoint(path, prefer: tuple[str, ...] = ("best", "last")) -> Path:
+    """A checkpoint directory from a checkpoint dir, its model.safetensors, or a run directory.
+
+    A run directory resolves to ``checkpoints/best`` then ``checkpoints/last`` (order set by
+    ``prefer``).
+    """
+    p = Path(path).expanduser()
+    if p.is_file() and p.name in (MODEL_FILE, META_FILE):
+        p = p.parent
+    if not p.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if not p.is_dir():
+        raise UserError(f"checkpoint '{path}' is not a codemae checkpoint directory or run directory")
+    if _is_checkpoint_dir(p):
+        return p
+    if (p / MODEL_FILE).is_file() or (p / META_FILE).is_file():
+        raise UserError(f"checkpoint '{path}' is incomplete: it needs both {MODEL_FILE} and {META_FILE}")
+    ckpts = p / "checkpoints"
+    base = ckpts if ckpts.is_dir() else p
+    for name in prefer:
+        cand = base / name
+        if _is_checkpoint_dir(cand):
+            return cand
+        rec = _recover(cand)
+        if rec is not None:
+            return rec
+    if ckpts.is_dir():
+        raise UserError(f"run directory '{path}' has no complete checkpoint ({' or '.join(prefer)}) in checkpoints/")
+    raise UserError(f"'{path}' is not a codemae checkpoint (no {MODEL_FILE} and {META_FILE}) "
+                    "nor a run directory with checkpoints/")
+
+
+def read_meta(path) -> dict:
+    """meta.json of a checkpoint (resolved like :func:`resolve_checkpoint`)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        meta = json.loads((ckpt / META_FILE).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"checkpoint '{ckpt}' has a corrupt {META_FILE}") from None
+    if not isinstance(meta, dict) or "codemae_version" not in meta:
+        raise UserError(f"checkpoint '{ckpt}' is not a codemae checkpoint ({META_FILE} lacks codemae_version)")
+    return meta
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a checkpoint; weights read with safetensors (no pickle)."""
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        state = load_file(str(ckpt / MODEL_FILE), device=str(map_location))
+    except Exception:
+        raise UserError(f"checkpoint '{ckpt}' has a corrupt {MODEL_FILE}") from None
+    return state, meta
+
+
+def has_resume(path) -> bool:
+    p = Path(path)
+    return (p / RESUME_JSON).is_file() and (p / RESUME_TENSORS).is_file()
+
+
+def load_resume(path, optimizer=None, restore_rng_state: bool = False) -> dict:
+    """The resume state of a checkpoint: ``{"extra": {...}, "rng": {...}, "optimizer": {...}}``.
+
+    With ``optimizer`` its state is loaded in place; with ``restore_rng_state`` the RNG states of
+    this process are restored. ``extra`` holds what was passed as ``resume_extra``.
+    """
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path, prefer=("last", "best"))
+    if not has_resume(ckpt):
+        raise UserError(f"checkpoint '{ckpt}' has no resume state ({RESUME_JSON}, {RESUME_TENSORS})")
+    try:
+        doc = json.loads((ckpt / RESUME_JSON).read_text())
+        tensors = load_file(str(ckpt / RESUME_TENSORS), device="cpu")
+    except Exception:
+        raise UserError(f"checkpoint '{ckpt}' has a corrupt resume state") from None
+    if not isinstance(doc, dict) or doc.get("format") != "codemae-resume":
+        raise UserError(f"checkpoint '{ckpt}' has a resume state that is not a codemae resume state")
+    try:
+        out = {k: _join_tree(v, tensors) for k, v in doc.items() if k in ("optimizer", "rng", "extra")}
+    except KeyError:
+        raise UserError(f"checkpoint '{ckpt}' has an inconsistent resume state") from None
+    out.setdefault("extra", {})
+    if "optimizer" in out:
+        opt = out["optimizer"]
+        # JSON turned the integer parameter ids into strings.
+        opt["state"] = {int(k): v for k, v in opt.get("state", {}).items()}
+        if optimizer is not None:
+            try:
+                optimizer.load_state_dict(opt)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise UserError(f"checkpoint '{ckpt}' optimizer state does not match this model ({err})") from None
+    elif optimizer is not None:
+        raise UserError(f"checkpoint '{ckpt}' holds no optimizer state to resume from")
+    if restore_rng_state:
+        restore_rng(out.get("rng"))
+    return out
+
+
+__all__ = [
+    "capture_rng",
+    "has_resume",
+    "load_checkpoint",
+    "load_resume",
+    "read_meta",
+    "resolve_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+    "unwrap_model",
+    "versions",
+]

@@ -1,0 +1,137 @@
+"""Checkpoint contract: safetensors + JSON directory, atomic writes, exact optimizer/RNG resume,
+clear refusals for missing, corrupt or foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from codemae_cli.errors import UserError
+from codemae_cli.train.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    load_resume,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from codemae_cli.train.optim import build_optimizer
+from codemae_cli.train.config import OptimConfig
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    return m
+
+
+def _step(model, opt):
+    x = torch.randn(5, 4)
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_roundtrip_weights_meta_optimizer_and_extra(tmp_path):
+    model = _model()
+    opt = build_optimizer(model, OptimConfig(), lr=1e-2)
+    for _ in range(3):
+        _step(model, opt)
+    teacher = {"w": torch.randn(3, 3)}
+    ck = save_checkpoint(tmp_path / "run" / "checkpoints" / "last", model, {"kind": "pretrain", "step": 3, "bands": {"optical": ["R"]}},
+                         optimizer=opt, resume_extra={"step": 3, "epoch": 1, "teacher": teacher, "pos": (2, 5)})
+    assert sorted(p.name for p in ck.iterdir()) == ["meta.json", "model.safetensors", "resume.json", "resume.safetensors"]
+    assert not any(p.name.startswith(".") for p in ck.parent.iterdir()), "temporary directories left behind"
+
+    state, meta = load_checkpoint(tmp_path / "run")  # a run directory resolves to checkpoints/last
+    assert meta["step"] == 3 and meta["kind"] == "pretrain" and meta["codemae_version"]
+    assert meta["torch_version"] == torch.__version__
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v)
+
+    # A fresh optimizer loaded from the resume state takes the same next step as the original.
+    model2 = _model()
+    model2.load_state_dict(state)
+    opt2 = build_optimizer(model2, OptimConfig(), lr=1e-2)
+    res = load_resume(ck, optimizer=opt2)
+    assert res["extra"]["step"] == 3 and res["extra"]["epoch"] == 1 and res["extra"]["pos"] == (2, 5)
+    assert torch.equal(res["extra"]["teacher"]["w"], teacher["w"])
+    torch.manual_seed(1)
+    _step(model, opt)
+    torch.manual_seed(1)
+    _step(model2, opt2)
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_overwrite_is_atomic_and_failed_save_keeps_previous(tmp_path):
+    model = _model()
+    target = tmp_path / "checkpoints" / "last"
+    save_checkpoint(target, model, {"kind": "pretrain", "step": 1})
+    save_checkpoint(target, model, {"kind": "pretrain", "step": 2})
+    assert json.loads((target / "meta.json").read_text())["step"] == 2
+
+    class Unsaveable:
+        pass
+
+    with pytest.raises(TypeError):
+        save_checkpoint(target, model, {"kind": "pretrain", "step": 3}, resume_extra={"bad": Unsaveable()})
+    assert json.loads((target / "meta.json").read_text())["step"] == 2
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+
+
+def test_rng_states_roundtrip():
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    state = capture_rng()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_resolve_prefers_best_and_refuses_bad_paths(tmp_path):
+    model = _model()
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "last", model, {"kind": "finetune", "step": 1})
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best", model, {"kind": "finetune", "step": 1})
+    assert resolve_checkpoint(tmp_path / "run").name == "best"
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints" / "last").name == "last"
+    assert resolve_checkpoint(tmp_path / "run" / "checkpoints" / "last" / "model.safetensors").name == "last"
+
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a codemae checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
+    with pytest.raises(UserError, match="no resume state"):
+        load_resume(tmp_path / "run" / "checkpoints" / "best")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    (bad / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt meta.json"):
+        load_checkpoint(bad)
+    (bad / "meta.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UserError, match="not a codemae checkpoint"):
+        load_checkpoint(bad)
+    (bad / "meta.json").write_text(json.dumps({"codemae_version": "0.1.0"}))
+    with pytest.raises(UserError, match="corrupt model.safetensors"):
+        load_checkpoint(bad)
+
+
+def test_recovers_checkpoint_moved_aside_by_a_killed_save(tmp_path):
+    model = _model()
+    target = tmp_path / "run" / "checkpoints" / "last"
+    save_checkpoint(target, model, {"kind": "pretrain", "step": 7})
+    # A save killed between its two renames leaves only the moved-aside copy.
+    target.rename(target.with_name(".last.old-12345"))
+    ck = resolve_checkpoint(tmp_path / "run")
+    assert ck.name == ".last.old-12345"
+    assert load_checkpoint(tmp_path / "run")[1]["step"] == 7

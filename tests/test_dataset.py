@@ -1,0 +1,150 @@
+"""PairedChips / PairedBatchSampler contracts on tiny generated datasets in the prepare format."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from codemae_cli.bench.loader_bench import make_synthetic_dataset
+from codemae_cli.data.dataset import PairedBatchSampler, PairedChips, build_loader
+from codemae_cli.errors import UserError
+
+
+def _set_stats(root, mean_o, std_o, mean_s, std_s):
+    meta = json.loads((root / "metadata.json").read_text())
+    meta["stats"] = {"optical": {"mean": mean_o, "std": std_o}, "sar": {"mean": mean_s, "std": std_s}}
+    (root / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def pattern_ds(tmp_path_factory):
+    """Optical, SAR and label all carry the same 8x8-block pattern; stats are identity."""
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("ds") / "pattern", n_chips=6, tile=48, labels=True)
+    i, j = np.mgrid[0:48, 0:48]
+    pattern = ((i // 8) * 13 + (j // 8) * 3 + 1).astype(np.float32)
+    opt = np.load(root / "shards" / "optical_00000.npy", mmap_mode="r+")
+    sar = np.load(root / "shards" / "sar_00000.npy", mmap_mode="r+")
+    lab = np.load(root / "shards" / "label_00000.npy", mmap_mode="r+")
+    for n in range(opt.shape[0]):
+        opt[n] = pattern + 100 * n
+        sar[n] = pattern + 100 * n
+        lab[n] = (pattern + 100 * n).astype(np.uint8)
+    opt.flush(), sar.flush(), lab.flush()
+    del opt, sar, lab
+    _set_stats(root, [0.0] * 3, [1.0] * 3, [0.0] * 2, [1.0] * 2)
+    return root
+
+
+def test_item_shapes_types(pattern_ds):
+    chips = PairedChips([pattern_ds], "train", img_size=32, with_labels=True)
+    item = chips[(2, 1234)]
+    assert item["optical"].shape == (3, 32, 32) and item["optical"].dtype == torch.float32
+    assert item["sar"].shape == (2, 32, 32) and item["valid"].shape == (32, 32) and item["valid"].dtype == torch.bool
+    assert item["label"].shape == (32, 32) and item["label"].dtype == torch.int64
+    assert int(item["dataset"]) == 0 and bool(item["paired"]) and int(item["index"]) == 2
+    assert chips.optical_bands == 3 and chips.sar_bands == 2 and len(chips) == 6
+
+
+def test_crop_and_flip_identical_for_optical_sar_and_label(pattern_ds):
+    chips = PairedChips([pattern_ds], "train", img_size=32, crop_scale=(0.3, 1.0), with_labels=True)
+    flips = 0
+    for seed in range(12):
+        it = chips[(1, seed)]
+        for b in range(3):
+            assert torch.equal(it["optical"][b], it["sar"][0]), "optical and SAR got different geometry"
+        # Inside the 8x8 blocks bilinear and nearest agree: the label must follow the same crop/flip.
+        agree = (it["optical"][0] - it["label"].float()).abs() < 1e-3
+        assert agree.float().mean() > 0.5
+        assert (it["label"].float().mean() - it["optical"][0].mean()).abs() < 8
+        # Which way the block values increase along x tells whether the pair was flipped.
+        flips += int(it["optical"][0][:, 0].mean() > it["optical"][0][:, -1].mean())
+    assert 0 < flips < 12, "horizontal flips should happen about half of the time"
+    # Same seed -> same sample; a different seed -> (almost surely) a different crop.
+    assert torch.equal(chips[(1, 5)]["optical"], chips[(1, 5)]["optical"])
+    assert not torch.equal(chips[(1, 5)]["optical"], chips[(1, 6)]["optical"])
+
+
+def test_normalisation_nodata_and_validation_mode(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=3, tile=32, nodata_fraction=0.25)
+    _set_stats(root, [10.0, 20.0, 30.0], [2.0, 4.0, 5.0], [-10.0, -15.0], [2.0, 0.0])
+    raw_o = np.load(root / "shards" / "optical_00000.npy")[1]
+    raw_s = np.load(root / "shards" / "sar_00000.npy")[1]
+    chips = PairedChips([root], "train", img_size=32, train=False)
+    it = chips[1]
+    exp = (raw_o - np.array([10, 20, 30], np.float32)[:, None, None]) / np.array([2, 4, 5], np.float32)[:, None, None]
+    np.testing.assert_allclose(it["optical"].numpy(), exp, rtol=1e-5, atol=1e-5)
+    # std 0 is treated as 1 (no division by zero), NaN -> 0 after normalisation, masked invalid.
+    exp_s = raw_s[1] + 15.0
+    finite = np.isfinite(raw_s).all(0)
+    np.testing.assert_allclose(it["sar"][1].numpy()[finite], exp_s[finite], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(it["sar"]).all() and (it["sar"][:, ~torch.from_numpy(finite)] == 0).all()
+    assert torch.equal(it["valid"], torch.from_numpy(finite))
+    assert 0.6 < it["valid"].float().mean() < 0.9
+    # Validation mode is deterministic whatever the epoch.
+    chips.set_epoch(5)
+    assert torch.equal(chips[1]["optical"], it["optical"])
+    resized = PairedChips([root], "train", img_size=16, train=False)[1]
+    assert resized["optical"].shape == (3, 16, 16) and torch.isfinite(resized["sar"]).all()
+
+
+def test_sampler_shards_ranks_epochs_and_resume(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=20, tile=16)
+    chips = PairedChips([root], "train", img_size=16)
+    per_rank = [list(PairedBatchSampler(chips, 3, seed=4, rank=r, world_size=2)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 20 // 6
+    seen = [i for r in per_rank for b in r for i, _ in b]
+    assert len(seen) == len(set(seen)) == 18, "ranks must see disjoint chips"
+    s = PairedBatchSampler(chips, 3, seed=4)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert [i for b in e0 for i, _ in b] != [i for b in e1 for i, _ in b]
+    s.set_epoch(1, start_batch=2)
+    assert list(s) == e1[2:] and len(s) == len(e1) - 2
+    # Sample seeds differ between epochs for the same chip (new augmentation every epoch).
+    seeds0 = {i: sd for b in e0 for i, sd in b}
+    seeds1 = {i: sd for b in e1 for i, sd in b}
+    assert all(seeds0[i] != seeds1[i] for i in set(seeds0) & set(seeds1))
+    with pytest.raises(UserError, match="fewer than one batch"):
+        PairedBatchSampler(chips, 21)
+
+
+def test_weighted_mix_pairing_pure_batches_and_band_check(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", n_chips=12, tile=16, paired=True, seed=1)
+    b = make_synthetic_dataset(tmp_path / "b", n_chips=12, tile=16, paired=False, seed=2)
+    chips = PairedChips([a, b], "train", img_size=16)
+    s = PairedBatchSampler(chips, 4, weights=[3, 1], seed=0, num_samples=48)
+    counts = Counter()
+    for batch in s:
+        kinds = {chips.locate(i)[0] for i, _ in batch}
+        assert len(kinds) == 1, "a batch mixed paired and unpaired chips"
+        counts[kinds.pop()] += len(batch)
+    assert counts[0] == 36 and counts[1] == 12
+    loader = build_loader(chips, s, num_workers=0)
+    for batch in loader:
+        assert batch["paired"].all() or not batch["paired"].any()
+    c = make_synthetic_dataset(tmp_path / "c", n_chips=4, tile=16, optical_bands=4)
+    with pytest.raises(UserError, match="different optical band counts"):
+        PairedChips([a, c], "train", img_size=16)
+    with pytest.raises(UserError, match="does not exist"):
+        PairedChips([tmp_path / "missing"], "train", img_size=16)
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        PairedChips([tmp_path], "train", img_size=16)
+    with pytest.raises(UserError, match="no labels"):
+        PairedChips([a], "train", img_size=16, with_labels=True)
+
+
+def test_worker_output_equals_main_process(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=8, tile=32)
+    chips = PairedChips([root], "train", img_size=24)
+    s = PairedBatchSampler(chips, 4, seed=9)
+    s.set_epoch(3)
+    main = [b["optical"] for b in build_loader(chips, s, num_workers=0)]
+    work = [b["optical"] for b in build_loader(chips, s, num_workers=1, persistent_workers=False)]
+    assert len(main) == len(work) == 2
+    assert all(torch.equal(x, y) for x, y in zip(main, work))

@@ -1,0 +1,252 @@
+"""Contracts of the CoDe-MAE model: shapes, masking, gradients, switches, encoder features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codemae_cli.config import from_dict
+from codemae_cli.errors import UserError
+from codemae_cli.model import PRESETS, ModelConfig, build_encoder, build_model, build_plain_mae, random_masking
+
+torch.set_num_threads(1)
+
+TINY = {"preset": "tiny", "img_size": 32, "patch_size": 8}
+
+
+def tiny_cfg(**over) -> ModelConfig:
+    data = dict(TINY)
+    for key, value in over.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return from_dict(ModelConfig, data)
+
+
+def pair(B=3, co=4, cs=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, co, size, size, generator=g), torch.randn(B, cs, size, size, generator=g)
+
+
+def test_tiny_forward_shapes_and_losses():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), optical_bands=4, sar_bands=2)
+    opt, sar = pair()
+    out = model(opt, sar)
+    assert set(out["losses"]) == {"self_optical", "self_sar", "cdr", "okd", "ccl"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in out["losses"].values())
+    N = (32 // 8) ** 2
+    assert out["mask"].shape == (3, N)
+    assert out["pred_self_optical"].shape == (3, N, 4 * 8 * 8)
+    assert out["pred_self_sar"].shape == (3, N, 2 * 8 * 8)
+    # channel degradation: one channel, p*p values per patch in both directions
+    assert out["pred_cdr_sar"].shape == (3, N, 64) and out["pred_cdr_optical"].shape == (3, N, 64)
+    w = model.loss_weights(1.0)
+    expected = sum(w[k] * v for k, v in out["losses"].items())
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_masks_identical_across_modalities_with_int_visible_count():
+    ids_keep, ids_restore, mask = random_masking(5, 196, 0.75, "cpu")
+    n_keep = int(196 * (1 - 0.75))
+    assert ids_keep.shape == (5, n_keep)
+    assert (mask.sum(1) == 196 - n_keep).all()
+    # visible patches of the mask are exactly ids_keep; ids_restore inverts the shuffle
+    for b in range(5):
+        assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(ids_keep[b].tolist())
+    # the model encodes optical and SAR with the same ids (one 2B batch)
+    model = build_model(tiny_cfg(), 4, 2)
+    seen = {}
+    orig = model.encoder.forward_masked
+
+    def spy(images, ids_keep, aux_layer=None):
+        seen["modalities"] = [m for m, _ in images]
+        seen["ids"] = ids_keep
+        latent, aux = orig(images, ids_keep, aux_layer)
+        seen["latent"] = latent
+        return latent, aux
+
+    model.encoder.forward_masked = spy
+    opt, sar = pair(B=2)
+    out = model(opt, sar)
+    assert seen["modalities"] == ["optical", "sar"]
+    assert seen["latent"].shape == (4, int(16 * 0.25), 192)  # 2B visible tokens
+    vis = torch.nonzero(out["mask"] == 0)[:, 1].reshape(2, -1)
+    assert torch.equal(vis.sort(1).values, seen["ids"].sort(1).values)
+
+
+@pytest.mark.parametrize("teacher", ["ema", "timm"])
+def test_every_trainable_param_gets_a_grad_and_the_teacher_none(teacher):
+    torch.manual_seed(0)
+    okd = {"teacher": teacher, "teacher_model": "vit_small_patch16_dinov3", "sar_side": True}
+    model = build_model(tiny_cfg(okd=okd), 4, 2)
+    opt, sar = pair()
+    model(opt, sar)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    zero = [n for n, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
+    assert zero == []
+    assert model.teacher is not None
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    # the teacher is not part of the module tree / checkpoint
+    assert not any("teacher" in k for k in model.state_dict())
+    assert all(k.split(".")[0] != "_teacher" for k, _ in model.named_parameters())
+
+
+def test_unpaired_batches_zero_ccl_and_cdr_but_keep_gradients():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), 4, 2)
+    opt, sar = pair()
+    torch.manual_seed(1)
+    out = model(opt, sar, paired=False)
+    l = out["losses"]
+    expected = 0.5 * (l["self_optical"] + l["self_sar"]) + l["okd"]
+    torch.testing.assert_close(out["loss"], expected)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # a tensor flag works too (no host sync needed)
+    out = model(opt, sar, paired=torch.tensor([True, False, True]))
+    torch.testing.assert_close(out["loss"], 0.5 * (out["losses"]["self_optical"] + out["losses"]["self_sar"])
+                               + out["losses"]["okd"])
+
+
+def test_switched_off_components_create_no_parameters():
+    full = build_model(tiny_cfg(), 3, 1)
+    plain = build_model(tiny_cfg(okd={"enabled": False}, ccl={"mode": "off"}, cdr={"enabled": False}), 3, 1)
+    names = {n.split(".")[0] for n, _ in plain.named_parameters()}
+    assert names == {"encoder", "decoder_embed", "self_decoder", "self_heads"}
+    assert plain.teacher is None
+    out = plain(*pair(co=3, cs=1))
+    assert set(out["losses"]) == {"self_optical", "self_sar"}
+    rigid = build_model(tiny_cfg(ccl={"mode": "rigid"}), 3, 1)
+    assert not any(n.startswith("ccl") for n, _ in rigid.named_parameters())
+    assert "ccl" in rigid(*pair(co=3, cs=1))["losses"]
+    no_aux = build_model(tiny_cfg(okd={"aux_head": False}), 3, 1)
+    assert not any("okd_aux" in n for n, _ in no_aux.named_parameters())
+    assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in no_aux.parameters())
+
+
+@pytest.mark.parametrize("deg", ["none", "spatial", "dual", "hog", "sar_gradient", "median"])
+def test_every_degradation_trains(deg):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(cdr={"degradation": deg}, okd={"enabled": False}), 4, 2)
+    out = model(*pair(B=2))
+    assert torch.isfinite(out["losses"]["cdr"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_presets_param_counts_on_meta_device():
+    counts = {}
+    for name, spec in PRESETS.items():
+        cfg = ModelConfig(preset=name)
+        with torch.device("meta"):
+            model = build_model(cfg, 3, 2)
+        enc = model.encoder
+        assert enc.embed_dim == spec["embed_dim"] and enc.depth == spec["depth"] and enc.patch_size == 16
+        counts[name] = sum(p.numel() for p in enc.parameters())
+    # base trunk = ViT-B/16 (85.8 M without cls token/head) plus the SAR patch embedding
+    vit_b = 12 * (4 * 768 * 768 + 4 * 768 + 2 * 768 * 3072 + 3072 + 768 + 4 * 768) + 2 * 768
+    embeds = 768 * (3 * 256 + 1) + 768 * (2 * 256 + 1)
+    assert counts["base"] == vit_b + embeds
+    assert counts["tiny"] < counts["small"] < counts["base"] < counts["large"]
+    # reference decoder: 8 blocks x 512 wide, 16 heads
+    with torch.device("meta"):
+        m = build_model(ModelConfig(preset="base"), 3, 2)
+    assert len(m.self_decoder.blocks) == 8 and m.self_decoder.dim == 512
+    assert m.self_decoder.blocks[0].attn.num_heads == 16
+    assert len(m.cross_decoder.blocks) == 8
+
+
+def test_encoder_features_any_size_and_state_dict_prefix():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), 4, 2)
+    enc = model.encoder
+    assert enc.default_layers == (0, 1, 2, 3)
+    feats = enc.forward_features(optical=torch.randn(2, 4, 48, 64), sar=torch.randn(2, 2, 48, 64), layers=(1, 3))
+    assert [f.shape for f in feats["optical"]] == [(2, 192, 6, 8)] * 2
+    assert [f.shape for f in feats["sar"]] == [(2, 192, 6, 8)] * 2
+    only_sar = enc.forward_features(sar=torch.randn(1, 2, 32, 32))
+    assert list(only_sar) == ["sar"] and len(only_sar["sar"]) == 4
+    # a pair through one batch equals each modality alone
+    o = torch.randn(1, 4, 32, 32)
+    s = torch.randn(1, 2, 32, 32)
+    enc.eval()
+    both = enc.forward_features(optical=o, sar=s, layers=(3,))
+    alone = enc.forward_features(optical=o, layers=(3,))
+    torch.testing.assert_close(both["optical"][0], alone["optical"][0], atol=1e-5, rtol=1e-5)
+    sd = model.state_dict()
+    enc_keys = {k for k in sd if k.startswith("encoder.")}
+    assert {"encoder." + k for k in model.encoder_state_dict()} == enc_keys
+    standalone = build_encoder(tiny_cfg(), 4, 2)
+    standalone.load_state_dict(model.encoder_state_dict())
+    with pytest.raises(UserError, match="divisible"):
+        enc.forward_features(optical=torch.randn(1, 4, 30, 32))
+    with pytest.raises(UserError, match="bands"):
+        enc.forward_features(optical=torch.randn(1, 3, 32, 32))
+    with pytest.raises(UserError, match="layer index"):
+        enc.forward_features(optical=o, layers=(4,))
+
+
+def test_fused_and_plain_attention_agree():
+    torch.manual_seed(0)
+    fused = build_model(tiny_cfg(okd={"enabled": False}), 4, 2).eval()
+    plain = build_model(tiny_cfg(okd={"enabled": False}, fused_attn=False), 4, 2).eval()
+    plain.load_state_dict(fused.state_dict())
+    opt, sar = pair()
+    a = fused.encoder.forward_features(optical=opt, sar=sar)
+    b = plain.encoder.forward_features(optical=opt, sar=sar)
+    for x, y in zip(a["optical"] + a["sar"], b["optical"] + b["sar"]):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(3)
+    la = fused(opt, sar)["loss"]
+    torch.manual_seed(3)
+    lb = plain(opt, sar)["loss"]
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_config_loads_strictly_and_validates():
+    cfg = from_dict(ModelConfig, {"preset": "small", "okd": {"teacher": "ema"}, "ccl": {"mode": "rigid"}})
+    assert cfg.ccl.mode == "rigid" and cfg.okd.teacher == "ema"
+    with pytest.raises(UserError, match="did you mean"):
+        from_dict(ModelConfig, {"okd": {"teachr": "ema"}})
+    with pytest.raises(UserError, match="divisible"):
+        from_dict(ModelConfig, {"img_size": 100})
+    with pytest.raises(UserError, match="teacher_weights"):
+        from_dict(ModelConfig, {"okd": {"teacher": "file"}})
+    with pytest.raises(UserError, match="num_heads"):
+        from_dict(ModelConfig, {"preset": "tiny", "ccl": {"num_heads": 5}})
+    with pytest.raises(UserError, match="mask_ratio"):
+        from_dict(ModelConfig, {"mask_ratio": 1.0})
+    with pytest.raises(UserError):
+        from_dict(ModelConfig, {"cdr": {"degradation": "blur"}})
+    with pytest.raises(UserError, match="band"):
+        build_model(tiny_cfg(), 3, 0)
+
+
+def test_plain_mae_baseline_trains():
+    torch.manual_seed(0)
+    mae = build_plain_mae("tiny", in_chans=3, img_size=32, patch_size=8)
+    out = mae(torch.randn(2, 3, 32, 32))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in mae.parameters() if p.requires_grad)
+    assert "sar" not in mae.encoder.patch_embed
+
+
+def test_tiny_model_overfits_one_batch():
+    """A short optimisation on one fixed batch lowers the total loss (the losses are learnable)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), 3, 2)
+    opt, sar = pair(B=4, co=3)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        torch.manual_seed(0)  # same mask every step
+        out = model(opt, sar)
+        optim.zero_grad()
+        out["loss"].backward()
+        optim.step()
+        model.update_teacher()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0]

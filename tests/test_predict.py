@@ -1,0 +1,345 @@
+"""Contracts of whole-scene prediction (codemae_cli.infer.predict_scene) on tiny rasters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from codemae_cli.errors import UserError
+from codemae_cli.infer import PredictStats, predict_scene
+from codemae_cli.infer.cog import is_cog
+from codemae_cli.infer.sources import SarSource
+
+torch.set_num_threads(1)
+
+OPT_STATS = {"mean": [1500.0, 1500.0, 1500.0, 2500.0], "std": [800.0, 800.0, 800.0, 1500.0]}
+SAR_STATS = {"mean": [-10.0, -16.0], "std": [4.0, 4.0]}
+
+
+class PixelNet(torch.nn.Module):
+    """1x1 convolutions only: each pixel's logits depend on that pixel alone (position independent)."""
+
+    def __init__(self, c_opt: int = 4, c_sar: int = 2, k: int = 3, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.opt = torch.nn.Conv2d(c_opt, 8, 1)
+        self.sar = torch.nn.Conv2d(c_sar, 8, 1)
+        self.out = torch.nn.Conv2d(8, k, 1)
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.calls = 0
+
+    def forward(self, optical=None, sar=None):
+        self.calls += 1
+        h = 0
+        if optical is not None:
+            h = h + self.opt(optical)
+        if sar is not None:
+            h = h + self.sar(sar)
+        return self.out(torch.relu(h))
+
+
+def _fn(net):
+    return lambda o, s: net(o, s)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from codemae_cli.data.synth import write_scene_pair
+
+    d = tmp_path_factory.mktemp("scenes")
+    same = write_scene_pair(d / "same", 150, 130, seed=3, labels=False, sar_scale="db")
+    other = write_scene_pair(d / "other", 120, 100, seed=4, labels=False, sar_scale="linear", sar_crs="EPSG:4326")
+    return {"same": same, "other": other}
+
+
+def _read(path, band=None):
+    with rasterio.open(path) as ds:
+        return ds.read() if band is None else ds.read(band)
+
+
+def _direct_probs(net, optical_path, stats=OPT_STATS):
+    """The model on the whole scene at once (fine for a 1x1 model): the reference for blending."""
+    x = _read(optical_path).astype(np.float32)
+    mean = np.asarray(stats["mean"], np.float32)[:, None, None]
+    std = np.asarray(stats["std"], np.float32)[:, None, None]
+    t = torch.from_numpy((x - mean) / std)[None]
+    with torch.no_grad():
+        return torch.softmax(net(t, None), 1)[0].numpy()
+
+
+def test_grid_tags_and_cog(scenes, tmp_path):
+    net = PixelNet()
+    out = tmp_path / "mask.tif"
+    summary = predict_scene(_fn(net), scenes["same"]["optical"], None, out, window=64, overlap=16, batch_size=3,
+                            stats={"optical": OPT_STATS}, inputs="optical", class_names=["a", "b", "c"],
+                            class_colors=[[255, 0, 0], [0, 255, 0], "#0000ff"], tags={"codemae_model": "pixelnet"})
+    with rasterio.open(scenes["same"]["optical"]) as src, rasterio.open(out) as ds:
+        assert ds.crs == src.crs
+        assert ds.transform == src.transform
+        assert (ds.width, ds.height) == (src.width, src.height)
+        assert ds.dtypes == ("uint8",) and ds.count == 1 and ds.nodata == 255
+        assert ds.tags()["codemae_model"] == "pixelnet"
+        assert ds.tags()["class_names"] == '["a", "b", "c"]'
+        assert ds.descriptions == ("class",)
+        assert ds.colormap(1)[2] == (0, 0, 255, 255)
+        cls = ds.read(1)
+    assert is_cog(out)
+    assert set(np.unique(cls)) <= {0, 1, 2}
+    assert sum(summary["pixels_per_class"].values()) + summary["nodata_pixels"] == 150 * 130
+    assert summary["pixels_per_class"]["b"] == int((cls == 1).sum())
+    # the class map is the arg-max of the model applied to the whole scene
+    direct = _direct_probs(net, scenes["same"]["optical"])
+    agree = (direct.argmax(0) == cls).mean()
+    assert agree > 0.999
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.tif"]  # no temporary left behind
+
+
+def test_no_seams_two_window_layouts(scenes, tmp_path):
+    net = PixelNet(seed=1)
+    probs = []
+    for window, overlap in [(64, 16), (96, 0.4)]:
+        out = tmp_path / f"m{window}.tif"
+        prob = tmp_path / f"p{window}.tif"
+        predict_scene(_fn(net), scenes["same"]["optical"], None, out, window=window, overlap=overlap, batch_size=4,
+                      stats={"optical": OPT_STATS}, probabilities=prob, probabilities_dtype="float32")
+        probs.append(_read(prob))
+    assert probs[0].shape == (3, 150, 130)
+    assert np.abs(probs[0] - probs[1]).max() < 1e-3
+    np.testing.assert_allclose(probs[0], _direct_probs(net, scenes["same"]["optical"]), atol=1e-4)
+    np.testing.assert_allclose(probs[0].sum(0), 1.0, atol=1e-4)
+
+
+def test_uint8_probabilities_scaled(scenes, tmp_path):
+    net = PixelNet(seed=2)
+    prob = tmp_path / "p.tif"
+    predict_scene(_fn(net), scenes["same"]["optical"], None, tmp_path / "m.tif", window=64, overlap=8,
+                  stats={"optical": OPT_STATS}, probabilities=prob)
+    with rasterio.open(prob) as ds:
+        q = ds.read()
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255
+        assert ds.scales[0] == pytest.approx(1 / 254)
+    ref = _direct_probs(net, scenes["same"]["optical"])
+    assert np.abs(q / 254.0 - ref).max() <= 0.5 / 254 + 1e-4
+
+
+def test_scene_smaller_than_window(scenes, tmp_path):
+    net = PixelNet(seed=5)
+    src = tmp_path / "small.tif"
+    with rasterio.open(scenes["same"]["optical"]) as ds:
+        profile = ds.profile
+        data = ds.read(window=rasterio.windows.Window(10, 20, 37, 23))
+        profile.update(width=37, height=23, transform=ds.window_transform(rasterio.windows.Window(10, 20, 37, 23)),
+                       tiled=False)
+        profile.pop("blockxsize", None)
+        profile.pop("blockysize", None)
+    with rasterio.open(src, "w", **profile) as dst:
+        dst.write(data)
+    out, prob = tmp_path / "m.tif", tmp_path / "p.tif"
+    stats = PredictStats()
+    predict_scene(_fn(net), src, None, out, window=64, overlap=16, stats={"optical": OPT_STATS},
+                  probabilities=prob, probabilities_dtype="float32", instrument=stats)
+    assert stats.windows == 1
+    with rasterio.open(out) as ds:
+        assert (ds.height, ds.width) == (23, 37)
+        assert ds.transform == profile["transform"]
+    np.testing.assert_allclose(_read(prob), _direct_probs(net, src), atol=1e-4)
+
+
+def test_accumulator_bounded_by_a_band_of_rows(tmp_path):
+    """A tall scene: the open accumulator never exceeds window + stride rows, whatever the height."""
+    h, w = 700, 40
+    src = tmp_path / "tall.tif"
+    rng = np.random.default_rng(0)
+    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:32631",
+                       transform=from_origin(500000.0, 5700000.0, 1, 1)) as dst:
+        dst.write(rng.integers(1, 4000, size=(4, h, w), dtype=np.uint16))
+    net = PixelNet(seed=6)
+    stats = PredictStats()
+    window, overlap = 48, 16
+    predict_scene(_fn(net), src, None, tmp_path / "m.tif", window=window, overlap=overlap, batch_size=5,
+                  stats={"optical": OPT_STATS}, instrument=stats)
+    stride = window - overlap
+    assert stats.band_rows == window + stride < h
+    assert stats.max_open_rows <= stats.band_rows
+    assert stats.max_strip_rows == window
+    # each row written exactly once, in order, in bands no taller than the open band
+    rows = [r for top, n in stats.flushes for r in range(top, top + n)]
+    assert rows == list(range(h))
+    assert max(n for _, n in stats.flushes) <= stats.band_rows
+    assert stats.strips_read == len(range(0, h - window + 1, stride)) + 1  # + the snapped last row
+
+
+def test_nodata_propagation_optical_and_sar(scenes, tmp_path):
+    # optical with a nodata (0) block, SAR with a NaN block: both become 255 in the class map
+    opt = tmp_path / "opt.tif"
+    sar = tmp_path / "sar.tif"
+    with rasterio.open(scenes["same"]["optical"]) as ds:
+        p, data = ds.profile, ds.read()
+    data[:, 10:30, 5:25] = 0
+    data[2, 100:105, 100:110] = 0  # one band only: the pixel is still invalid
+    with rasterio.open(opt, "w", **p) as dst:
+        dst.write(data)
+    with rasterio.open(scenes["same"]["sar"]) as ds:
+        ps, sdata = ds.profile, ds.read()
+    sdata[:, 60:70, 40:90] = np.nan
+    with rasterio.open(sar, "w", **ps) as dst:
+        dst.write(sdata)
+    out = tmp_path / "m.tif"
+    summary = predict_scene(_fn(PixelNet()), opt, sar, out, window=64, overlap=16,
+                            stats={"optical": OPT_STATS, "sar": SAR_STATS}, inputs="both")
+    cls = _read(out, 1)
+    expected = np.zeros(cls.shape, bool)
+    expected[10:30, 5:25] = True
+    expected[100:105, 100:110] = True
+    expected[60:70, 40:90] = True
+    assert np.array_equal(cls == 255, expected)
+    assert summary["nodata_pixels"] == int(expected.sum())
+
+
+def test_sar_in_another_crs_is_warped_onto_the_optical_grid(scenes, tmp_path):
+    pair = scenes["other"]
+    with rasterio.open(pair["sar"]) as ds:
+        assert ds.crs.to_epsg() == 4326
+    out = tmp_path / "m.tif"
+    net = PixelNet(seed=7)
+    summary = predict_scene(_fn(net), pair["optical"], pair["sar"], out, window=64, overlap=16,
+                            stats={"optical": OPT_STATS, "sar": SAR_STATS}, inputs="both", sar_scale="linear")
+    with rasterio.open(pair["optical"]) as src, rasterio.open(out) as ds:
+        assert ds.crs == src.crs and ds.transform == src.transform and ds.shape == src.shape
+    # the SAR footprint covers the optical scene (up to its resampled edge): most pixels are valid
+    assert summary["nodata_pixels"] < 0.05 * 120 * 100
+    # the warped SAR (linear -> bilinear in power -> dB) agrees with GDAL's own warp of the SAR
+    from codemae_cli.infer.sources import grid_of
+
+    with rasterio.open(pair["optical"]) as o:
+        sar_src = SarSource(pair["sar"], scale="linear", ref=grid_of(o))
+    try:
+        db, valid = sar_src.read_strip(0, 120)
+    finally:
+        sar_src.close()
+    from rasterio.vrt import WarpedVRT
+
+    with rasterio.open(pair["sar"]) as s, rasterio.open(pair["optical"]) as o:
+        with WarpedVRT(s, crs=o.crs, transform=o.transform, width=o.width, height=o.height,
+                       resampling=rasterio.enums.Resampling.bilinear) as vrt:
+            lin = vrt.read()
+    ok = valid & np.all(np.isfinite(lin) & (lin > 0), axis=0)
+    assert ok.mean() > 0.9
+    ref_db = 10 * np.log10(lin[:, ok])
+    assert np.median(np.abs(db[:, ok] - ref_db)) < 0.05
+
+
+def test_sar_only_uses_the_sar_grid(scenes, tmp_path):
+    pair = scenes["other"]
+    out = tmp_path / "m.tif"
+    predict_scene(lambda o, s: PixelNet()(None, s), None, pair["sar"], out, window=32, overlap=8,
+                  stats={"sar": SAR_STATS}, inputs="sar", sar_scale="linear")
+    with rasterio.open(pair["sar"]) as src, rasterio.open(out) as ds:
+        assert ds.crs == src.crs and ds.transform == src.transform and ds.shape == src.shape
+
+
+def test_sar_scale_conversion(tmp_path):
+    p = tmp_path / "lin.tif"
+    lin = np.array([[[1.0, 0.1, 0.0, -1.0]]], dtype=np.float32)
+    with rasterio.open(p, "w", driver="GTiff", width=4, height=1, count=1, dtype="float32", crs="EPSG:32631",
+                       transform=from_origin(500000.0, 5700000.0, 1, 1)) as dst:
+        dst.write(lin)
+    for scale, expect in (("linear", [0.0, -10.0]), ("amplitude", [0.0, -20.0]), ("db", [1.0, 0.1])):
+        s = SarSource(p, scale=scale)
+        db, valid = s.read_strip(0, 1)
+        s.close()
+        np.testing.assert_allclose(db[0, 0, :2], expect, atol=1e-5)
+        if scale != "db":
+            assert valid.tolist() == [[True, True, False, False]]  # power <= 0 is nodata
+
+
+def test_tta_runs_all_flips_and_keeps_an_equivariant_model_exact(scenes, tmp_path):
+    net = PixelNet(seed=8)
+    probs = []
+    for tta in (False, True):
+        net.calls = 0
+        prob = tmp_path / f"p{tta}.tif"
+        s = predict_scene(_fn(net), scenes["same"]["optical"], None, tmp_path / f"m{tta}.tif", window=64, overlap=16,
+                          batch_size=4, stats={"optical": OPT_STATS}, tta=tta, probabilities=prob,
+                          probabilities_dtype="float32")
+        probs.append(_read(prob))
+        assert net.calls == s["batches"] * (4 if tta else 1)
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-5)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_interrupted_run_leaves_nothing(scenes, tmp_path, exc):
+    net = PixelNet()
+
+    def failing(o, s):
+        if net.calls >= 2:
+            raise exc("stop")
+        return net(o, s)
+
+    out = tmp_path / "m.tif"
+    with pytest.raises(exc):
+        predict_scene(failing, scenes["same"]["optical"], None, out, window=32, overlap=8, batch_size=2,
+                      stats={"optical": OPT_STATS}, probabilities=tmp_path / "p.tif", vectorize=tmp_path / "v.gpkg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vectorize_option(scenes, tmp_path):
+    import geopandas as gpd
+
+    out, vec = tmp_path / "m.tif", tmp_path / "v.gpkg"
+    s = predict_scene(_fn(PixelNet(seed=9)), scenes["same"]["optical"], None, out, window=64, overlap=16,
+                      stats={"optical": OPT_STATS}, class_names=["a", "b", "c"], vectorize=vec)
+    gdf = gpd.read_file(vec)
+    assert gdf.crs == rasterio.open(out).crs
+    assert s["vectors"]["polygons"] == len(gdf) > 0
+    # polygons tile the valid pixels exactly (1 m pixels: area in m^2 == pixel count)
+    for name, n in s["pixels_per_class"].items():
+        assert gdf.loc[gdf.class_name == name, "area"].sum() == pytest.approx(n)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def _err(fn, match):
+    with pytest.raises(UserError, match=match):
+        fn()
+
+
+def test_bad_input(scenes, tmp_path):
+    fn = _fn(PixelNet())
+    opt, sar = scenes["same"]["optical"], scenes["same"]["sar"]
+    st = {"optical": OPT_STATS, "sar": SAR_STATS}
+    _err(lambda: predict_scene(fn, tmp_path / "nope.tif", None, tmp_path / "m.tif", stats=st), "does not exist")
+    _err(lambda: predict_scene(fn, opt, None, tmp_path / "no_dir" / "m.tif", stats=st), "directory")
+    _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", stats={"optical": {"mean": [0] * 3, "std": [1] * 3}}),
+         "4 band")
+    _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", inputs="both", stats=st), "SAR scene")
+    _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", window=64, overlap=64, stats=st), "overlap")
+    # a raster without CRS
+    nocrs = tmp_path / "nocrs.tif"
+    with rasterio.open(nocrs, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16") as dst:
+        dst.write(np.ones((4, 8, 8), np.uint16))
+    _err(lambda: predict_scene(fn, nocrs, None, tmp_path / "m.tif", stats=st), "no CRS")
+    # SAR far away from the optical scene
+    far = tmp_path / "far.tif"
+    with rasterio.open(sar) as ds:
+        p = ds.profile
+        p["transform"] = from_origin(100000.0, 1000000.0, 1.0, 1.0)
+        data = ds.read()
+    with rasterio.open(far, "w", **p) as dst:
+        dst.write(data)
+    _err(lambda: predict_scene(fn, opt, far, tmp_path / "m.tif", inputs="both", stats=st), "does not overlap")
+    # every input pixel nodata
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(empty, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16", crs="EPSG:32631",
+                       transform=from_origin(500000.0, 5700000.0, 1, 1), nodata=0) as dst:
+        dst.write(np.zeros((4, 8, 8), np.uint16))
+    _err(lambda: predict_scene(fn, empty, None, tmp_path / "m.tif", window=16, overlap=4, stats=st), "nodata")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.tif", "far.tif", "nocrs.tif"]

@@ -1,0 +1,189 @@
+"""`codemae prepare` end to end: nodata, validity filter, footprints, stats, split, manifest,
+workers, and the real samples (SpaceNet 6 pair, BigEarthNet S1/S2, SLC)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from typer.testing import CliRunner
+
+from codemae_cli.cli import app
+from codemae_cli.data.prepare import run_prepare
+from codemae_cli.data.shards import PreparedDataset
+
+X0, Y0 = 400000.0, 5500000.0
+
+
+def _raster(path, arr, crs="EPSG:32631", res=2.0, nodata=None, origin=(X0, Y0)):
+    arr = arr if arr.ndim == 3 else arr[None]
+    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
+                       dtype=arr.dtype, crs=crs, transform=from_origin(*origin, res, res), nodata=nodata) as d:
+        d.write(arr)
+    return str(path)
+
+
+@pytest.fixture()
+def holes(tmp_path):
+    """128 x 128 pair: optical nodata 0 in columns 0..39, SAR NaN in rows 0..23 (linear power)."""
+    rng = np.random.default_rng(0)
+    opt = rng.integers(1, 255, (3, 128, 128)).astype(np.uint8)
+    opt[:, :, :40] = 0
+    opt[0, 100:, 100:] = 0  # one band at 0 is a legitimate dark value, not nodata
+    sar = rng.uniform(0.01, 1.0, (2, 128, 128)).astype(np.float32)
+    sar[:, :24, :] = np.nan
+    return _raster(tmp_path / "opt.tif", opt, nodata=0), _raster(tmp_path / "sar.tif", sar), opt, sar
+
+
+def _dataset_arrays(ds):
+    return [ds.read(i) for i in range(len(ds))]
+
+
+def test_nodata_validity_footprints_and_stats(tmp_path, holes):
+    opt_path, sar_path, opt, sar = holes
+    res = CliRunner().invoke(app, ["prepare", "--optical", opt_path, "--sar", sar_path, "-o", str(tmp_path / "out"),
+                                   "--tile", "32", "--min-valid", "0.3", "--sar-scale", "linear", "--block", "1",
+                                   "--split", "0.5,0.25,0.25", "-q"])
+    assert res.exit_code == 0, res.output
+    ds = PreparedDataset(tmp_path / "out")
+    meta = ds.meta
+    assert meta["tile"] == 32 and meta["optical"]["nodata"] == 0 and meta["sar"]["input_scale"] == "linear"
+    assert meta["optical"]["source_dtype"] == "uint8" and meta["sar"]["scale"] == "db"
+    idx = ds.index
+    # 4 x 4 candidates; column 0 has no optical (dropped), row 0 has only 8/32 SAR rows (joint 0.25 < 0.3).
+    assert meta["dropped"] == {"low_valid": 3, "no_optical": 4}
+    assert len(ds) == 9 and sum(meta["splits"].values()) == 9
+    for i, item in enumerate(_dataset_arrays(ds)):
+        r, c = int(idx.iloc[i]["row"]), int(idx.iloc[i]["col"])
+        # Footprint equals the chip window's bounds on the reference grid.
+        assert idx.geometry.iloc[i].bounds == pytest.approx((X0 + 2 * c, Y0 - 2 * (r + 32), X0 + 2 * (c + 32), Y0 - 2 * r))
+        o = opt[:, r:r + 32, c:c + 32].astype(np.float32)
+        invalid = (opt[:, r:r + 32, c:c + 32] == 0).all(axis=0)
+        o[:, invalid] = np.nan
+        np.testing.assert_array_equal(item["optical"], o)
+        s_db = 10 * np.log10(sar[:, r:r + 32, c:c + 32])
+        np.testing.assert_allclose(item["sar"], s_db, rtol=1e-5, atol=1e-5)  # NaN where NaN
+        vo, vs = ~invalid, np.isfinite(s_db[0])
+        assert idx.iloc[i]["valid_optical"] == pytest.approx(vo.mean())
+        assert idx.iloc[i]["valid_sar"] == pytest.approx(vs.mean())
+        assert idx.iloc[i]["valid_joint"] == pytest.approx((vo & vs).mean())
+        assert idx.iloc[i]["valid_joint"] >= 0.3
+    # Stats: a direct numpy computation over the valid pixels of the train chips.
+    train = [ds.read(i) for i in ds.indices("train")]
+    assert train
+    for m in ("optical", "sar"):
+        stack = np.stack([t[m] for t in train]).astype(np.float64)
+        flat = stack.transpose(1, 0, 2, 3).reshape(stack.shape[1], -1)
+        np.testing.assert_allclose(meta["stats"][m]["mean"], np.nanmean(flat, axis=1), rtol=1e-9)
+        np.testing.assert_allclose(meta["stats"][m]["std"], np.nanstd(flat, axis=1), rtol=1e-9)
+    assert (tmp_path / "out" / "quicklook.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_nodata_override_makes_zero_valid(tmp_path, holes):
+    opt_path, sar_path, *_ = holes
+    s = run_prepare(out=str(tmp_path / "o"), optical=[opt_path], sar=[sar_path], tile=32, nodata_optical="none",
+                    min_valid=0.0, sar_scale="linear", quicklook=False)
+    ds = PreparedDataset(tmp_path / "o")
+    assert (ds.index["valid_optical"] == 1.0).all()
+    assert s["dropped"] == {} and s["chips"] == 16  # min_valid 0: any valid joint pixel keeps a chip
+
+
+def test_split_is_spatial_and_reproducible(tmp_path):
+    rng = np.random.default_rng(1)
+    opt = _raster(tmp_path / "o.tif", rng.integers(1, 255, (1, 256, 256)).astype(np.uint8))
+    sar = _raster(tmp_path / "s.tif", rng.uniform(-20, -5, (1, 256, 256)).astype(np.float32))
+    splits = []
+    for k in range(2):
+        run_prepare(out=str(tmp_path / f"d{k}"), optical=[opt], sar=[sar], tile=16, block=4, seed=7,
+                    quicklook=False)
+        splits.append(PreparedDataset(tmp_path / f"d{k}").index)
+    assert list(splits[0]["split"]) == list(splits[1]["split"])
+    idx = splits[0]
+    assert PreparedDataset(tmp_path / "d0").meta["sar"]["input_scale"] == "db"  # auto: negative floats
+    blocks = idx.assign(b=(idx["row"] // 64).astype(str) + "_" + (idx["col"] // 64).astype(str))
+    assert (blocks.groupby("b")["split"].nunique() == 1).all()  # a block never straddles splits
+    counts = idx["split"].value_counts()
+    assert counts["train"] == 13 * 16 - 0 or counts["train"] > counts.get("val", 0)
+    assert set(counts.index) == {"train", "val", "test"}
+
+
+def test_manifest_workers_and_overwrite(tmp_path):
+    from codemae_cli.data.synth import write_scene_pair
+
+    a = write_scene_pair(tmp_path / "a", 96, 96, seed=1, sar_crs="EPSG:32632", labels=True)
+    b = write_scene_pair(tmp_path / "b", 96, 128, seed=2, labels=True, origin=(591000.0, 5760000.0))
+    (tmp_path / "m.csv").write_text(
+        "scene_id,optical,sar,labels\n"
+        f"one,a/scene_optical.tif,a/scene_sar.tif,a/scene_labels.tif\n"
+        f"two,{b['optical']},{b['sar']},{b['labels']}\n")
+    base = dict(manifest=str(tmp_path / "m.csv"), tile=32, quicklook=False, sar_scale="linear")
+    s1 = run_prepare(out=str(tmp_path / "w1"), **base)
+    s2 = run_prepare(out=str(tmp_path / "w2"), workers=2, **base)
+    assert s1["chips"] == s2["chips"] == 9 + 12 and s1["scenes"] == 2
+    d1, d2 = PreparedDataset(tmp_path / "w1"), PreparedDataset(tmp_path / "w2")
+    assert list(d1.index["chip_id"]) == list(d2.index["chip_id"])
+    assert d1.classes == ["water", "vegetation", "bare", "built-up"]
+    for i in range(len(d1)):
+        x, y = d1.read(i), d2.read(i)
+        np.testing.assert_array_equal(x["optical"], y["optical"])
+        np.testing.assert_array_equal(x["sar"], y["sar"])
+        np.testing.assert_array_equal(x["label"], y["label"])
+    assert d1.meta["stats"] == d2.meta["stats"] or np.allclose(
+        d1.meta["stats"]["sar"]["mean"], d2.meta["stats"]["sar"]["mean"], rtol=1e-9)
+    # Re-run into the same output: refused, then replaced with --overwrite.
+    res = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "m.csv"), "-o", str(tmp_path / "w1"),
+                                   "--tile", "64", "-q"])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = CliRunner().invoke(app, ["prepare", "--manifest", str(tmp_path / "m.csv"), "-o", str(tmp_path / "w1"),
+                                   "--tile", "64", "-q", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert PreparedDataset(tmp_path / "w1").tile == 64
+
+
+def test_spacenet6_sample_pair(tmp_path, sample_pair):
+    rgb, sar = sample_pair
+    res = CliRunner().invoke(app, ["prepare", "--optical", str(rgb), "--sar", str(sar), "-o", str(tmp_path / "sn6"),
+                                   "--tile", "64", "--stride", "48"])
+    assert res.exit_code == 0, res.output
+    assert "chips kept" in res.output and "on the reference grid" in res.output
+    ds = PreparedDataset(tmp_path / "sn6")
+    m = ds.meta
+    assert m["optical"]["count"] == 3 and m["sar"]["count"] == 4 and m["sar"]["input_scale"] == "db"
+    assert m["scenes"][0]["resampling"] == {"optical": ["none"], "sar": ["none"]}
+    assert len(ds) > 0 and m["dropped"].get("no_sar", 0) + m["dropped"].get("low_valid", 0) > 0  # swath edge
+    with rasterio.open(sar) as src:
+        r, c = int(ds.index.iloc[0]["row"]), int(ds.index.iloc[0]["col"])
+        direct = src.read(window=((r, r + 64), (c, c + 64)))
+    np.testing.assert_allclose(ds.read(0)["sar"], direct, atol=1e-4)  # dB -> power -> dB round trip
+
+
+def test_bigearthnet_pair_with_10_20_60_m_bands(tmp_path, real_dir):
+    s2 = next((real_dir / "bigearthnet_s1s2" / "BigEarthNet-S2-Example").glob("*_87_48"))
+    s1 = next((real_dir / "bigearthnet_s1s2" / "BigEarthNet-S1-Example").glob("*_87_48"))
+    s = run_prepare(out=str(tmp_path / "ben"), optical=[str(s2)], sar=[str(s1 / "*_VV.tif"), str(s1 / "*_VH.tif")],
+                    tile=40, quicklook=True)
+    ds = PreparedDataset(tmp_path / "ben")
+    assert s["chips"] == 9 and ds.meta["res"] == [10.0, 10.0]
+    assert ds.meta["optical"]["bands"][:4] == ["B01", "B02", "B03", "B04"] and ds.meta["optical"]["count"] == 12
+    assert ds.meta["sar"]["bands"] == ["VV", "VH"]
+    rs = ds.meta["scenes"][0]["resampling"]["optical"]
+    assert rs[1] == "none" and rs[0] == "bilinear" and rs.count("none") == 4  # 10 m bands read as is
+    with rasterio.open(next(s2.glob("*_B02.tif"))) as src:
+        b02 = src.read(1, window=((0, 40), (0, 40))).astype(np.float32)
+    row0 = ds.index[(ds.index["row"] == 0) & (ds.index["col"] == 0)].index[0]
+    np.testing.assert_array_equal(ds.read(row0)["optical"][1], b02)
+    assert np.isfinite(ds.read(row0)["optical"]).all()
+
+
+def test_slc_input_becomes_intensity(tmp_path, real_dir, sample_pair):
+    rgb, _ = sample_pair
+    s = run_prepare(out=str(tmp_path / "slc"), optical=[str(rgb)],
+                    sar=[str(real_dir / "spacenet6_rotterdam" / "sar_hh.tif")], tile=64, quicklook=False)
+    ds = PreparedDataset(tmp_path / "slc")
+    assert ds.meta["sar"]["input_scale"] == "slc" and s["chips"] >= 1
+    sar = ds.read(0)["sar"]
+    assert np.isfinite(sar).mean() > 0.5 and np.nanmax(sar) < 200
