@@ -181,6 +181,9 @@ def test_encoder_features_any_size_and_state_dict_prefix():
     assert {"encoder." + k for k in model.encoder_state_dict()} == enc_keys
     standalone = build_encoder(tiny_cfg(), 4, 2)
     standalone.load_state_dict(model.encoder_state_dict())
+    # fixed sin-cos tables are rebuilt, not stored: a fine-tuning encoder for another crop size loads strictly
+    assert not any("pos_embed" in k for k in sd)
+    build_encoder(tiny_cfg(img_size=64), 4, 2).load_state_dict(model.encoder_state_dict())
     with pytest.raises(UserError, match="divisible"):
         enc.forward_features(optical=torch.randn(1, 4, 30, 32))
     with pytest.raises(UserError, match="bands"):

@@ -343,3 +343,57 @@ def test_bad_input(scenes, tmp_path):
         dst.write(np.zeros((4, 8, 8), np.uint16))
     _err(lambda: predict_scene(fn, empty, None, tmp_path / "m.tif", window=16, overlap=4, stats=st), "nodata")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.tif", "far.tif", "nocrs.tif"]
+
+
+# ---- real samples ---------------------------------------------------------------------------
+def test_real_spacenet6_pair_nodata_follows_the_sar_swath(sample_pair, tmp_path):
+    rgb, sar = sample_pair
+    out = tmp_path / "m.tif"
+    stats = {"optical": {"mean": [90.0, 90.0, 90.0], "std": [50.0, 50.0, 50.0]},
+             "sar": {"mean": [-10.0] * 4, "std": [5.0] * 4}}
+    s = predict_scene(lambda o, x: PixelNet(c_opt=3, c_sar=4)(o, x), rgb, sar, out, window=64, overlap=16,
+                      stats=stats, inputs="both")
+    swath = np.all(np.isfinite(_read(sar)), axis=0)
+    cls = _read(out, 1)
+    assert np.array_equal(cls == 255, ~swath)  # about 39 % of the scene lies outside the SAR swath
+    assert s["nodata_pixels"] == int((~swath).sum()) > 0
+    with rasterio.open(rgb) as a, rasterio.open(out) as b:
+        assert a.crs == b.crs and a.transform == b.transform
+
+
+def test_real_rotated_slc_is_warped_as_intensity(real_dir, sample_pair, tmp_path):
+    rgb, _ = sample_pair
+    slc = real_dir / "spacenet6_rotterdam" / "sar_hh.tif"
+    with rasterio.open(slc) as ds:
+        assert ds.dtypes[0] == "complex64" and ds.transform.b != 0  # rotated geotransform
+    out = tmp_path / "m.tif"
+    stats = {"optical": {"mean": [90.0] * 3, "std": [50.0] * 3}, "sar": {"mean": [-10.0], "std": [5.0]}}
+    s = predict_scene(lambda o, x: PixelNet(c_opt=3, c_sar=1)(o, x), rgb, slc, out, window=64, overlap=16,
+                      stats=stats, inputs="both")
+    # the SLC footprint lies inside the optical scene: part of it is valid, the rest nodata
+    assert 0 < s["nodata_pixels"] < 200 * 200
+    from codemae_cli.infer.sources import SarSource, grid_of
+
+    with rasterio.open(rgb) as o:
+        src = SarSource(slc, ref=grid_of(o))
+        ref_grid = grid_of(o)
+    try:  # strips of 64 rows: the warp of each strip reads only the SLC pixels under it
+        parts = [src.read_strip(r, min(64, 200 - r)) for r in range(0, 200, 64)]
+    finally:
+        src.close()
+    db = np.concatenate([p[0] for p in parts], axis=1)
+    valid = np.concatenate([p[1] for p in parts], axis=0)
+    # reference: intensity |z|^2 of the whole SLC (rotated grid) warped in one go by GDAL, with the
+    # same kernel scale (destination pixels per source pixel: 2.5 m -> 4.5 m)
+    from rasterio.warp import reproject
+
+    with rasterio.open(slc) as ds:
+        power = (np.abs(ds.read()) ** 2).astype(np.float32)
+        power[power <= 0] = np.nan
+        lin = np.full((1, 200, 200), np.nan, np.float32)
+        reproject(power, lin, src_transform=ds.transform, src_crs=ds.crs, src_nodata=np.nan,
+                  dst_transform=ref_grid.transform, dst_crs=ref_grid.crs, dst_nodata=np.nan,
+                  resampling=rasterio.enums.Resampling.bilinear, XSCALE=2.5 / 4.5, YSCALE=2.5 / 4.5)
+    assert np.array_equal(valid, np.isfinite(lin[0]))
+    np.testing.assert_allclose(db[:, valid], 10 * np.log10(lin[:, valid]), atol=0.01)
+    assert np.array_equal(_read(out, 1) == 255, ~valid)

@@ -14,7 +14,7 @@ def test_windows_cover_the_scene_and_the_last_is_snapped(length, window, stride)
     starts = window_starts(length, window, stride)
     assert starts[0] == 0
     assert starts[-1] + window == length  # snapped to the edge, never beyond
-    assert all(b - a <= stride for a, b in zip(starts, starts[1:]))  # no gaps
+    assert all(b - a <= stride for a, b in zip(starts[:-1], starts[1:], strict=True))  # no gaps
     assert starts == sorted(set(starts))
     covered = np.zeros(length, bool)
     for s in starts:

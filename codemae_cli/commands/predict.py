@@ -75,6 +75,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (CRS units squared, m^2)."),
         simplify: float = typer.Option(0.0, "--simplify", help="Polygon simplification tolerance (CRS units)."),
         sar_scale: str = typer.Option("db", "--sar-scale", help="Units of the SAR scene: db | linear (power) | amplitude."),
+        readers: int = typer.Option(2, "--readers", help="Threads reading the scene ahead of the model."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Predict a whole scene with a fine-tuned model into a georeferenced Cloud-Optimised GeoTIFF."""
@@ -99,6 +100,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             sar_scale=sar_scale,
             precision=precision,
             progress=not quiet,
+            readers=readers,
         )
         print_summary(summary)
 

@@ -9,11 +9,11 @@ Pipeline per scene (docs/architecture.md section 1 describes the output):
 2. reference grid (coregister.reference_grid) and the overlap of all inputs on it;
 3. chip lattice over the overlap (``tile``, ``stride``; the last chip snapped to the edge),
    chips grouped into blocks for the spatial split (split.assign_blocks);
-4. one band of ``tile`` rows at a time: every input read or warped onto the grid (SAR in
+4. one band of ``tile`` rows (in segments of 2048 columns) at a time: every input read or warped onto the grid (SAR in
    linear power, then dB once; labels nearest or rasterised), chips cut, the joint validity
    filter applied, kept chips streamed into shards, train chips into the running stats.
 
-Memory follows one band of rows (tile x overlap width x bands), never the scene. With
+Memory follows one segment of a band of rows (tile x 2048 px x bands), never the scene. With
 ``workers > 1`` bands of rows run in worker processes, each writing its own shard parts,
 which are renumbered at the end. Everything is written into ``OUT.tmp-<pid>`` and renamed to
 ``OUT`` when complete; on any error the temporary directory is removed.
@@ -43,6 +43,8 @@ from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_n
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
+
+SEGMENT_PX = 2048  # columns read at once: bounds memory by tile x SEGMENT_PX, not the scene
 
 
 @dataclass
@@ -229,7 +231,7 @@ def _harmonise_vector_classes(plans: list[ScenePlan], o: PrepareOptions, classes
 
 
 # ----------------------------------------------------------------------------- chip rows
-def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int, label_kind: Optional[str]):
+def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
     """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
     grid = plan.grid
     parts = []
@@ -261,41 +263,47 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
     n_sar = sum(s.count for s in plan.sar)
     stats = {"optical": RunningStats(n_opt), "sar": RunningStats(n_sar)}
     rows_out, dropped, label_values = [], Counter(), set()
-    col0 = plan.cols[0]
-    width = plan.cols[-1] + tile - col0
     area = float(tile * tile)
+    # Chips of a row are read in segments of about SEGMENT_PX columns, so memory is bounded
+    # by tile x SEGMENT_PX x bands whatever the scene's width.
+    per_segment = max(1, SEGMENT_PX // tile)
+    segments = [list(range(k, min(k + per_segment, len(plan.cols)))) for k in range(0, len(plan.cols), per_segment)]
     for ri in row_indices:
         row = plan.rows[ri]
-        optical, sar, label = _read_row_band(plan, row, col0, width, tile, None)
-        valid_o = ~np.isnan(optical[0])
-        valid_s = ~np.isnan(sar[0])
-        for ci, col in enumerate(plan.cols):
-            sl = np.s_[col - col0: col - col0 + tile]
-            vo, vs = valid_o[:, sl], valid_s[:, sl]
-            f_opt = float(vo.sum()) / area
-            f_sar = float(vs.sum()) / area
-            f_joint = float((vo & vs).sum()) / area
-            if f_joint < min_valid or f_joint == 0.0:
-                reason = "no_optical" if f_opt == 0 else "no_sar" if f_sar == 0 else "low_valid"
-                dropped[reason] += 1
-                continue
-            chip_o = optical[:, :, sl]
-            chip_s = sar[:, :, sl]
-            chip_l = label[:, sl] if label is not None else None
-            split = splits[(plan.scene_id, *block_key(ri, ci, block))]
-            part, offset = writer.write(chip_o, chip_s, chip_l)
-            if split == "train":
-                stats["optical"].update(chip_o)
-                stats["sar"].update(chip_s)
-            if chip_l is not None:
-                label_values.update(np.unique(chip_l).tolist())
-            rows_out.append({
-                "scene_id": plan.scene_id, "row": int(row), "col": int(col),
-                "valid_optical": f_opt, "valid_sar": f_sar, "valid_joint": f_joint,
-                "split": split, "part": part, "offset": offset,
-            })
-        if on_row is not None:
-            on_row(len(plan.cols))
+        for seg in segments:
+            col0 = plan.cols[seg[0]]
+            width = plan.cols[seg[-1]] + tile - col0
+            optical, sar, label = _read_row_band(plan, row, col0, width, tile)
+            valid_o = ~np.isnan(optical[0])
+            valid_s = ~np.isnan(sar[0])
+            for ci in seg:
+                col = plan.cols[ci]
+                sl = np.s_[col - col0: col - col0 + tile]
+                vo, vs = valid_o[:, sl], valid_s[:, sl]
+                f_opt = float(vo.sum()) / area
+                f_sar = float(vs.sum()) / area
+                f_joint = float((vo & vs).sum()) / area
+                if f_joint < min_valid or f_joint == 0.0:
+                    reason = "no_optical" if f_opt == 0 else "no_sar" if f_sar == 0 else "low_valid"
+                    dropped[reason] += 1
+                    continue
+                chip_o = optical[:, :, sl]
+                chip_s = sar[:, :, sl]
+                chip_l = label[:, sl] if label is not None else None
+                split = splits[(plan.scene_id, *block_key(ri, ci, block))]
+                part, offset = writer.write(chip_o, chip_s, chip_l)
+                if split == "train":
+                    stats["optical"].update(chip_o)
+                    stats["sar"].update(chip_s)
+                if chip_l is not None:
+                    label_values.update(np.flatnonzero(np.bincount(chip_l.ravel(), minlength=256)).tolist())
+                rows_out.append({
+                    "scene_id": plan.scene_id, "row": int(row), "col": int(col),
+                    "valid_optical": f_opt, "valid_sar": f_sar, "valid_joint": f_joint,
+                    "split": split, "part": part, "offset": offset,
+                })
+            if on_row is not None:
+                on_row(len(seg))
     return {"rows": rows_out, "stats": stats, "dropped": dropped, "label_values": label_values}
 
 
@@ -432,7 +440,8 @@ def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: b
             tasks = []
             for plan in plans:
                 n = len(plan.rows)
-                groups = max(1, min(n, 2 * o.workers if len(plans) == 1 else 1))
+                # About two tasks per worker over all scenes: balanced, few shard parts.
+                groups = min(n, max(1, math.ceil(2 * o.workers / len(plans))))
                 size = math.ceil(n / groups)
                 for g in range(0, n, size):
                     idx = list(range(g, min(n, g + size)))

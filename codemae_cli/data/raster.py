@@ -203,32 +203,28 @@ def detect_sar_scale(src: RasterSource, requested: str) -> str:
 def to_linear_power(arr: np.ndarray, scale: str, nodata: Optional[float]) -> np.ndarray:
     """SAR values of ``scale`` -> float32 linear power, NaN where invalid (nodata, <= 0)."""
     if scale == "slc":
-        out = (arr.real.astype(np.float32) ** 2 + arr.imag.astype(np.float32) ** 2)
-        bad = ~np.isfinite(out)
+        out = arr.real.astype(np.float32) ** 2 + arr.imag.astype(np.float32) ** 2
     else:
-        a = arr.astype(np.float32, copy=True)
-        bad = ~np.isfinite(a)
+        out = arr.astype(np.float32, copy=True)
         if nodata is not None and not math.isnan(nodata):
-            bad |= arr == nodata
+            out[arr == nodata] = np.nan
         if scale == "db":
             with np.errstate(over="ignore"):
-                out = np.power(np.float32(10.0), a / np.float32(10.0))
+                np.power(np.float32(10.0), out / np.float32(10.0), out=out)
         elif scale == "amplitude":
-            out = a * a
-        elif scale == "linear":
-            out = a
-        else:
+            np.multiply(out, out, out=out)
+        elif scale != "linear":
             raise UserError(f"unknown SAR scale '{scale}' (use linear, amplitude or db)")
-    bad |= ~(out > 0)
-    out[bad] = np.nan
-    return out
+    # One pass: NaN, <= 0 and inf all fail the test and become NaN.
+    ok = (out > 0) & (out < np.inf)
+    return np.where(ok, out, np.float32(np.nan)).astype(np.float32, copy=False)
 
 
 def power_to_db(power: np.ndarray) -> np.ndarray:
     """Linear power -> dB; non-positive or NaN -> NaN."""
     out = np.full(power.shape, np.nan, dtype=np.float32)
-    ok = power > 0
-    out[ok] = np.float32(10.0) * np.log10(power[ok])
+    np.log10(power, out=out, where=power > 0)
+    out *= np.float32(10.0)
     return out
 
 
@@ -245,5 +241,6 @@ def optical_to_float(arr: np.ndarray, nodata: Optional[float]) -> np.ndarray:
 def invalidate_pixels(arr: np.ndarray) -> np.ndarray:
     """Set all bands to NaN where any band is NaN (pixel-level validity); in place."""
     bad = np.isnan(arr).any(axis=0)
-    arr[:, bad] = np.nan
+    if bad.any():
+        arr[:, bad] = np.nan
     return arr

@@ -69,7 +69,7 @@ class NpyStreamWriter:
             arr = arr[None]
         if arr.shape[1:] != self.item_shape:
             raise ValueError(f"item shape {arr.shape[1:]} != {self.item_shape}")
-        self._fh.write(arr.tobytes())
+        self._fh.write(memoryview(arr).cast("B"))  # contiguous: no extra copy
         self.count += arr.shape[0]
 
     def close(self) -> None:

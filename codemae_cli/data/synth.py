@@ -168,7 +168,14 @@ def _is_urban(i: np.ndarray, j: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Optional[np.ndarray] = None):
-    """Boolean building mask (and a per-building hash) at float pixel coordinates."""
+    """Building footprints at float pixel coordinates.
+
+    Returns ``(mask, hash, sar)``: the footprint mask, a per-building hash (roof colour), and
+    the SAR geometry masks derived in the building's own cell (so no second evaluation at
+    shifted coordinates is needed): ``wall`` (east edge, double bounce), ``layover`` (the
+    footprint shifted ``LAYOVER`` px east, toward the sensor) and ``shadow`` (``SHADOW`` px
+    west of the footprint).
+    """
     i, j, u, v = parcels if parcels is not None else _parcels(x, y, seed)
     if urban is None:
         urban = _is_urban(i, j, seed)
@@ -187,12 +194,18 @@ def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Opt
     lo_u = np.where(present, lo_u, np.float32(1e9)).astype(np.float32)  # absent: never inside
     # Only full sub-cells inside the road margin: the road strip lives at the parcel edge.
     limit = (PARCEL - 2 * ROAD_HALF) // BUILDING_CELL
-    mask = urban & (ci >= 0) & (cj >= 0) & (ci < limit) & (cj < limit)
-    mask &= lu >= np.take(lo_u, idx)
-    mask &= lu < np.take((lo_u + w).astype(np.float32), idx)
-    mask &= lv >= np.take(lo_v.astype(np.float32), idx)
-    mask &= lv < np.take((lo_v + hgt).astype(np.float32), idx)
-    return mask, np.take(h2, idx)
+    cell = urban & (ci >= 0) & (cj >= 0) & (ci < limit) & (cj < limit)
+    cell &= lv >= np.take(lo_v.astype(np.float32), idx)
+    cell &= lv < np.take((lo_v + hgt).astype(np.float32), idx)
+    du = lu - np.take(lo_u, idx)  # position east of the footprint's west edge
+    width = np.take(w.astype(np.float32), idx)
+    mask = cell & (du >= 0) & (du < width)
+    sar = {
+        "wall": mask & (du >= width - 1.5),
+        "layover": cell & (du >= LAYOVER) & (du < width + LAYOVER),
+        "shadow": cell & (du < 0) & (du >= -SHADOW),
+    }
+    return mask, np.take(h2, idx), sar
 
 
 def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
@@ -212,10 +225,10 @@ def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     cls[urban | rural_road] = BUILT
     water = _coarse(lambda a, b: _fbm(a, b, WATER_SCALE, seed + 51), x, y) < 0.29
     cls[water] = WATER
-    building, bh = _buildings(x, y, seed, parcels, urban)
+    building, bh, sar = _buildings(x, y, seed, parcels, urban)
     building &= ~water
     return {"cls": cls, "building": building, "building_hash": bh, "parcel_hash": ph, "water": water,
-            "road": town_road | rural_road, "u": u, "v": v}
+            "road": town_road | rural_road, "u": u, "v": v, "sar": sar}
 
 
 def _optical_window(x, y, seed, bands: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -253,13 +266,10 @@ def _sar_window(x, y, seed, bands: int, rng: np.random.Generator) -> np.ndarray:
     water = s["water"]
     # Sensor to the east: a roof at ground x appears at x + LAYOVER in the image, the wall
     # facing the sensor is the east edge, the shadow falls west of the footprint.
-    roof_img, _ = _buildings(x - LAYOVER, y, seed)
     foot = s["building"]
-    east_of, _ = _buildings(x + 1.5, y, seed)
-    wall = foot & ~east_of
-    behind, _ = _buildings(x + SHADOW, y, seed)
-    shadow = behind & ~foot & ~roof_img & ~water
-    roof_img &= ~water
+    wall = s["sar"]["wall"] & ~water
+    roof_img = s["sar"]["layover"] & ~water
+    shadow = s["sar"]["shadow"] & ~foot & ~roof_img & ~water
     out = np.empty((bands, *cls.shape), dtype=np.float32)
     for b in range(bands):
         p = b % 2  # co-pol / cross-pol pattern
@@ -275,9 +285,12 @@ def _sar_window(x, y, seed, bands: int, rng: np.random.Generator) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- writing
 def _windows(height: int, width: int, block: int):
-    for r in range(0, height, block):
+    # Strips of at most 128 rows: the many elementwise passes then stay in the CPU cache
+    # (about 1.5x faster than 1024 x 1024 windows); ``block`` bounds the width.
+    rows = max(1, min(block, 128))
+    for r in range(0, height, rows):
         for c in range(0, width, block):
-            yield r, c, min(block, height - r), min(block, width - c)
+            yield r, c, min(rows, height - r), min(block, width - c)
 
 
 def _optical_to_float_pixels(xs, ys, opt_transform):

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -34,6 +37,9 @@ from codemae_cli.errors import UserError
 from codemae_cli.infer.windows import WindowGrid, resolve_overlap
 
 Inputs = Literal["optical", "sar", "both"]
+
+#: GDAL block cache (MB) while predicting, unless GDAL_CACHEMAX is set in the environment.
+GDAL_CACHE_MB = 256
 
 #: Probabilities written as uint8 are ``round(p * PROB_SCALE)``; 255 stays free for nodata.
 PROB_SCALE = 254
@@ -158,10 +164,13 @@ def predict_scene(
     cog_blocksize: int = 512,
     overview_resampling: str = "mode",
     progress: bool = False,
+    readers: int = 2,
     instrument: PredictStats | None = None,
 ) -> dict:
     """Predict a whole scene with ``model_fn`` and write a class-map COG at ``out_path``.
 
+    ``readers``: threads reading strips ahead of the model (each with its own GDAL handles).
+    ``instrument``: a :class:`PredictStats` filled with what the run observed (band sizes, flushes).
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
     """
@@ -206,10 +215,18 @@ def predict_scene(
     st = instrument if instrument is not None else PredictStats()
 
     sources: dict = {}
+    reader_sources: list = []
     tmp_paths: list[Path] = []
     writers: list = []
     pool: ThreadPoolExecutor | None = None
+    stack = ExitStack()
     try:
+        if "GDAL_CACHEMAX" not in os.environ:
+            # GDAL's block cache defaults to 5 % of RAM and would keep every tile of the scene
+            # it has read or written until then: cap it so memory does not grow with the scene.
+            import rasterio
+
+            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
         # ---- inputs on one reference grid -----------------------------------------------------
         if inputs in ("optical", "both"):
             sources["optical"] = OpticalSource(optical_path)
@@ -226,15 +243,32 @@ def predict_scene(
         st.band_rows = band
         st.windows = len(rows) * len(cols)
 
-        # ---- strips: read in a worker thread, one window row ahead ------------------------------
+        # ---- strips: read by worker threads, a few window rows ahead ---------------------------
+        # GDAL datasets must not be shared between threads, so each reader thread opens its own.
         # Strips stay in the file's dtype (uint8 is 4x smaller than float32, on the host and on
         # the way to the device); normalisation happens per batch on the device.
+        local = threading.local()
+        lock = threading.Lock()
+
+        def thread_sources() -> dict:
+            own = getattr(local, "sources", None)
+            if own is None:
+                own = {}
+                if "optical" in sources:
+                    own["optical"] = OpticalSource(optical_path)
+                if "sar" in sources:
+                    own["sar"] = SarSource(sar_path, scale=sar_scale, ref=grid if inputs == "both" else None)
+                with lock:
+                    reader_sources.extend(own.values())
+                local.sources = own
+            return own
+
         def load_strip(ri: int) -> dict:
             r = rows[ri]
             n = min(window, H - r)  # fewer rows only when the scene is shorter than a window
             out_s: dict = {}
             valid = np.ones((n, W), dtype=bool)
-            for m, src in sources.items():
+            for m, src in thread_sources().items():
                 data, ok = src.read_strip(r, n)
                 if data.dtype not in (np.uint8, np.int16, np.float32):
                     data = data.astype(np.float32)
@@ -244,13 +278,15 @@ def predict_scene(
             out_s["rows"] = n
             return out_s
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codemae-read")
+        n_readers = max(1, min(int(readers), len(rows)))
+        pool = ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="codemae-read")
         futures: dict = {}
         strips: dict = {}
 
         def strip(ri: int) -> dict:
             if ri not in strips:
-                for k in (ri, ri + 1):
+                # keep every reader busy: at most n_readers strips in flight beyond this one
+                for k in range(ri, ri + n_readers + 1):
                     if k < len(rows) and k not in futures and k not in strips:
                         futures[k] = pool.submit(load_strip, k)
                 s = futures.pop(ri).result()
@@ -365,7 +401,7 @@ def predict_scene(
             top = state["top"]
             xs = {m: [] for m in sources}
             oks = []
-            for ri, r, c in batch:
+            for ri, _r, c in batch:
                 s = strip(ri)
                 for m in sources:
                     xs[m].append(s[m][:, :, c : c + window])
@@ -389,7 +425,7 @@ def predict_scene(
                 acc = torch.zeros(K, band, Wp, dtype=torch.float32, device=dev)
                 if prob_out is not None:
                     open_prob_writer(K)
-            for i, (ri, r, c) in enumerate(batch):
+            for i, (_ri, r, c) in enumerate(batch):
                 off = r - top
                 st.max_open_rows = max(st.max_open_rows, off + window)
                 if off + window > band:  # the batching rule below guarantees this never happens
@@ -458,9 +494,10 @@ def predict_scene(
                 w.close()
             except Exception:  # closing after an error must not hide the error
                 pass
-        for s in sources.values():
+        for s in [*sources.values(), *reader_sources]:
             s.close()
         remove_quietly(*tmp_paths)
+        stack.close()
 
     seconds = time.perf_counter() - t0
     names = list(class_names) if class_names else [str(i) for i in range(K or 0)]

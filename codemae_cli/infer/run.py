@@ -107,6 +107,7 @@ def predict_from_checkpoint(
     sar_scale: str = "db",
     precision: str = "auto",
     progress: bool = False,
+    readers: int = 2,
 ) -> dict:
     """Load a fine-tuned segmentation checkpoint and predict a whole scene (see predict_scene)."""
     import torch
@@ -183,6 +184,7 @@ def predict_from_checkpoint(
             sar_scale=sar_scale,
             precision=precision,
             progress=progress,
+            readers=readers,
         )
     summary["checkpoint"] = str(ckpt)
     summary["checkpoint_sha256"] = tags["codemae_checkpoint_sha256"]

@@ -154,6 +154,7 @@ class SarSource:
             if sl >= or_ or sr <= ol or sb >= ot or st <= ob:
                 self.close()
                 raise UserError(f"the SAR scene '{self.path}' does not overlap the optical scene")
+            self.scale_xy = self._warp_scale()
 
     def read_strip(self, row: int, nrows: int) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.windows import Window
@@ -175,23 +176,13 @@ class SarSource:
     def _warp_strip(self, row: int, nrows: int) -> np.ndarray:
         """Read the SAR pixels under the strip, resample them in linear power, return dB."""
         from rasterio.enums import Resampling
-        from rasterio.warp import reproject, transform_bounds
-        from rasterio.windows import Window, from_bounds
+        from rasterio.warp import reproject
+        from rasterio.windows import Window
 
         g = self.grid
         out = np.full((self.bands, nrows, g.width), np.nan, dtype=np.float32)
         dst_transform = g.strip_transform(row)
-        strip = Grid(g.crs, dst_transform, nrows, g.width)
-        bounds = transform_bounds(g.crs, self.ds.crs, *_grid_bounds(strip), densify_pts=21)
-        try:
-            src_win = from_bounds(*bounds, transform=self.ds.transform)
-        except Exception:  # a degenerate footprint (rotated grids): fall back to the whole SAR scene
-            src_win = Window(0, 0, self.ds.width, self.ds.height)
-        # 2 source pixels of margin so bilinear sampling at the strip edges has its neighbours
-        c0 = max(int(np.floor(src_win.col_off)) - 2, 0)
-        r0 = max(int(np.floor(src_win.row_off)) - 2, 0)
-        c1 = min(int(np.ceil(src_win.col_off + src_win.width)) + 2, self.ds.width)
-        r1 = min(int(np.ceil(src_win.row_off + src_win.height)) + 2, self.ds.height)
+        c0, r0, c1, r1 = self._source_window(Grid(g.crs, dst_transform, nrows, g.width))
         if c1 <= c0 or r1 <= r0:
             return out  # the strip lies outside the SAR footprint: all nodata
         win = Window(c0, r0, c1 - c0, r1 - r0)
@@ -210,8 +201,56 @@ class SarSource:
             dst_crs=g.crs,
             dst_nodata=np.nan,
             resampling=Resampling.bilinear,
+            XSCALE=self.scale_xy,
+            YSCALE=self.scale_xy,
         )
         return _to_db(out)
+
+    def _outline_in_source_pixels(self, g: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """A grid's outline (21 points a side, clockwise) as SAR pixel coordinates (col, row)."""
+        from rasterio.warp import transform as warp_transform
+
+        t = g.transform
+        k = 21
+        up, down = np.linspace(0, 1, k), np.linspace(1, 0, k)
+        cs = np.concatenate([up, np.ones(k), down, np.zeros(k)]) * g.width
+        rs = np.concatenate([np.zeros(k), up, np.ones(k), down]) * g.height
+        xs, ys = t.a * cs + t.b * rs + t.c, t.d * cs + t.e * rs + t.f
+        if g.crs != self.ds.crs:
+            xs, ys = (np.asarray(v) for v in warp_transform(g.crs, self.ds.crs, xs, ys))
+        inv = ~self.ds.transform
+        return inv.a * xs + inv.b * ys + inv.c, inv.d * xs + inv.e * ys + inv.f
+
+    def _warp_scale(self) -> float:
+        """Destination pixels per SAR pixel along each axis, for the whole reference grid.
+
+        GDAL otherwise guesses the resampling kernel's scale from each strip's source window,
+        which for a rotated SAR grid differs from strip to strip (and from a whole-scene warp):
+        fixing it once makes the strip-wise warp identical to warping the scene in one go.
+        """
+        pc, pr = self._outline_in_source_pixels(self.grid)
+        ok = np.isfinite(pc) & np.isfinite(pr)
+        area = 0.5 * abs(np.dot(pc[ok], np.roll(pr[ok], 1)) - np.dot(pr[ok], np.roll(pc[ok], 1)))  # shoelace
+        if not np.isfinite(area) or area <= 0:
+            return 1.0
+        return float(np.sqrt(self.grid.height * self.grid.width / area))
+
+    def _source_window(self, strip: Grid) -> tuple[int, int, int, int]:
+        """SAR pixel window (c0, r0, c1, r1) under a strip of the reference grid, clipped to the scene.
+
+        The strip's outline is sampled densely, projected into the SAR CRS and mapped through the
+        inverse SAR transform, which also holds for rotated (SLC) geotransforms. Two source
+        pixels of margin give bilinear sampling its neighbours at the strip edges.
+        """
+        pc, pr = self._outline_in_source_pixels(strip)
+        ok = np.isfinite(pc) & np.isfinite(pr)
+        if not ok.any():
+            return 0, 0, 0, 0
+        c0 = max(int(np.floor(pc[ok].min())) - 2, 0)
+        r0 = max(int(np.floor(pr[ok].min())) - 2, 0)
+        c1 = min(int(np.ceil(pc[ok].max())) + 2, self.ds.width)
+        r1 = min(int(np.ceil(pr[ok].max())) + 2, self.ds.height)
+        return c0, r0, c1, r1
 
     def close(self) -> None:
         self.ds.close()

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codemae_cli.errors import UserError
 from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embedding
 from codemae_cli.model.config import ModelConfig
 from codemae_cli.model.decoder import MAEDecoder, PatchHeads
@@ -110,6 +111,7 @@ class CoDeMAE(nn.Module):
             self.okd_norm = norm_layer(Dd)
             self.okd_head = nn.Linear(Dd, T)
             if cfg.okd.aux_head:
+                # As the reference: the output of block int(0.75 * depth) (0-based; block 9 of 12).
                 aux_layer = min(int(0.75 * self.encoder.depth), self.encoder.depth - 1)
                 self.okd_aux_blocks = nn.ModuleList(
                     [make_block(D, int(spec["num_heads"]), float(spec["mlp_ratio"]), 0.0, cfg.fused_attn)
@@ -200,9 +202,9 @@ class CoDeMAE(nn.Module):
         return [m for m in (self.self_decoder, getattr(self, "cross_decoder", None)) if m is not None]
 
     def no_weight_decay(self) -> set[str]:
-        names = {"encoder.pos_embed"}
-        names |= {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
-        return names
+        """Parameters exempt from weight decay besides norms and biases (position tables are
+        fixed buffers, not parameters)."""
+        return {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
 
     # -- stages -------------------------------------------------------------------------------
     def forward_encoder(self, optical: torch.Tensor, sar: torch.Tensor, ids_keep: torch.Tensor):
@@ -244,7 +246,7 @@ class CoDeMAE(nn.Module):
     def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True) -> dict:
         cfg = self.cfg
         if optical.shape[0] != sar.shape[0] or optical.shape[-2:] != sar.shape[-2:]:
-            raise ValueError(
+            raise UserError(
                 f"optical {tuple(optical.shape)} and SAR {tuple(sar.shape)} batches must share batch and size"
             )
         if self._teacher is not None and not self._teacher_synced:
@@ -312,14 +314,10 @@ class CoDeMAE(nn.Module):
 def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAE:
     """The full CoDe-MAE pretraining model for the given band counts."""
     if optical_bands < 1 or sar_bands < 1:
-        from codemae_cli.errors import UserError
-
         raise UserError("CoDe-MAE needs at least one optical band and one SAR band")
     try:
         return CoDeMAE(cfg, optical_bands, sar_bands)
     except ValueError as err:
-        from codemae_cli.errors import UserError
-
         raise UserError(str(err)) from None
 
 

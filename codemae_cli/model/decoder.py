@@ -23,7 +23,7 @@ class MAEDecoder(nn.Module):
         self.depth = depth
         self.grid = tuple(grid)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(dim, *self.grid))  # (1, N, Dd)
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, *self.grid), persistent=False)  # (1, N, Dd)
         self.blocks = nn.ModuleList([make_block(dim, num_heads, mlp_ratio, 0.0, fused_attn) for _ in range(depth)])
         self.norm = norm_layer(dim)
 

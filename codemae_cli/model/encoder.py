@@ -24,8 +24,9 @@ class CoDeMAEEncoder(nn.Module):
     """Per-modality patch embeddings feeding one shared transformer trunk.
 
     A modality with 0 bands gets no patch embedding (single-modality MAE baselines).
-    Position embeddings are a fixed 2-D sin-cos table for ``img_size`` (a persistent buffer,
-    so it travels in checkpoints); other input sizes resample it bicubically.
+    Position embeddings are a fixed 2-D sin-cos table for ``img_size``, rebuilt from the sizes
+    rather than stored (a non-persistent buffer), so an encoder built for another crop size
+    loads the same checkpoint; inputs of other sizes resample the table bicubically.
     """
 
     def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
@@ -44,7 +45,7 @@ class CoDeMAEEncoder(nn.Module):
         self.patch_embed = nn.ModuleDict(
             {m: PatchEmbed(c, embed_dim, patch_size) for m, c in self.bands.items() if c > 0}
         )
-        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid))  # (1, N, D)
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid), persistent=False)  # (1, N, D)
         dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList(
             [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
@@ -147,5 +148,3 @@ class CoDeMAEEncoder(nn.Module):
                 layers: Optional[Sequence[int]] = None) -> dict[str, list[torch.Tensor]]:
         return self.forward_features(optical=optical, sar=sar, layers=layers)
 
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed"}

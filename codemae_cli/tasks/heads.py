@@ -6,29 +6,25 @@ at the patch stride (a plain ViT has one scale), and return logits. Segmentation
 
 The pyramid heads first turn the single-scale ViT maps into strides p/4, p/2, p, 2p with
 transposed convolutions and a max-pool (the "simple feature pyramid" of ViTDet and the MAE /
-BEiT segmentation code). Norm layers are GroupNorm so the heads behave the same with tiny
-per-GPU batches and need no SyncBatchNorm under DDP.
+BEiT segmentation code). Norm layers are per-pixel LayerNorm over channels (``LayerNorm2d``):
+independent of the batch (tiny per-GPU batches, no SyncBatchNorm under DDP) and, unlike
+GroupNorm/InstanceNorm, they do not subtract a chip's spatial mean, so a chip that is all water
+still looks different from a chip that is all land.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import nn
-
-
-def _groups(channels: int) -> int:
-    for g in (32, 16, 8, 4, 2):
-        if channels % g == 0:
-            return g
-    return 1
 
 
 class ConvNormAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, k: int = 3):
         super().__init__(
             nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-            nn.GroupNorm(_groups(cout), cout),
+            LayerNorm2d(cout),
             nn.GELU(),
         )
 
@@ -40,7 +36,7 @@ class SimplePyramid(nn.Module):
         super().__init__()
         self.up4 = nn.Sequential(
             nn.ConvTranspose2d(dim, dim, 2, stride=2),
-            nn.GroupNorm(_groups(dim), dim),
+            LayerNorm2d(dim),
             nn.GELU(),
             nn.ConvTranspose2d(dim, dim, 2, stride=2),
         )

@@ -177,6 +177,12 @@ class TrainProgress:
             self._rate = done * self.items_per_step / elapsed
         if self._progress is not None:
             self._progress.update(self._task, completed=step, rate=f"{self._rate:,.1f} {self.unit}/s", post=postfix)
+            if postfix and not self._progress.console.is_terminal:
+                # Logs and batch jobs get one line per logging step instead of a live bar.
+                left = (self.total - step) * self.items_per_step / self._rate if self._rate > 0 else float("nan")
+                eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+                self._progress.console.print(f"{self.description} step {step}/{self.total}  "
+                                             f"{self._rate:,.1f} {self.unit}/s  ETA {eta}  {postfix}")
 
     def print(self, msg: str) -> None:
         if self._progress is not None:
