@@ -5,6 +5,8 @@
     python benchmarks/gpu_model_bench.py --batch 256 --no-compile
     python benchmarks/gpu_model_bench.py --check-flops         # also compare the analytic FLOP count
                                                                # with torch.utils.flop_counter on the GPU
+    python benchmarks/gpu_model_bench.py --device cpu --preset tiny --img-size 64 --batch 2 \
+        --steps 1 --warmup 1 --no-compile --teacher ema        # smoke test without a GPU
 
 Runs ``codemae_cli.bench.model_bench`` from this checkout without installing the package
 (the GPU box may lack rasterio/geopandas/typer; the model and bench import none of them).
@@ -56,7 +58,8 @@ def main() -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--teacher", default="timm", choices=["timm", "ema", "off"])
     ap.add_argument("--teacher-model", default="vit_large_patch16_dinov3")
-    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (cpu: a smoke test only)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--plain-attn", action="store_true", help="hand-written attention instead of SDPA")
     ap.add_argument("--check-flops", action="store_true")
@@ -74,7 +77,7 @@ def main() -> int:
         print(line)
         lines.append(line)
     report = run_model_bench(
-        preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, device="cuda",
+        preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device,
         compile=not args.no_compile, img_size=args.img_size, teacher=args.teacher,
         teacher_model=args.teacher_model, precision=args.precision, fused_attn=not args.plain_attn,
     )

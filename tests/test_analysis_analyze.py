@@ -105,3 +105,16 @@ def test_analyze_cli_and_bad_input(testbed, tmp_path):
     res = runner.invoke(app, ["analyze", str(ck), "--data", str(tmp_path), "-o", str(tmp_path / "z")])
     assert res.exit_code == 2 and "not a prepared dataset" in res.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_checkpoint_that_does_not_match_its_recipe_is_refused(testbed):
+    from codemae_cli.analysis.analyze import load_pretrained
+    from codemae_cli.errors import UserError
+
+    ck = _checkpoint(testbed.parent, "mismatch", cdr=False, seed=4)
+    meta_path = ck / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["recipe"]["model"]["patch_size"] = 16  # the saved patch embedding is for 8-px patches
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="does not match the model"):
+        load_pretrained(ck)

@@ -119,3 +119,15 @@ def test_representation_metrics_on_handmade_features():
     assert r["effective_rank"]["optical_tokens"] == pytest.approx(r["effective_rank"]["sar_tokens"])
     assert r["similarity"]["chips"]["retrieval_top1"] == 1.0
     assert math.isnan(r["similarity_vs_ssim"]["spearman"])  # constant similarity: undefined, not faked
+    assert math.isnan(r["similarity_vs_ssim"]["spearman_abs"])
+
+    # Token similarity built to equal each patch's SSIM: correlation 1, which also checks that
+    # token (i, j) is paired with pixel block (i, j) of the same chip.
+    noisy = lum + rng.uniform(0, 1, size=(n, h, w)).repeat(p, 1).repeat(p, 2) * rng.normal(size=lum.shape)
+    ssim = np.stack([M.patch_ssim(M.unit_range(a), M.unit_range(b), p) for a, b in zip(lum, noisy, strict=True)])
+    f_o = np.zeros((n, 2, h, w))
+    f_o[:, 0] = 1.0
+    f_s = np.stack([ssim, np.sqrt(1 - ssim**2)], axis=1)
+    r = representation_metrics(f_o, f_s, lum, noisy, np.ones_like(valid), p)
+    assert r["similarity_vs_ssim"]["spearman"] == pytest.approx(1.0)
+    assert r["similarity_vs_ssim"]["pearson"] == pytest.approx(1.0)

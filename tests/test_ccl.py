@@ -80,8 +80,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         za = torch.nn.functional.normalize(x.detach() + 0.1 * rank, dim=-1).requires_grad_(True)
         zb = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1).requires_grad_(True)
         nce = info_nce(za, zb, 0.1)
+        # teachers built independently per rank are aligned to rank 0 by sync_teacher()
+        from codemae_cli.model import ModelConfig, build_model
+
+        torch.manual_seed(rank)
+        model = build_model(ModelConfig(preset="tiny", img_size=32, patch_size=8), 3, 2)
+        before = model.teacher_state_dict()["encoder.blocks.0.attn.qkv.weight"].clone()
+        model.sync_teacher()
+        after = model.teacher_state_dict()["encoder.blocks.0.attn.qkv.weight"]
         result = dict(x=x.detach(), all_x=all_x.detach(), grad=x.grad.detach(), za=za.detach(),
-                      zb=zb.detach(), nce=nce.detach())
+                      zb=zb.detach(), nce=nce.detach(), teacher_before=before, teacher_after=after)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -100,6 +108,8 @@ def test_gather_with_grad_two_processes(tmp_path):
     scale = sum(r + 1 for r in range(world))
     for r in range(world):
         torch.testing.assert_close(res[r]["grad"], scale * w[3 * r : 3 * r + 3])
+    assert not torch.equal(res[0]["teacher_before"], res[1]["teacher_before"])
+    torch.testing.assert_close(res[1]["teacher_after"], res[0]["teacher_before"], rtol=0, atol=0)
     # InfoNCE with gathered negatives equals the single-process loss over the global batch, per rank slice
     za = torch.cat([res[r]["za"] for r in range(world)])
     zb = torch.cat([res[r]["zb"] for r in range(world)])

@@ -19,8 +19,8 @@ from codemae_cli.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from codemae_cli.train.optim import build_optimizer
 from codemae_cli.train.config import OptimConfig
+from codemae_cli.train.optim import build_optimizer
 
 
 def _model():
@@ -65,7 +65,7 @@ def test_roundtrip_weights_meta_optimizer_and_extra(tmp_path):
     _step(model, opt)
     torch.manual_seed(1)
     _step(model2, opt2)
-    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
@@ -135,3 +135,6 @@ def test_recovers_checkpoint_moved_aside_by_a_killed_save(tmp_path):
     ck = resolve_checkpoint(tmp_path / "run")
     assert ck.name == ".last.old-12345"
     assert load_checkpoint(tmp_path / "run")[1]["step"] == 7
+    # The next save of the same name supersedes the leftover.
+    save_checkpoint(target, model, {"kind": "pretrain", "step": 8})
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last"]

@@ -147,4 +147,52 @@ def test_worker_output_equals_main_process(tmp_path):
     main = [b["optical"] for b in build_loader(chips, s, num_workers=0)]
     work = [b["optical"] for b in build_loader(chips, s, num_workers=1, persistent_workers=False)]
     assert len(main) == len(work) == 2
-    assert all(torch.equal(x, y) for x, y in zip(main, work))
+    assert all(torch.equal(x, y) for x, y in zip(main, work, strict=True))
+
+
+def test_device_augment_matches_loader_augmentation(pattern_ds, tmp_path):
+    from codemae_cli.data.dataset import DeviceAugment
+
+    # Upscaling crops (tile 48 -> 64 px): both paths are plain bilinear of the same window.
+    kw = dict(img_size=64, crop_scale=(0.3, 0.9), with_labels=True)
+    loader = PairedChips([pattern_ds], "train", **kw)
+    device = PairedChips([pattern_ds], "train", augment_on="device", **kw)
+    keys = [(i % 6, 100 + i) for i in range(8)]
+    from torch.utils.data import default_collate
+
+    ref = default_collate([loader[k] for k in keys])
+    raw = default_collate([device[k] for k in keys])
+    assert raw["optical"].shape == (8, 3, 48, 48) and raw["box"].shape == (8, 4)
+    got = DeviceAugment(device, "cpu")(raw)
+    assert set(got) == set(ref)
+    # Away from the crop border (where roi_align may read just outside the window) they agree.
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    torch.testing.assert_close(got["optical"][inner], ref["optical"][inner], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got["sar"][inner], ref["sar"][inner], rtol=1e-4, atol=1e-3)
+    assert (got["label"] == ref["label"]).float().mean() > 0.97
+    assert got["valid"].all() and torch.equal(got["paired"], ref["paired"])
+
+    root = make_synthetic_dataset(tmp_path / "nd", n_chips=2, tile=32, nodata_fraction=0.25)
+    dev = PairedChips([root], "train", img_size=32, train=False, augment_on="device")
+    out = DeviceAugment(dev, "cpu")(default_collate([dev[0]]))
+    ref0 = PairedChips([root], "train", img_size=32, train=False)[0]
+    torch.testing.assert_close(out["sar"][0], ref0["sar"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["valid"][0], ref0["valid"])
+
+
+def test_bench_loader_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from codemae_cli.cli import app
+
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=8, tile=32)
+    runner = CliRunner()
+    res = runner.invoke(app, ["bench", "loader", "--dataset", str(root), "--workers", "0", "--img-size", "24",
+                              "--batch-size", "4", "--batches", "2"])
+    assert res.exit_code == 0, res.output
+    assert "baseline" in res.output and "loader    main process" in res.output and "device  augmentation" in res.output
+    assert "pairs per main-process CPU-second" in res.output
+    res = runner.invoke(app, ["bench", "loader", "--dataset", str(root), "--workers", "one"])
+    assert res.exit_code == 2 and "--workers" in res.output
+    res = runner.invoke(app, ["bench", "loader", "--dataset", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "does not exist" in res.output

@@ -21,8 +21,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     sets = [f"data.datasets=[{data}]", "model.preset=tiny", "model.img_size=32", "data.img_size=32",
             "model.patch_size=8", "model.ccl.num_heads=4", "model.okd.teacher=ema", "optim.batch_size=2",
-            "optim.max_steps=3", "optim.accum_steps=1", "run.device=cpu", "run.ckpt_every=2", "run.log_every=1",
-            "run.tensorboard=false", "data.num_workers=0"]
+            "optim.max_steps=3", "optim.accum_steps=2", "run.device=cpu", "run.ckpt_every=2", "run.log_every=1",
+            "run.tensorboard=false", "data.num_workers=0", "data.augment_on=device"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "codemae_cli", "pretrain", str(ROOT / "recipes" / "smoke.yaml"), "--output-dir", str(out)]
     for s in sets:
@@ -34,7 +34,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert res.stdout.count("2 process(es) on cpu") == 1
     meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 3
-    assert meta["effective_batch"] == 2 * 2 * 1 * 2  # pairs x modalities x accum x processes
+    assert meta["effective_batch"] == 2 * 2 * 2 * 2  # pairs x modalities x accum x processes
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     state = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))

@@ -61,7 +61,7 @@ def test_warmup_cosine_schedule():
     assert s.lr_at(60) == pytest.approx(0.1 + 0.9 * 0.5)
     assert s.lr_at(110) == pytest.approx(0.1) and s.lr_at(500) == pytest.approx(0.1)
     values = [s.lr_at(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:])), "cosine phase must not increase"
+    assert all(a >= b for a, b in zip(values[:-1], values[1:], strict=True)), "cosine phase must not increase"
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 0.5}], lr=1)
     assert s.apply(opt, 5) == pytest.approx(0.5) and opt.param_groups[0]["lr"] == pytest.approx(0.25)
 

@@ -55,7 +55,7 @@ def water_land(tmp_path_factory) -> Path:
 
 def _recipe(data: Path, out: Path, **task) -> FinetuneRecipe:
     raw = {
-        "data": {"datasets": [str(data)], "num_workers": 0, "crop_scale": [0.6, 1.0]},
+        "data": {"datasets": [str(data)], "num_workers": 0, "crop_scale": [0.6, 1.0], "img_size": 16},
         "model": {"preset": "tiny", "img_size": 16, "patch_size": 4, "drop_path": 0.0},
         "task": {"from_scratch": True, "head": "fpn", "neck_dim": 32, **task},
         "optim": {"batch_size": 8, "epochs": 1, "lr": 2e-3, "warmup_epochs": 0},
@@ -128,12 +128,12 @@ def test_every_input_mode_trains_and_reloads(water_land, tmp_path, inputs):
 def test_classification_single_and_multilabel(water_land, tmp_path):
     from codemae_cli.tasks.finetune import run_finetune
 
-    single = _recipe(water_land, tmp_path / "single", kind="classification", head="upernet", best_metric="top1",
+    single = _recipe(water_land, tmp_path / "single", kind="classification", head="pool", best_metric="top1",
                      inputs="both")
     single.optim.max_steps = 2
     m = run_finetune(single)["best_metrics"]
     assert 0.0 <= m["top1"] <= 1.0 and len(m["iou"]) == 2
-    multi = _recipe(water_land, tmp_path / "multi", kind="classification", multilabel=True, head="upernet",
+    multi = _recipe(water_land, tmp_path / "multi", kind="classification", multilabel=True, head="pool",
                     best_metric="micro_map", inputs="optical")
     multi.optim.max_steps = 2
     m = run_finetune(multi)["best_metrics"]
@@ -241,3 +241,28 @@ def test_cli_finetune_then_evaluate(water_land, tmp_path):
     metrics = json.loads(out.read_text())
     assert metrics["inputs"] == "sar" and metrics["split"] == "val"
     assert np.asarray(metrics["confusion"]).sum() == sum(metrics["support"]) > 0
+
+
+def test_resume_mid_epoch_repeats_the_uninterrupted_run(water_land, tmp_path):
+    import shutil
+
+    from codemae_cli.tasks.finetune import run_finetune
+    from codemae_cli.train.checkpoint import load_checkpoint
+
+    recipe = _recipe(water_land, tmp_path / "full", inputs="both", modality_dropout=0.5)
+    recipe.optim.epochs = 2
+    recipe.run.keep_every = 3  # keeps checkpoints/step_00000003 (mid-epoch, with resume state)
+    full = run_finetune(recipe)
+    ckpts = Path(full["run_dir"]) / "checkpoints"
+    # an interrupted copy: only the step-3 checkpoint survives as "last"
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpts / "step_00000003", cut / "checkpoints" / "last")
+    recipe.run.output_dir = str(cut)
+    resumed = run_finetune(recipe, resume=True)
+    assert resumed["steps"] == full["steps"]
+    a, _ = load_checkpoint(ckpts / "last")
+    b, _ = load_checkpoint(cut / "checkpoints" / "last")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed["best_metrics"]["miou"] == pytest.approx(full["best_metrics"]["miou"])

@@ -7,7 +7,14 @@ import torch
 
 from codemae_cli.config import from_dict
 from codemae_cli.errors import UserError
-from codemae_cli.model import PRESETS, ModelConfig, build_encoder, build_model, build_plain_mae, random_masking
+from codemae_cli.model import (
+    PRESETS,
+    ModelConfig,
+    build_encoder,
+    build_model,
+    build_plain_mae,
+    random_masking,
+)
 
 torch.set_num_threads(1)
 
@@ -100,8 +107,8 @@ def test_unpaired_batches_zero_ccl_and_cdr_but_keep_gradients():
     opt, sar = pair()
     torch.manual_seed(1)
     out = model(opt, sar, paired=False)
-    l = out["losses"]
-    expected = 0.5 * (l["self_optical"] + l["self_sar"]) + l["okd"]
+    terms = out["losses"]
+    expected = 0.5 * (terms["self_optical"] + terms["self_sar"]) + terms["okd"]
     torch.testing.assert_close(out["loss"], expected)
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -200,7 +207,7 @@ def test_fused_and_plain_attention_agree():
     opt, sar = pair()
     a = fused.encoder.forward_features(optical=opt, sar=sar)
     b = plain.encoder.forward_features(optical=opt, sar=sar)
-    for x, y in zip(a["optical"] + a["sar"], b["optical"] + b["sar"]):
+    for x, y in zip(a["optical"] + a["sar"], b["optical"] + b["sar"], strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
     torch.manual_seed(3)
     la = fused(opt, sar)["loss"]

@@ -3,8 +3,6 @@ workers, and the real samples (SpaceNet 6 pair, BigEarthNet S1/S2, SLC)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import rasterio
@@ -114,7 +112,7 @@ def test_split_is_spatial_and_reproducible(tmp_path):
 def test_manifest_workers_and_overwrite(tmp_path):
     from codemae_cli.data.synth import write_scene_pair
 
-    a = write_scene_pair(tmp_path / "a", 96, 96, seed=1, sar_crs="EPSG:32632", labels=True)
+    write_scene_pair(tmp_path / "a", 96, 96, seed=1, sar_crs="EPSG:32632", labels=True)
     b = write_scene_pair(tmp_path / "b", 96, 128, seed=2, labels=True, origin=(591000.0, 5760000.0))
     (tmp_path / "m.csv").write_text(
         "scene_id,optical,sar,labels\n"
@@ -218,3 +216,18 @@ def test_sar_as_reference_grid(tmp_path, real_dir, sample_pair):
     assert ds.meta["ref"] == "sar" and ds.meta["res"][0] == pytest.approx(2.5, rel=1e-3)
     assert ds.meta["scenes"][0]["resampling"]["optical"] == ["bilinear"] and len(ds) >= 4
     assert np.isfinite(ds.read(0)["optical"]).any()
+
+
+def test_row_segments_do_not_change_the_chips(tmp_path, holes, monkeypatch):
+    import codemae_cli.data.prepare as prep
+
+    opt_path, sar_path, *_ = holes
+    run_prepare(out=str(tmp_path / "a"), optical=[opt_path], sar=[sar_path], tile=32, stride=24, quicklook=False)
+    monkeypatch.setattr(prep, "SEGMENT_PX", 40)  # one chip per segment
+    run_prepare(out=str(tmp_path / "b"), optical=[opt_path], sar=[sar_path], tile=32, stride=24, quicklook=False)
+    a, b = PreparedDataset(tmp_path / "a"), PreparedDataset(tmp_path / "b")
+    assert list(a.index["chip_id"]) == list(b.index["chip_id"]) and len(a) > 0
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read(i)["optical"], b.read(i)["optical"])
+        np.testing.assert_array_equal(a.read(i)["sar"], b.read(i)["sar"])
+    assert a.meta["stats"] == b.meta["stats"]

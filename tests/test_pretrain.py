@@ -43,14 +43,16 @@ def data(tmp_path_factory) -> Path:
 def test_pretrain_cli_outputs_and_refusals(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "run"
-    res = runner.invoke(app, _args(data, out, "optim.max_steps=4", "run.ckpt_every=2"))
+    same = ["optim.max_steps=4", "optim.clip_grad=1.0"]
+    res = runner.invoke(app, _args(data, out, *same, "run.ckpt_every=2"))
     assert res.exit_code == 0, res.output
     assert "lr = 0.001" in res.output
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["model"]["preset"] == "tiny" and recipe["run"]["output_dir"] == str(out)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 4]
-    for key in ("loss", "loss_self_optical", "loss_self_sar", "loss_cdr", "loss_okd", "loss_ccl", "lr", "pairs_per_s"):
+    for key in ("loss", "loss_self_optical", "loss_self_sar", "loss_cdr", "loss_okd", "loss_ccl", "lr", "pairs_per_s",
+                "grad_norm"):
         assert all(key in r and r[key] == r[key] for r in rows), key
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     ck = out / "checkpoints" / "last"
@@ -59,18 +61,18 @@ def test_pretrain_cli_outputs_and_refusals(data, tmp_path):
     assert meta["kind"] == "pretrain" and meta["step"] == 4 and meta["stats"] == ds_meta["stats"]
     assert meta["bands"]["optical"] == ds_meta["optical"]["bands"] and meta["recipe"]["optim"]["lr"] == 1e-3
     assert meta["torch_version"] and meta["codemae_version"] and meta["world_size"] == 1
+    from codemae_cli.config import from_dict
     from codemae_cli.model import build_model
     from codemae_cli.train.recipe import PretrainRecipe
-    from codemae_cli.config import from_dict
 
     model = build_model(from_dict(PretrainRecipe, meta["recipe"]).model, 3, 2)
     model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=True)
 
-    res = runner.invoke(app, _args(data, out, "optim.max_steps=4"))
+    res = runner.invoke(app, _args(data, out, *same))
     assert res.exit_code == 2 and "already holds checkpoints" in res.output and "--resume" in res.output
-    res = runner.invoke(app, _args(data, out, "optim.max_steps=4", "optim.lr=2e-3") + ["--resume"])
+    res = runner.invoke(app, _args(data, out, *same, "optim.lr=2e-3") + ["--resume"])
     assert res.exit_code == 2 and "optim.lr" in res.output
-    res = runner.invoke(app, _args(data, out, "optim.max_steps=4") + ["--resume"])
+    res = runner.invoke(app, _args(data, out, *same) + ["--resume"])
     assert res.exit_code == 0 and "nothing to do" in res.output
 
 
@@ -141,7 +143,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(data, tmp_path)
     resumed = _cli(_args(data, killed_dir, *extra) + ["--resume"])
     out_r, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out_r
-    assert f"resumed from" in out_r
+    assert "resumed from" in out_r
     out_f, _ = full.communicate(timeout=300)
     assert full.returncode == 0, out_f
 

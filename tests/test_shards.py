@@ -9,7 +9,14 @@ import pickle
 import numpy as np
 import pytest
 
-from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, NpyStreamWriter, PreparedDataset, ShardWriter, shard_name
+from codemae_cli.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    NpyStreamWriter,
+    PreparedDataset,
+    ShardWriter,
+    shard_name,
+)
 from codemae_cli.errors import UserError
 
 
@@ -34,7 +41,7 @@ def _write_dataset(root, n=7, tile=8, shard_size=3, labels=True):
     rng = np.random.default_rng(1)
     chips = []
     rows = []
-    for i in range(n):
+    for _ in range(n):
         o = rng.standard_normal((3, tile, tile)).astype(np.float32)
         s = rng.standard_normal((2, tile, tile)).astype(np.float32)
         lab = rng.integers(0, 3, (tile, tile)).astype(np.uint8) if labels else None

@@ -6,7 +6,7 @@ import numpy as np
 import rasterio
 from typer.testing import CliRunner
 
-from codemae_cli.data.synth import CLASSES, BUILT, WATER, write_scene_pair
+from codemae_cli.data.synth import BUILT, CLASSES, WATER, write_scene_pair
 
 
 def test_pair_shapes_dtypes_and_grids(tmp_path):

@@ -96,11 +96,11 @@ def test_ratio_gradient_is_log_ratio_of_half_window_means():
     g = ratio_gradient(x, radii=(r,))
     i, j = 20, 20
     xp = torch.nn.functional.pad(x, (r, r, r, r), mode="reflect")[0, 0]
-    I, J = i + r, j + r  # padded coordinates
-    left = xp[I - r : I + r + 1, J - r : J + 1].mean()
-    right = xp[I - r : I + r + 1, J : J + r + 1].mean()
-    up = xp[I - r : I + 1, J - r : J + r + 1].mean()
-    down = xp[I : I + r + 1, J - r : J + r + 1].mean()
+    pi, pj = i + r, j + r  # padded coordinates
+    left = xp[pi - r : pi + r + 1, pj - r : pj + 1].mean()
+    right = xp[pi - r : pi + r + 1, pj : pj + r + 1].mean()
+    up = xp[pi - r : pi + 1, pj - r : pj + r + 1].mean()
+    down = xp[pi : pi + r + 1, pj - r : pj + r + 1].mean()
     expected = torch.sqrt(torch.log(left / right) ** 2 + torch.log(up / down) ** 2)
     torch.testing.assert_close(g[0, 0, i, j], expected, atol=1e-5, rtol=1e-4)
     # multiplicative invariance: scaling the image (speckle-like gain) changes nothing

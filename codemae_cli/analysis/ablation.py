@@ -25,9 +25,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -79,10 +80,10 @@ class Scale:
 
 
 SCALES: dict[str, Scale] = {
-    # A few minutes per variant on two CPU cores: tiny ViT, 32-px chips, short schedules.
+    # A few minutes per variant on two busy CPU cores: tiny ViT, 32-px chips, short schedules.
     "tiny": Scale(scenes=6, scene_size=192, tile=32, preset="tiny", img_size=32, patch_size=8,
-                  pretrain_steps=100, pretrain_batch=16, pretrain_lr=1e-3, okd_teacher="ema",
-                  probe_steps=100, probe_batch=32, probe_lr=0.05, analysis_chips=36, device="cpu"),
+                  pretrain_steps=40, pretrain_batch=16, pretrain_lr=1e-3, okd_teacher="ema",
+                  probe_steps=60, probe_batch=32, probe_lr=0.05, analysis_chips=36, device="cpu"),
     # Tens of minutes per variant on a workstation CPU, a minute or two on any GPU.
     "small": Scale(scenes=16, scene_size=256, tile=64, preset="tiny", img_size=64, patch_size=8,
                    pretrain_steps=1500, pretrain_batch=64, pretrain_lr=1e-3, okd_teacher="ema",
@@ -101,6 +102,15 @@ def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
+
+
+def _torch_device(name: str) -> str:
+    """The recipe's device name for the probes and analyses: ``auto`` picks CUDA when present."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _finite(v) -> Optional[float]:
@@ -126,7 +136,7 @@ def pretrain_overrides(variant: str, scale: Scale, dataset: Path, out: Path, see
         f"optim.batch_size={scale.pretrain_batch}",
         f"optim.lr={scale.pretrain_lr}",
         f"optim.max_steps={scale.pretrain_steps}",
-        # Warmup as a fraction of the budget: the budget, not the dataset size, sets the length.
+        # One epoch of warmup, then cosine decay to the end of the step budget.
         "optim.warmup_epochs=1",
         f"run.output_dir={json.dumps(str(out))}",
         f"run.seed={seed}",
@@ -181,7 +191,7 @@ def _cached_probes(run_dir: Path, ds, scale: Scale, seed: int, cell_dir: Path, l
     done = cell_dir / "probes.json"
     if done.is_file():
         return json.loads(done.read_text())
-    device = "cuda" if scale.device == "cuda" else "cpu"
+    device = _torch_device(scale.device)
     model, meta, _ = load_pretrained(run_dir, device=device)
     stats = meta.get("stats") or ds.stats
     classes = ds.classes
@@ -264,7 +274,7 @@ def run_cell(variant: str, seed: int, scale: Scale, dataset: Path, cell_dir: Pat
     log(f"[{variant} seed {seed}] analysing representations")
     an_dir = cell_dir / "analysis"
     doc = run_analyze([run_dir], dataset, an_dir, split="val", max_chips=scale.analysis_chips,
-                      reconstructions=4, device="cuda" if scale.device == "cuda" else "cpu", overwrite=True)
+                      reconstructions=4, device=_torch_device(scale.device), overwrite=True)
     (r,) = doc["checkpoints"].values()
     result = {
         "variant": variant,

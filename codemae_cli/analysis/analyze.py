@@ -23,8 +23,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -37,8 +38,6 @@ from codemae_cli.errors import UserError
 # --------------------------------------------------------------------------------------------
 def load_pretrained(path, device: str = "cpu"):
     """Rebuild the CoDe-MAE model of a pretraining checkpoint: ``(model, meta, name)``."""
-    import torch
-
     from codemae_cli.config import from_dict
     from codemae_cli.model import ModelConfig, build_model
     from codemae_cli.train.checkpoint import load_checkpoint, resolve_checkpoint
@@ -52,16 +51,15 @@ def load_pretrained(path, device: str = "cpu"):
     if "model" not in recipe or not bands.get("optical") or not bands.get("sar"):
         raise UserError(f"checkpoint '{path}' lacks the recipe's model section or its band lists")
     cfg = from_dict(ModelConfig, dict(recipe["model"]), "model")
-    # The teacher is not in the checkpoint and not needed to look at the student: building it
-    # would need its weights (or a timm download) for nothing.
-    if getattr(cfg, "okd", None) is not None and getattr(cfg.okd, "teacher", None) != "ema":
-        cfg.okd.teacher = "ema"
+    # The analyses need the encoder and the decoders, not the distillation branch: its teacher
+    # is not in the checkpoint and may need weights (or a download) this machine lacks.
+    cfg.okd.enabled = False
     model = build_model(cfg, optical_bands=len(bands["optical"]), sar_bands=len(bands["sar"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    encoder_missing = [k for k in missing if k.startswith("encoder.")]
-    if encoder_missing or unexpected:
-        bad = (encoder_missing or unexpected)[0]
-        raise UserError(f"checkpoint '{path}' does not match the model its recipe describes (key '{bad}')")
+    own = model.state_dict()
+    wrong = [k for k in own if k.startswith("encoder.") and (k not in state or state[k].shape != own[k].shape)]
+    if wrong:
+        raise UserError(f"checkpoint '{path}' does not match the model its recipe describes (key '{wrong[0]}')")
+    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     model.to(device).eval()
     name = _checkpoint_name(ckpt)
     return model, meta, name
@@ -176,7 +174,10 @@ def representation_metrics(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray
         },
         "patch_ssim": {"mean": float(np.nanmean(ssim)) if keep.any() else float("nan"),
                        "valid_patches": int(keep.sum())},
-        "similarity_vs_ssim": M.similarity_ssim_correlation(cos[keep], ssim[keep]),
+        # SSIM's structure term is signed: contrast reversal (a bright roof over a dark radar
+        # footprint) is shared structure too, so the correlation with |SSIM| is reported as well.
+        "similarity_vs_ssim": {**M.similarity_ssim_correlation(cos[keep], ssim[keep]),
+                               "spearman_abs": M.rank_correlation(cos[keep], np.abs(ssim[keep]))},
         "spectrum": {"optical": spec_o.tolist(), "sar": spec_s.tolist()},
         "_scatter": (cos[keep], ssim[keep]),  # for the plot; dropped before JSON
     }
@@ -262,7 +263,7 @@ def _plot_spectra(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mod in zip(axes, ("optical", "sar")):
+    for ax, mod in zip(axes, ("optical", "sar"), strict=False):
         for name, r in results.items():
             s = np.asarray(r["spectrum"][mod])
             s = s[s > 1e-10]  # centring leaves one exact zero; float noise is not spectrum
@@ -288,7 +289,7 @@ def _plot_scatter(results: dict, path: Path) -> None:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
-    for ax, (name, r) in zip(axes.ravel(), results.items()):
+    for ax, (name, r) in zip(axes.ravel(), results.items(), strict=False):
         cos, ssim = r["_scatter"]
         ax.scatter(ssim, cos, s=3, alpha=0.4)
         c = r["similarity_vs_ssim"]

@@ -188,7 +188,7 @@ def _ranks(v: np.ndarray) -> np.ndarray:
     # Group equal values and give each group the mean of its positions.
     starts = np.flatnonzero(np.r_[True, sorted_v[1:] != sorted_v[:-1]])
     ends = np.r_[starts[1:], v.size]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=False):
         if e - s > 1:
             ranks[order[s:e]] = (s + e - 1) / 2.0
     return ranks

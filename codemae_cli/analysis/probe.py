@@ -14,7 +14,8 @@ full engine (with augmentation); the ablation uses it at the ``gpu`` scale.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -9,7 +9,8 @@ peak resident memory (``ru_maxrss`` of the process and its workers) is its own:
   optical window, read the SAR window through a ``WarpedVRT`` onto the optical grid
   (bilinear), and write both to uncompressed GeoTIFFs, windowed.
 
-Printed: wall time, chips/s, MB/s of input data (uncompressed), peak RSS, and the ratio.
+Printed: wall and CPU time, chips/s, MB/s of input data (uncompressed), peak RSS (VmHWM of
+the process; with workers, the largest worker's ru_maxrss), and the ratios.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from typing import Optional
 _PREPARE = r"""
 import json, resource, sys, time
 from codemae_cli.data.prepare import run_prepare
+
+def hwm():
+    # Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
+    # fork + exec into it, so it would report the benchmark driver's memory.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 a = json.loads(sys.argv[1])
 _r = resource.getrusage(resource.RUSAGE_SELF)
 a["cpu0"] = _r.ru_utime + _r.ru_stime
@@ -35,7 +44,7 @@ s = run_prepare(out=a["out"], optical=[a["optical"]], sar=[a["sar"]], tile=a["ti
 wall = time.perf_counter() - t
 me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 cpu = me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime - a["cpu0"]
-print(json.dumps({"wall": wall, "cpu": cpu, "chips": s["chips"], "rss_kb": max(me.ru_maxrss, ch.ru_maxrss)}))
+print(json.dumps({"wall": wall, "cpu": cpu, "chips": s["chips"], "rss_kb": max(hwm(), ch.ru_maxrss if a["workers"] > 1 else 0)}))
 """
 
 _BASELINE = r"""
@@ -44,6 +53,14 @@ import numpy as np, rasterio
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
+
+def hwm():
+    # Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
+    # fork + exec into it, so it would report the benchmark driver's memory.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 a = json.loads(sys.argv[1])
 _r = resource.getrusage(resource.RUSAGE_SELF)
 a["cpu0"] = _r.ru_utime + _r.ru_stime
@@ -64,7 +81,7 @@ wall = time.perf_counter() - t
 chips = (opt.height // tile) * (opt.width // tile)
 me = resource.getrusage(resource.RUSAGE_SELF)
 cpu = me.ru_utime + me.ru_stime - a["cpu0"]
-print(json.dumps({"wall": wall, "cpu": cpu, "chips": chips, "rss_kb": me.ru_maxrss}))
+print(json.dumps({"wall": wall, "cpu": cpu, "chips": chips, "rss_kb": hwm()}))
 """
 
 
@@ -90,14 +107,14 @@ def run_prepare_bench(size: int = 4096, tile: int = 256, workers: int = 1, sar_c
     root.mkdir(parents=True, exist_ok=True)
     try:
         echo(f"generating a {size} x {size} pair (optical 4 x uint16, SAR 2 x float32 linear power in {sar_crs}) ...")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         pair = write_scene_pair(root / "scene", size, size, seed=0, optical_bands=4, optical_dtype="uint16",
                                 sar_bands=2, sar_scale="linear", sar_crs=sar_crs, labels=False)
-        gen = time.perf_counter() - t
+        gen, gen_cpu = time.perf_counter() - t, time.process_time() - c
         with rasterio.open(pair["sar"]) as s:
             sar_px = s.width * s.height * s.count
         in_mb = (size * size * 4 * 2 + sar_px * 4) / 1e6
-        echo(f"  generated in {gen:.1f} s ({in_mb:,.0f} MB of raster data)")
+        echo(f"  generated in {gen:.1f} s wall, {gen_cpu:.1f} s CPU ({in_mb:,.0f} MB of raster data)")
         args = dict(optical=str(pair["optical"]), sar=str(pair["sar"]), tile=tile, workers=workers)
         base = _run(_BASELINE, dict(args, out=str(root / "baseline")))
         prep = _run(_PREPARE, dict(args, out=str(root / "prepared")))
@@ -125,5 +142,5 @@ def run_prepare_bench(size: int = 4096, tile: int = 256, workers: int = 1, sar_c
     cpu_ratio = prep["cpu"] / max(base["cpu"], 1e-9)
     echo(f"prepare / baseline: wall {ratio:.2f}x, CPU {cpu_ratio:.2f}x (goal <= 1.5x); "
          f"peak RSS prepare {prep['rss_kb'] / 1024:.0f} MB, baseline {base['rss_kb'] / 1024:.0f} MB")
-    return {"size": size, "tile": tile, "workers": workers, "generate_s": gen, "input_mb": in_mb,
+    return {"size": size, "tile": tile, "workers": workers, "generate_s": gen, "generate_cpu_s": gen_cpu, "input_mb": in_mb,
             "results": rows, "ratio": ratio, "cpu_ratio": cpu_ratio}

@@ -4,7 +4,7 @@ OKD / CCL / CDR ablation on the generated testbed)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -15,7 +15,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("analyze")
     @cli_command
     def analyze(
-        checkpoints: List[Path] = typer.Argument(..., help="Pretraining checkpoints or run directories to compare."),
+        checkpoints: list[Path] = typer.Argument(..., help="Pretraining checkpoints or run directories to compare."),
         data: Path = typer.Option(..., "--data", "-d", help="Prepared (paired) dataset directory."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (JSON + PNG plots)."),
         split: str = typer.Option("val", help="Split whose chips are analysed."),
@@ -52,7 +52,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Ablation directory (resumable)."),
         scale: str = typer.Option("tiny", help="tiny (CPU, minutes per variant) | small | gpu"),
         seeds: int = typer.Option(3, help="Seeds per variant (0..seeds-1)."),
-        variants: Optional[List[str]] = typer.Option(
+        variants: Optional[list[str]] = typer.Option(
             None, "--variants", "-v",
             help="Variants to run (repeat the option): mae okd ccl cdr codemae rigid full_xrec (default: all).",
         ),

@@ -82,7 +82,7 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     timings = {}
     for name, argv in demo_steps(out, device):
         console.rule(f"[bold]{name}")
-        console.print("$ codemae " + " ".join(shlex.quote(a) for a in argv), style="cyan", highlight=False)
+        console.print("$ codemae " + " ".join(shlex.quote(a) for a in argv), style="cyan", highlight=False, markup=False)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "codemae_cli", *argv])
         timings[name] = time.perf_counter() - t0

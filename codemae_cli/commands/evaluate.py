@@ -41,10 +41,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         batch_size: int = typer.Option(8, "--batch-size", help="Chips per forward pass (checkpoint mode)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (checkpoint mode)."),
     ) -> None:
-        """Metrics as a table (per-class IoU, F1, precision, recall; mIoU, OA, kappa) and optionally JSON.
+        """Score a fine-tuned checkpoint on a prepared split, or a predicted raster against a reference.
 
-        Either --checkpoint with --data (a prepared split), or --pred with --ref (rasters/vectors,
-        extents and CRS reconciled onto the prediction's grid).
+        Either --checkpoint with --data (a prepared split), or --pred with --ref (a raster warped
+        onto the prediction's grid with nearest, or a vector file reprojected and rasterised).
+        Prints per-class IoU, F1, precision, recall, mIoU, OA and kappa; --json writes them too.
         """
         if (checkpoint is None) == (pred is None):
             raise UserError("give either --checkpoint (with --data) or --pred (with --ref)")

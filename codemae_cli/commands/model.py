@@ -68,8 +68,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import torch
 
         from codemae_cli.bench.model_bench import format_report, run_model_bench
-        from codemae_cli.model.config import PRESETS
         from codemae_cli.errors import UserError
+        from codemae_cli.model.config import PRESETS
 
         if preset not in PRESETS:
             raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -22,6 +22,10 @@ def print_summary(summary: dict) -> None:
     sp = summary["splits"]
     table.add_row("chips kept", f"{summary['chips']:,} of {summary['candidates']:,} "
                   f"(train {sp['train']:,}, val {sp['val']:,}, test {sp['test']:,})")
+    empty = [k for k in ("train", "val", "test") if sp[k] == 0]
+    if empty:
+        table.add_row("note", f"no {' / '.join(empty)} chips: fewer split blocks than splits; "
+                      "use a smaller --block or more data" + (" (stats are empty)" if "train" in empty else ""))
     dropped = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in summary["dropped"].items()) or "none"
     table.add_row("chips dropped", dropped)
     table.add_row("scenes", f"{summary['scenes']}")
@@ -48,10 +52,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("prepare")
     @cli_command
     def prepare_cmd(
-        optical: Optional[List[str]] = typer.Option(
+        optical: Optional[list[str]] = typer.Option(
             None, "--optical", help="Optical raster(s): a file, a folder or a glob; repeat for band files (stacked in order)."
         ),
-        sar: Optional[List[str]] = typer.Option(
+        sar: Optional[list[str]] = typer.Option(
             None, "--sar", help="SAR raster(s): a file, a folder or a glob; repeat for polarisation files."
         ),
         manifest: Optional[Path] = typer.Option(

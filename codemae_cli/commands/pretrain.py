@@ -60,6 +60,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         img_size: int = typer.Option(224, "--img-size", help="Crop size the loader delivers."),
         batch_size: int = typer.Option(64, "--batch-size", help="Pairs per batch."),
         batches: int = typer.Option(30, "--batches", help="Batches timed per worker count (after warm-up)."),
+        augment_on: str = typer.Option("loader,device", "--augment-on",
+                                       help="Modes to measure: loader (CPU augmentation), device (tiles only)."),
     ) -> None:
         """Pairs/s delivered from memory-mapped shards (crop, flip, normalise, resize), one worker
         and scaling with workers, against a raw memmap read measured in the same run."""
@@ -70,5 +72,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise UserError("--img-size must be at least 8, --batch-size and --batches at least 1")
         if dataset is not None and not dataset.is_dir():
             raise UserError(f"dataset directory '{dataset}' does not exist")
+        modes = tuple(m.strip() for m in augment_on.split(",") if m.strip())
+        if not modes or any(m not in ("loader", "device") for m in modes):
+            raise UserError(f"--augment-on must list loader and/or device, not '{augment_on}'")
         run_loader_bench(str(dataset) if dataset else None, _parse_workers(workers), img_size=img_size,
-                         batch_size=batch_size, batches=batches, echo=typer.echo)
+                         batch_size=batch_size, batches=batches, modes=modes, echo=typer.echo)

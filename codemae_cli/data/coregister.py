@@ -12,8 +12,9 @@ pixel over its extent) is read directly without resampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -99,7 +100,7 @@ def reference_grid(
 
 def _bounds(src: RasterSource) -> tuple[float, float, float, float]:
     a = src.affine
-    xs, ys = zip(*[a @ (c, r) for c, r in ((0, 0), (src.width, 0), (0, src.height), (src.width, src.height))])
+    xs, ys = zip(*[a @ (c, r) for c, r in ((0, 0), (src.width, 0), (0, src.height), (src.width, src.height))], strict=True)
     return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -119,7 +120,7 @@ def footprint(src: RasterSource, dst_crs_wkt: str):
     dst = CRS.from_wkt(dst_crs_wkt)
     if src.crs != dst:
         xs, ys = warp_transform(src.crs, dst, xs.tolist(), ys.tolist())
-    poly = Polygon(zip(xs, ys))
+    poly = Polygon(zip(xs, ys, strict=True))
     return poly if poly.is_valid else poly.buffer(0)
 
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -148,11 +148,14 @@ class PairedChips:
     A torch map-style dataset: ``chips[i]`` (global index, augmentation seeded from
     ``(seed, epoch, i)``) or ``chips[(i, sample_seed)]`` (what :class:`PairedBatchSampler` yields).
     ``train=False`` is deterministic: the whole chip resized to ``img_size``, no flip.
+    ``augment_on="device"``: items are the raw tiles with their crop window (``box``) and
+    ``flip`` flag instead; :class:`DeviceAugment` applies the same augmentation to the batch on
+    the training device (needs one tile size across datasets).
     """
 
     def __init__(self, datasets: Sequence, split: str = "train", img_size: int = 224,
                  crop_scale=(0.2, 1.0), hflip: bool = True, train: bool = True, with_labels: bool = False,
-                 ratio=(3 / 4, 4 / 3), seed: int = 0):
+                 ratio=(3 / 4, 4 / 3), seed: int = 0, augment_on: str = "loader"):
         import torch
 
         if not datasets:
@@ -167,6 +170,9 @@ class PairedChips:
         self.with_labels = bool(with_labels)
         self.seed = int(seed)
         self.epoch = 0
+        if augment_on not in ("loader", "device"):
+            raise UserError(f"augment_on must be 'loader' or 'device', not {augment_on!r}")
+        self.augment_on = augment_on
         self.sources = [_Source(ds, split, with_labels) for ds in opened]
         first = self.sources[0]
         for s in self.sources[1:]:
@@ -188,7 +194,10 @@ class PairedChips:
             raise UserError(f"no chips in split '{split}' of {names}")
         self.optical_bands = first.n_opt
         self.sar_bands = first.n_sar
-        self._torch = torch
+        if augment_on == "device" and len({src.tile for src in self.sources}) > 1:
+            raise UserError("augment_on=device needs datasets with the same tile size "
+                            f"({', '.join(f'{src.root}: {src.tile}' for src in self.sources)})")
+        self._all_valid = torch.ones((), dtype=torch.bool).expand(self.img_size, self.img_size)
 
     # ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -233,8 +242,9 @@ class PairedChips:
 
     def __getitem__(self, key) -> dict:
         """Load, crop, flip, normalise and resize one pair (and its label)."""
-        torch = self._torch
-        F = torch.nn.functional
+        import torch
+        import torch.nn.functional as F
+
         index, sample_seed = self._key(key)
         d, p = self.locate(index)
         src = self.sources[d]
@@ -247,6 +257,8 @@ class PairedChips:
             flip = self.hflip and bool(rng.random() < 0.5)
         else:
             top, left, h, w = 0, 0, tile, tile
+        if self.augment_on == "device":
+            return self._raw_item(src, k, off, d, index, (top, left, h, w), flip)
         rows = slice(top, top + h)
         # The flip is folded into the copy out of the memory map (a negative-stride read), so it
         # costs nothing, and the same window/flip is applied to optical, SAR and label.
@@ -276,7 +288,7 @@ class PairedChips:
             if resize:
                 v = F.interpolate(v[None, None].float(), size=(S, S), mode="bilinear", align_corners=False)[0, 0] > 0.5
         else:
-            v = torch.ones((S, S), dtype=torch.bool)
+            v = self._all_valid  # a zero-stride view: free, and in-place writes to it fail loudly
         out = {
             "optical": t[:co],                                                            # (Co, S, S)
             "sar": t[co:],                                                                # (Cs, S, S)
@@ -291,6 +303,81 @@ class PairedChips:
                 lab = F.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
             out["label"] = lab.long()                                                     # (S, S)
         return out
+
+
+    def _raw_item(self, src, k: int, off: int, d: int, index: int, window, flip: bool) -> dict:
+        """``augment_on="device"``: the whole raw tile plus its crop window and flip flag.
+
+        One copy out of the memory map per modality; normalisation, crop, resize and flip run
+        batched on the training device (:class:`DeviceAugment`).
+        """
+        import torch
+
+        top, left, h, w = window
+        out = {
+            "optical": torch.from_numpy(np.array(src.array("optical", k)[off], dtype=np.float32)),  # (Co, T, T)
+            "sar": torch.from_numpy(np.array(src.array("sar", k)[off], dtype=np.float32)),          # (Cs, T, T)
+            "box": torch.tensor([left, top, left + w, top + h], dtype=torch.float32),                # x1 y1 x2 y2
+            "flip": torch.tensor(flip),
+            "dataset": torch.tensor(d, dtype=torch.int64),
+            "paired": torch.tensor(src.paired),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self.with_labels:
+            out["label"] = torch.from_numpy(np.array(src.array("label", k)[off], dtype=np.uint8))   # (T, T)
+        return out
+
+
+class DeviceAugment:
+    """Normalise, crop, resize and flip a batch of raw tiles on its device (``augment_on=device``).
+
+    The CPU loader then only copies tiles out of the memory maps, so one worker feeds thousands
+    of pairs/s. Geometry is the loader's: ``roi_align`` with ``aligned=True`` samples the crop
+    exactly like bilinear ``interpolate(align_corners=False)`` (adaptive sampling averages when
+    shrinking, like antialiasing); optical, SAR and the validity mask go through ONE call, so a
+    pair stays identical; labels use nearest (floor of the sample centre).
+    """
+
+    def __init__(self, chips: PairedChips, device):
+        import torch
+
+        self.img_size = chips.img_size
+        self.co = chips.optical_bands
+        self.mean = torch.tensor(np.stack([s.mean for s in chips.sources]), device=device)        # (n_ds, C)
+        self.inv_std = torch.tensor(np.stack([s.inv_std for s in chips.sources]), device=device)  # (n_ds, C)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        from torchvision.ops import roi_align
+
+        co, S = self.co, self.img_size
+        x = torch.cat([batch["optical"], batch["sar"]], 1).float()                      # (B, C, T, T)
+        B = x.shape[0]
+        d = batch["dataset"].to(x.device)
+        x = (x - self.mean[d][:, :, None, None]) * self.inv_std[d][:, :, None, None]
+        bad = ~torch.isfinite(x)
+        valid = ~(bad[:, :co].any(1) | bad[:, co:].any(1))                               # (B, T, T)
+        x = x.masked_fill(bad, 0.0)
+        stack = torch.cat([x, valid[:, None].to(x.dtype)], 1)                             # (B, C+1, T, T)
+        box = batch["box"].to(x.device, torch.float32)                                    # (B, 4)
+        rois = torch.cat([torch.arange(B, device=x.device, dtype=torch.float32)[:, None], box], 1)
+        out = roi_align(stack, rois, output_size=S, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        flip = batch["flip"].to(x.device)[:, None, None, None]
+        out = torch.where(flip, out.flip(-1), out)                                        # (B, C+1, S, S)
+        res = {k: v for k, v in batch.items() if k not in ("box", "flip")}
+        res["optical"] = out[:, :co]
+        res["sar"] = out[:, co:-1]
+        res["valid"] = out[:, -1] > 0.5
+        if "label" in batch:
+            lab = batch["label"].to(x.device)
+            centres = (torch.arange(S, device=x.device, dtype=torch.float32) + 0.5) / S   # (S,)
+            ys = (box[:, 1:2] + centres[None] * (box[:, 3:4] - box[:, 1:2])).floor().long()
+            xs = (box[:, 0:1] + centres[None] * (box[:, 2:3] - box[:, 0:1])).floor().long()
+            T = lab.shape[-1]
+            ys, xs = ys.clamp_(0, T - 1), xs.clamp_(0, T - 1)
+            lab = lab[torch.arange(B, device=x.device)[:, None, None], ys[:, :, None], xs[:, None, :]]
+            res["label"] = torch.where(flip[:, 0], lab.flip(-1), lab).long()             # (B, S, S)
+        return res
 
 
 class PairedBatchSampler:
@@ -336,7 +423,7 @@ class PairedBatchSampler:
         self.start_batch = 0
         global_batch = self.batch_size * self.world_size
         per_group = {}
-        for flag, q in zip(chips.paired_flags, quotas):
+        for flag, q in zip(chips.paired_flags, quotas, strict=True):
             per_group[flag] = per_group.get(flag, 0) + int(q)
         if self.drop_last:
             self._n_global = sum(n // global_batch for n in per_group.values())
@@ -364,7 +451,7 @@ class PairedBatchSampler:
     def _epoch_batches(self) -> list[np.ndarray]:
         rng = np.random.default_rng(_mix(self.seed, self.epoch, 0xB47C4))
         groups: dict[bool, list[np.ndarray]] = {}
-        for d, (flag, q) in enumerate(zip(self.chips.paired_flags, self.quotas)):
+        for d, (flag, q) in enumerate(zip(self.chips.paired_flags, self.quotas, strict=True)):
             n = int(self.chips.sizes[d])
             if q <= 0 or n == 0:
                 continue
@@ -430,6 +517,7 @@ def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_work
 
 
 __all__ = [
+    "DeviceAugment",
     "IGNORE_INDEX",
     "PairedBatchSampler",
     "PairedChips",

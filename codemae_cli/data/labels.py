@@ -124,7 +124,7 @@ class VectorLabels:
         if len(hits) == 0:
             return out
         sub = self.gdf.iloc[np.sort(hits)]
-        shapes = ((geom, int(code)) for geom, code in zip(sub.geometry, sub["_code"]))
+        shapes = ((geom, int(code)) for geom, code in zip(sub.geometry, sub["_code"], strict=True))
         return rasterize(shapes, out_shape=(height, width), transform=grid.window_transform(row, col),
                          fill=0, out=out, dtype=np.uint8)
 

@@ -27,17 +27,32 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from codemae_cli import __version__
 from codemae_cli.data import raster as R
-from codemae_cli.data.coregister import Grid, choose_resampling, footprint, overlap_window, read_on_grid, reference_grid
-from codemae_cli.data.labels import IGNORE, VectorLabels, is_vector, parse_classes, raster_classes, raster_label_prepare
+from codemae_cli.data.coregister import (
+    Grid,
+    choose_resampling,
+    footprint,
+    overlap_window,
+    read_on_grid,
+    reference_grid,
+)
+from codemae_cli.data.labels import (
+    IGNORE,
+    VectorLabels,
+    is_vector,
+    parse_classes,
+    raster_classes,
+    raster_label_prepare,
+)
 from codemae_cli.data.manifest import SceneSpec, read_manifest
 from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
@@ -45,6 +60,29 @@ from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
 
 SEGMENT_PX = 2048  # columns read at once: bounds memory by tile x SEGMENT_PX, not the scene
+
+
+def _release_memory() -> None:
+    """Return freed heap to the OS (glibc only; elsewhere a no-op).
+
+    GDAL's warper allocates its buffers from per-thread malloc arenas, which glibc keeps
+    after they are freed: without a trim the resident size creeps up by tens of MB per band
+    of rows until the arenas saturate, which looks like memory growing with the scene.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - raises AttributeError off glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 @dataclass
@@ -123,6 +161,8 @@ def _check_options(o: PrepareOptions) -> tuple[int, tuple[float, float, float]]:
         raise UserError("give either --manifest or --optical/--sar, not both")
     if o.manifest and o.labels:
         raise UserError("with --manifest, give labels per scene in its 'labels' column")
+    if (o.label_column or o.classes) and not (o.labels or o.manifest):
+        raise UserError("--label-column and --classes describe labels: give them with --labels")
     return stride, parse_split(o.split)
 
 
@@ -235,12 +275,12 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
     """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
     grid = plan.grid
     parts = []
-    for src, nd, rs in zip(plan.optical, plan.optical_nodata, plan.optical_resampling):
+    for src, nd, rs in zip(plan.optical, plan.optical_nodata, plan.optical_resampling, strict=True):
         parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
                                   prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
     optical = R.invalidate_pixels(np.concatenate(parts, axis=0))
     parts = []
-    for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling):
+    for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
         parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
                                   prepare=lambda b, nd=nd, sc=sc: R.to_linear_power(b, sc, nd)))
     # Resampled in linear power above; converted to dB exactly once here.
@@ -304,6 +344,7 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
                 })
             if on_row is not None:
                 on_row(len(seg))
+        _release_memory()
     return {"rows": rows_out, "stats": stats, "dropped": dropped, "label_values": label_values}
 
 
@@ -364,7 +405,7 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
 
     specs = _scene_specs(o)
     ids = _unique_ids(specs)
-    plans = [_plan_scene(spec, o, stride, sid, classes) for spec, sid in zip(specs, ids)]
+    plans = [_plan_scene(spec, o, stride, sid, classes) for spec, sid in zip(specs, ids, strict=True)]
     _harmonise_vector_classes(plans, o, classes)
     first = plans[0]
     n_opt = sum(s.count for s in first.optical)
@@ -404,7 +445,14 @@ def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: b
     total = sum(len(p.rows) * len(p.cols) for p in plans)
     progress = None
     if o.progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress = Progress(TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("chips"),
                             TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
@@ -450,11 +498,16 @@ def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: b
             # spawn, not fork: GDAL and thread pools do not survive a fork reliably.
             with ProcessPoolExecutor(max_workers=o.workers, mp_context=mp.get_context("spawn")) as pool:
                 futures = [pool.submit(_worker_task, t) for t in tasks]
-                for k, (fut, t) in enumerate(zip(futures, tasks)):
-                    res = fut.result()
-                    res["writer"] = k
-                    results.append(res)
-                    advance(len(t[1]) * len(t[0].cols))
+                try:
+                    for k, (fut, t) in enumerate(zip(futures, tasks, strict=True)):
+                        res = fut.result()
+                        res["writer"] = k
+                        results.append(res)
+                        advance(len(t[1]) * len(t[0].cols))
+                except BaseException:
+                    # Do not start queued tasks; running ones finish before the temp dir goes.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     return results
 
 
@@ -550,9 +603,9 @@ def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, out: Path
     warped = []
     for p in plans:
         n_kept = int((index["scene_id"] == p.scene_id).sum())
-        notes = [_source_note(s, rs, p.grid) for s, rs in zip(p.optical, p.optical_resampling)]
+        notes = [_source_note(s, rs, p.grid) for s, rs in zip(p.optical, p.optical_resampling, strict=True)]
         notes += [_source_note(s, rs, p.grid) + (f" (input {sc}, resampled in linear power)" if rs != "none" else f" (input {sc})")
-                  for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales)]
+                  for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales, strict=True)]
         if p.labels is not None:
             notes.append(f"{Path(p.labels['source']).name}: " + (
                 "rasterised onto the grid" if p.labels["kind"] == "vector" else f"label raster, {p.labels['resampling']}"))

@@ -40,7 +40,7 @@ def write_quicklook(root: str | Path, path: str | Path, n: int = 4) -> Path:
     cols = 3 if ds.has_labels else 2
     fig, axes = plt.subplots(len(picks), cols, figsize=(3 * cols, 3 * len(picks)), squeeze=False)
     bands = _rgb_bands(ds.meta["optical"]["bands"])
-    for row, i in zip(axes, picks):
+    for row, i in zip(axes, picks, strict=True):
         chip = ds.read(int(i))
         opt = chip["optical"][bands]
         rgb = np.stack([_stretch(b) for b in opt], axis=-1)

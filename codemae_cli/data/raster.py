@@ -165,7 +165,7 @@ def band_names(sources: list[RasterSource], default_prefix: str) -> list[str]:
     cut = [suffix.find(c) for c in seps if c in suffix]
     suffix = suffix[min(cut):] if cut else ""
     names = []
-    for s, stem in zip(sources, stems):
+    for s, stem in zip(sources, stems, strict=True):
         core = stem[len(prefix): len(stem) - len(suffix) if suffix else None] or stem
         for k, d in enumerate(s.descriptions):
             if d:

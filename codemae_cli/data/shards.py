@@ -39,7 +39,7 @@ def shard_name(modality: str, k: int) -> str:
 
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (descr, tuple(shape))
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     room = _HEADER_BYTES - len(_MAGIC) - 2 - 1  # 2 bytes header length, 1 byte final newline
     if len(text) > room:
         raise ValueError(f"shape {shape} does not fit the fixed .npy header")

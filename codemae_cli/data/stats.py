@@ -46,7 +46,7 @@ class RunningStats:
         self.m2 = self.m2 + m2 + delta * delta * self.count * n / safe
         self.count = total
 
-    def merge(self, other: "RunningStats") -> "RunningStats":
+    def merge(self, other: RunningStats) -> RunningStats:
         self._combine(other.count, other.mean, other.m2)
         return self
 

@@ -382,63 +382,66 @@ def write_scene_pair(
     sar_names = {1: ["VV"], 2: ["VV", "VH"], 4: ["HH", "HV", "VH", "VV"]}.get(
         sar_bands, [f"P{k + 1}" for k in range(sar_bands)])
 
+    # GDAL keeps dirty blocks of the written rasters in its cache (5 % of RAM by default):
+    # a small cache keeps the generator's memory independent of the scene size.
     try:
-        with rasterio.open(paths["optical"], "w", **opt_profile) as dst_o:
-            dst_l = rasterio.open(paths["labels"], "w", **lab_profile) if labels else None
-            try:
-                for k, nm in enumerate(opt_names):
-                    dst_o.set_band_description(k + 1, nm)
-                for r, c, h, w in _windows(height, width, block):
-                    rng = np.random.default_rng([seed, 1, r, c])
-                    yy, xx = np.mgrid[r:r + h, c:c + w].astype(np.float32) + np.float32(0.5)
-                    refl, cls = _optical_window(xx, yy, seed, optical_bands, rng)
-                    vals = refl * np.float32(scale)
-                    if optical_dtype != "float32":
-                        vals = np.rint(vals)
-                    if lo is not None:
-                        vals = np.maximum(vals, lo)
-                    elif nodata_optical is not None:
-                        vals[vals == np.float32(nodata_optical)] += 1
-                    dst_o.write(vals.astype(optical_dtype), window=Window(c, r, w, h))
+        with rasterio.Env(GDAL_CACHEMAX=64):
+            with rasterio.open(paths["optical"], "w", **opt_profile) as dst_o:
+                dst_l = rasterio.open(paths["labels"], "w", **lab_profile) if labels else None
+                try:
+                    for k, nm in enumerate(opt_names):
+                        dst_o.set_band_description(k + 1, nm)
+                    for r, c, h, w in _windows(height, width, block):
+                        rng = np.random.default_rng([seed, 1, r, c])
+                        yy, xx = np.mgrid[r:r + h, c:c + w].astype(np.float32) + np.float32(0.5)
+                        refl, cls = _optical_window(xx, yy, seed, optical_bands, rng)
+                        vals = refl * np.float32(scale)
+                        if optical_dtype != "float32":
+                            vals = np.rint(vals)
+                        if lo is not None:
+                            vals = np.maximum(vals, lo)
+                        elif nodata_optical is not None:
+                            vals[vals == np.float32(nodata_optical)] += 1
+                        dst_o.write(vals.astype(optical_dtype), window=Window(c, r, w, h))
+                        if dst_l is not None:
+                            dst_l.write(cls[None], window=Window(c, r, w, h))
                     if dst_l is not None:
-                        dst_l.write(cls[None], window=Window(c, r, w, h))
-                if dst_l is not None:
-                    dst_l.update_tags(CLASSES=",".join(CLASSES))
-            finally:
-                if dst_l is not None:
-                    dst_l.close()
+                        dst_l.update_tags(CLASSES=",".join(CLASSES))
+                finally:
+                    if dst_l is not None:
+                        dst_l.close()
 
-        from rasterio.warp import transform as warp_transform
+            from rasterio.warp import transform as warp_transform
 
-        with rasterio.open(paths["sar"], "w", **sar_profile) as dst_s:
-            for k, nm in enumerate(sar_names):
-                dst_s.set_band_description(k + 1, nm)
-            dst_s.update_tags(SAR_SCALE=sar_scale)
-            for r, c, h, w in _windows(s_h, s_w, block):
-                rng = np.random.default_rng([seed, 2, r, c])
-                # SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is
-                # transformed exactly and interpolated: projections are smooth at this scale.
-                step = 32
-                gr = np.arange(0, h + step, step, dtype=np.float64)
-                gc = np.arange(0, w + step, step, dtype=np.float64)
-                GC, GR = np.meshgrid(c + gc + 0.5, r + gr + 0.5)
-                X = sar_tf.a * GC + sar_tf.c
-                Y = sar_tf.e * GR + sar_tf.f
-                if s_crs != opt_crs:
-                    X, Y = (np.asarray(a).reshape(GC.shape) for a in warp_transform(s_crs, opt_crs, X.ravel(), Y.ravel()))
-                px, py = _optical_to_float_pixels(X, Y, opt_tf)
-                fr = (np.arange(h, dtype=np.float32)) / step
-                fc = (np.arange(w, dtype=np.float32)) / step
-                xx = _bilinear_grid(px.astype(np.float32), fr, fc)
-                yy = _bilinear_grid(py.astype(np.float32), fr, fc)
-                power = _sar_window(xx, yy, seed, sar_bands, rng)
-                if sar_scale == "db":
-                    vals = 10.0 * np.log10(power)
-                elif sar_scale == "amplitude":
-                    vals = np.sqrt(power)
-                else:
-                    vals = power
-                dst_s.write(vals.astype(np.float32), window=Window(c, r, w, h))
+            with rasterio.open(paths["sar"], "w", **sar_profile) as dst_s:
+                for k, nm in enumerate(sar_names):
+                    dst_s.set_band_description(k + 1, nm)
+                dst_s.update_tags(SAR_SCALE=sar_scale)
+                for r, c, h, w in _windows(s_h, s_w, block):
+                    rng = np.random.default_rng([seed, 2, r, c])
+                    # SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is
+                    # transformed exactly and interpolated: projections are smooth at this scale.
+                    step = 32
+                    gr = np.arange(0, h + step, step, dtype=np.float64)
+                    gc = np.arange(0, w + step, step, dtype=np.float64)
+                    GC, GR = np.meshgrid(c + gc + 0.5, r + gr + 0.5)
+                    X = sar_tf.a * GC + sar_tf.c
+                    Y = sar_tf.e * GR + sar_tf.f
+                    if s_crs != opt_crs:
+                        X, Y = (np.asarray(a).reshape(GC.shape) for a in warp_transform(s_crs, opt_crs, X.ravel(), Y.ravel()))
+                    px, py = _optical_to_float_pixels(X, Y, opt_tf)
+                    fr = (np.arange(h, dtype=np.float32)) / step
+                    fc = (np.arange(w, dtype=np.float32)) / step
+                    xx = _bilinear_grid(px.astype(np.float32), fr, fc)
+                    yy = _bilinear_grid(py.astype(np.float32), fr, fc)
+                    power = _sar_window(xx, yy, seed, sar_bands, rng)
+                    if sar_scale == "db":
+                        vals = 10.0 * np.log10(power)
+                    elif sar_scale == "amplitude":
+                        vals = np.sqrt(power)
+                    else:
+                        vals = power
+                    dst_s.write(vals.astype(np.float32), window=Window(c, r, w, h))
     except BaseException:
         for p in paths.values():
             if p is not None:

@@ -140,7 +140,7 @@ class CoDeMAE(nn.Module):
         if okd.teacher == "ema":
             return self.encoder.embed_dim
         model = create_timm_teacher(okd, fused_attn=self.cfg.fused_attn)
-        in_chans = int(getattr(model, "patch_embed").proj.in_channels) if hasattr(model, "patch_embed") else 3
+        in_chans = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else 3
         bands = default_teacher_bands(self.bands["optical"], okd.teacher_bands, in_chans)
         teacher = TimmTeacher(model, bands)
         self._set_teacher(teacher)
@@ -178,13 +178,23 @@ class CoDeMAE(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self) -> None:
-        """EMA step after each optimizer step; a no-op for frozen teachers or OKD off."""
+        """EMA step after each optimizer step; a no-op for frozen teachers or OKD off.
+
+        The first call also aligns the teachers across ranks (see :meth:`sync_teacher`)."""
+        if self._teacher is not None and not self._teacher_synced:
+            self.sync_teacher()
         if isinstance(self._teacher, EMATeacher):
             self._teacher.update(self.encoder, self.cfg.okd.ema_momentum)
 
-    def _sync_teacher(self) -> None:
-        # Ranks build their teachers independently (an EMA copy of a not-yet-broadcast student,
-        # or random timm weights): broadcast rank 0's teacher once so all ranks distil the same.
+    @torch.no_grad()
+    def sync_teacher(self) -> None:
+        """Broadcast rank 0's teacher to all ranks (no-op when not distributed).
+
+        Ranks build their teachers independently (an EMA copy of a student DDP has not yet
+        broadcast, or random timm weights), so an engine calls this once after wrapping the
+        model in DDP; :meth:`update_teacher` does it on its first call otherwise. It is kept out
+        of ``forward`` so a compiled forward never sees the flag change (no recompilation).
+        """
         import torch.distributed as dist
 
         self._teacher_synced = True
@@ -249,8 +259,6 @@ class CoDeMAE(nn.Module):
             raise UserError(
                 f"optical {tuple(optical.shape)} and SAR {tuple(sar.shape)} batches must share batch and size"
             )
-        if self._teacher is not None and not self._teacher_synced:
-            self._sync_teacher()
         B = optical.shape[0]
         grid = self.encoder.check_image(optical, "optical")
         self.encoder.check_image(sar, "sar")

@@ -9,8 +9,9 @@ affine parameters.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,7 @@ class TimmTeacher(nn.Module):
             mean, std = (mean[0],) * chans, (std[0],) * chans
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-        self.dim = int(getattr(model, "num_features", getattr(model, "embed_dim")))
+        self.dim = int(getattr(model, "num_features", model.embed_dim))
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", 16)
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)

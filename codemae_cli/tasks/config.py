@@ -67,7 +67,9 @@ class TaskConfig:
     kind: Literal["segmentation", "classification"] = "segmentation"
     multilabel: bool = False  # classification: every class present in the chip (sigmoid + BCE)
     inputs: Literal["optical", "sar", "both"] = "both"
-    head: Literal["upernet", "fpn", "linear"] = "upernet"
+    # segmentation: upernet | fpn | linear; classification: pool (mean-pooled tokens, LayerNorm,
+    # linear) | linear. Empty: upernet for segmentation, pool for classification.
+    head: Optional[Literal["upernet", "fpn", "pool", "linear"]] = None
     neck_dim: int = 256  # channels of the UPerNet/FPN neck
     fusion: Literal["concat", "mean"] = "concat"  # how optical and SAR features are combined
     linear_probe: bool = False  # frozen encoder, BatchNorm without affine + linear head
@@ -82,6 +84,11 @@ class TaskConfig:
     min_class_fraction: float = 0.01  # multi-label target: class covers >= this share of the chip
 
     def validate(self) -> None:
+        if self.head is None:
+            self.head = "upernet" if self.kind == "segmentation" else "pool"
+        allowed = ("upernet", "fpn", "linear") if self.kind == "segmentation" else ("pool", "linear")
+        if self.head not in allowed:
+            raise UserError(f"task.head={self.head} does not fit task.kind={self.kind}; use one of {', '.join(allowed)}")
         if self.pretrained and self.from_scratch:
             raise UserError("set either task.pretrained or task.from_scratch, not both")
         if self.linear_probe and self.head != "linear":
@@ -131,11 +138,14 @@ class FinetuneRecipe:
     model: EncoderSection = field(default_factory=EncoderSection)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune", ckpt_every=0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(output_dir="runs/finetune"))
 
     def validate(self) -> None:
         if not self.data.datasets:
             raise UserError("data.datasets is empty; list at least one prepared dataset directory")
+        if self.data.img_size != self.model.img_size:
+            raise UserError(f"data.img_size ({self.data.img_size}) and model.img_size ({self.model.img_size}) must be "
+                            "equal: chips are resized to the size the model is built for")
 
 
 __all__ = [

@@ -8,7 +8,8 @@ so the summed confusion matrix counts each pixel once).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from codemae_cli.errors import UserError
 from codemae_cli.tasks.config import DEFAULT_COLORS

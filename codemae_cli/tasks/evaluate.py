@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -74,7 +75,6 @@ def evaluate_model(model, loader, task, num_classes: int, device, precision: str
     import torch
 
     from codemae_cli.tasks.data import batch_inputs
-
     from codemae_cli.train.distributed import is_dist
     from codemae_cli.train.engine import autocast
 
@@ -293,7 +293,7 @@ def _rasterise_reference(ref: Path, shape, transform, crs, nodata_value, label_c
             values = np.array([lookup[str(v).lower()] for v in col], dtype=np.int32)
         # Pixels outside every polygon are unknown, unless class 0 is a background class.
         fill = nodata_value
-    out = rasterize(((g, int(v)) for g, v in zip(gdf.geometry, values)), out_shape=shape, transform=transform,
+    out = rasterize(((g, int(v)) for g, v in zip(gdf.geometry, values, strict=False)), out_shape=shape, transform=transform,
                     fill=fill, dtype="int32")
     return out, names
 

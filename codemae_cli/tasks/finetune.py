@@ -26,7 +26,7 @@ def _scalars(metrics: dict, names: list[str]) -> dict:
     """Flat scalars for logs: summary numbers plus per-class IoU/F1 (or AP) by class name."""
     out = {k: metrics[k] for k in _SCALAR_KEYS if k in metrics}
     for key in ("iou", "ap"):
-        for name, v in zip(names, metrics.get(key, [])):
+        for name, v in zip(names, metrics.get(key, []), strict=False):
             out[f"{key}/{name}"] = v
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
@@ -72,8 +72,19 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
     from codemae_cli.tasks.evaluate import evaluate_model, task_loss
     from codemae_cli.tasks.metrics import is_better
     from codemae_cli.tasks.model import find_unused_parameters
-    from codemae_cli.tasks.model_io import build_task_model, encoder_state_from_checkpoint, load_encoder_weights
-    from codemae_cli.train.checkpoint import has_resume, load_checkpoint, load_resume, save_checkpoint, unwrap_model
+    from codemae_cli.tasks.model_io import (
+        build_task_model,
+        encoder_state_from_checkpoint,
+        load_encoder_weights,
+    )
+    from codemae_cli.train.checkpoint import (
+        has_resume,
+        load_checkpoint,
+        load_resume,
+        read_meta,
+        save_checkpoint,
+        unwrap_model,
+    )
     from codemae_cli.train.distributed import barrier, cleanup_distributed, init_distributed
     from codemae_cli.train.engine import FiniteGuard, autocast, resolve_precision, seed_step, set_seed
     from codemae_cli.train.logging import MetricsLogger, TrainProgress
@@ -110,9 +121,14 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
         bands = {"optical": _band_names(ds_meta, "optical"), "sar": _band_names(ds_meta, "sar")}
 
         # ---- model -----------------------------------------------------------------------
-        pre_state, pre_meta = _load_pretrained(recipe)
-        if pre_meta is not None:
-            _check_bands(pre_meta, bands, t.inputs)
+        if resume:
+            # The encoder is rebuilt as it was trained; its weights come from checkpoints/last.
+            last_meta = read_meta(ckpt_dir / "last")
+            pre_state, pre_meta = None, {"encoder_config": last_meta["encoder_config"]}
+        else:
+            pre_state, pre_meta = _load_pretrained(recipe)
+            if pre_meta is not None:
+                _check_bands(pre_meta, bands, t.inputs)
         model, enc_cfg = build_task_model(recipe, chips.optical_bands, chips.sar_bands, num_classes, pre_meta)
         # What the chosen inputs never touch is frozen: DDP runs without find_unused_parameters.
         unused = find_unused_parameters(model, chips.optical_bands, chips.sar_bands, 2 * enc_cfg.patch_size)
@@ -123,15 +139,17 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
         if pre_state is not None:
             used = {n[len("encoder."):] for n, p in model.named_parameters()
                     if n.startswith("encoder.") and n not in unused}
-            if t.linear_probe:  # frozen encoder: everything but unused parts is "used"
-                unused_enc = {n[len("encoder."):] for n in unused if n.startswith("encoder.")}
-                used = {k for k in model.encoder.state_dict() if k not in unused_enc}
+            if t.linear_probe:  # a frozen encoder has no gradients to tell: go by the input modality
+                other = {"optical": "patch_embed.sar.", "sar": "patch_embed.optical.", "both": None}[t.inputs]
+                used = {k for k in model.encoder.state_dict() if other is None or not k.startswith(other)}
             report = load_encoder_weights(model.encoder, encoder_state_from_checkpoint(pre_state), used=used,
                                           source=str(t.pretrained))
             say(f"pretrained encoder: {report.loaded} tensors loaded from {t.pretrained}; "
                 f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.skipped)} skipped"
                 + (f" (missing: {', '.join(report.missing[:6])}{' ...' if len(report.missing) > 6 else ''})"
                    if report.missing else ""))
+        elif resume:
+            report = _LoadedReport(last_meta.get("load_report"))
         else:
             say(f"encoder: preset '{enc_cfg.preset}' from scratch (random initialisation)")
         model.to(device)
@@ -213,7 +231,7 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
         micro = 0
         t0 = time.perf_counter()
         items = o.batch_size * o.accum_steps * dist.world_size
-        with TrainProgress(total_steps, items, unit="chips", start=step, enabled=dist.is_main,
+        with TrainProgress(total_steps, items, unit="chips", start=step, enabled=dist.is_main and r.progress,
                            description="finetune") as bar:
             for epoch in range(start_epoch, o.epochs):
                 if done:
@@ -247,9 +265,11 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
                         guard.check(step)
                         logger.log(step, {"loss": float(loss.detach()), "lr": cur_lr, "epoch": epoch})
                     bar.advance(step, f"loss {float(loss.detach()):.4f}" if step % r.log_every == 0 else "")
-                    if r.ckpt_every and step % r.ckpt_every == 0 and batch_idx < sampler.batches_per_epoch:
+                    if step % r.ckpt_every == 0 and batch_idx < sampler.batches_per_epoch:
                         guard.check(step)
                         save("last", epoch, batch_idx, last_metrics, with_resume=True)
+                    if r.keep_every and step % r.keep_every == 0:
+                        save(f"step_{step:08d}", epoch, batch_idx, last_metrics, with_resume=True)
                     if step >= total_steps:
                         done = True
                         break
@@ -284,6 +304,19 @@ def run_finetune(recipe, resume: bool = False, console=None) -> dict:
                 "load_report": report.as_dict() if report else None}
     finally:
         cleanup_distributed()
+
+
+class _LoadedReport:
+    """The load report of the original run, carried into the checkpoints of a resumed run."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def as_dict(self):
+        return self.data
+
+    def __bool__(self):
+        return self.data is not None
 
 
 def _inputs(batch, device, ignore_index):

@@ -60,7 +60,7 @@ class PPM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         outs = [x]
-        for s, conv in zip(self.scales, self.convs):
+        for s, conv in zip(self.scales, self.convs, strict=False):
             pooled = conv(F.adaptive_avg_pool2d(x, s))  # (B, C, s, s)
             outs.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=False))
         return self.bottleneck(torch.cat(outs, 1))  # (B, C, h, w)
@@ -92,14 +92,14 @@ class PyramidSegHead(nn.Module):
             raise ValueError(f"the {self.kind} head needs features from 4 encoder depths, got {len(feats)}")
         levels = self.pyramid(feats)  # strides p/4, p/2, p, 2p
         if self.ppm is not None:
-            lat = [conv(x) for conv, x in zip(self.lateral, levels[:3])] + [self.ppm(levels[3])]
+            lat = [conv(x) for conv, x in zip(self.lateral, levels[:3], strict=False)] + [self.ppm(levels[3])]
         else:
-            lat = [conv(x) for conv, x in zip(self.lateral, levels)]
+            lat = [conv(x) for conv, x in zip(self.lateral, levels, strict=False)]
         # Top-down pathway: coarse semantics added into finer levels.
         for i in range(3, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear",
                                                     align_corners=False)
-        outs = [smooth(x) for smooth, x in zip(self.smooth, lat)]  # each (B, C, h_i, w_i)
+        outs = [smooth(x) for smooth, x in zip(self.smooth, lat, strict=False)]  # each (B, C, h_i, w_i)
         size = outs[0].shape[-2:]
         ups = [outs[0]] + [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in outs[1:]]
         fused = self.fuse(torch.cat(ups, 1) if self.kind == "upernet" else sum(ups))  # (B, C, H/4, W/4)
@@ -151,15 +151,20 @@ class LinearClsHead(nn.Module):
 
 
 def build_head(kind: str, head: str, in_dim: int, num_classes: int, neck_dim: int = 256) -> nn.Module:
-    """The head for a task kind ("segmentation" | "classification") and head name."""
+    """The head for a task kind ("segmentation": upernet | fpn | linear; "classification":
+    pool | linear)."""
     if kind == "segmentation":
         if head == "linear":
             return LinearSegHead(in_dim, num_classes)
-        return PyramidSegHead(in_dim, num_classes, neck_dim=neck_dim, kind=head)
+        if head in ("upernet", "fpn"):
+            return PyramidSegHead(in_dim, num_classes, neck_dim=neck_dim, kind=head)
+        raise ValueError(f"segmentation has no '{head}' head (upernet, fpn or linear)")
     if kind == "classification":
         if head == "linear":
             return LinearClsHead(in_dim, num_classes)
-        return ClassificationHead(in_dim, num_classes)
+        if head == "pool":
+            return ClassificationHead(in_dim, num_classes)
+        raise ValueError(f"classification has no '{head}' head (pool or linear)")
     raise ValueError(f"unknown task kind '{kind}'")
 
 

@@ -11,7 +11,7 @@ Classes that appear neither in the reference nor in the prediction have an undef
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

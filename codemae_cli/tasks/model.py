@@ -13,7 +13,8 @@ so it keeps predicting when a scene has only one of the two rasters.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import nn

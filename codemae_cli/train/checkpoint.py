@@ -203,6 +203,10 @@ def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: 
         tmp.rename(directory)
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
+        # Leftovers of saves that were killed part-way (other process ids): now superseded.
+        for stale in list(directory.parent.glob(f".{directory.name}.old-*")) + \
+                list(directory.parent.glob(f".{directory.name}.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not directory.exists():

@@ -22,6 +22,9 @@ class DataConfig:
     paired: Optional[bool] = None  # None: from the dataset metadata
     num_workers: int = 4
     pin_memory: bool = True
+    # Where crop/resize/flip/normalisation run: "loader" (CPU workers) or "device" (batched on the
+    # training device; the workers only copy tiles out of the shards, for fast GPUs).
+    augment_on: Literal["loader", "device"] = "loader"
 
     def validate(self) -> None:
         if self.weights is not None and len(self.weights) != len(self.datasets):

@@ -24,7 +24,7 @@ class DistInfo:
     rank: int
     local_rank: int
     world_size: int
-    device: "object"  # torch.device (kept untyped so this module imports torch lazily)
+    device: object  # torch.device (kept untyped so this module imports torch lazily)
     is_main: bool
 
     @property

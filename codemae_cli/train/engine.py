@@ -16,7 +16,7 @@ class NonFiniteLossError(UserError):
 
 
 def resolve_precision(device, precision: str = "auto") -> str:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; bf16/fp16 on CPU fall back to fp32 for fp16."""
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere; fp16 only on CUDA (bf16 autocast also runs on CPU)."""
     dev_type = getattr(device, "type", str(device).split(":")[0])
     if precision == "auto":
         return "bf16" if dev_type == "cuda" else "fp32"

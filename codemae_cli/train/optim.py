@@ -11,7 +11,7 @@ per-iteration warmup + cosine schedule.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from codemae_cli.errors import UserError
 

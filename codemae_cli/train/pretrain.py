@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from codemae_cli.errors import UserError
 from codemae_cli.train.recipe import PretrainRecipe
@@ -74,9 +75,15 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
     import torch
 
     from codemae_cli.config import save_recipe, to_dict
-    from codemae_cli.data.dataset import PairedBatchSampler, PairedChips, build_loader
+    from codemae_cli.data.dataset import DeviceAugment, PairedBatchSampler, PairedChips, build_loader
     from codemae_cli.model import build_model
-    from codemae_cli.train.checkpoint import load_checkpoint, load_resume, read_meta, save_checkpoint
+    from codemae_cli.train.checkpoint import (
+        load_checkpoint,
+        load_resume,
+        read_meta,
+        resolve_checkpoint,
+        save_checkpoint,
+    )
     from codemae_cli.train.distributed import all_reduce_mean, barrier
     from codemae_cli.train.engine import NonFiniteLossError, autocast, resolve_precision, seed_step, set_seed
     from codemae_cli.train.logging import MetricsLogger, TrainProgress
@@ -98,9 +105,11 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
                         "or choose another --output-dir")
     if resume and not existing:
         raise UserError(f"--resume was given but '{run_dir}' holds no checkpoint to resume from")
-    resume_from = ckpt_root / "last" if resume else None
+    resume_from = None
     if resume:
-        meta = read_meta(resume_from if (resume_from / "meta.json").is_file() else run_dir)
+        # checkpoints/last, or the copy a save killed between its two renames moved aside.
+        resume_from = resolve_checkpoint(run_dir, prefer=("last",))
+        meta = read_meta(resume_from)
         if meta.get("kind") != "pretrain":
             raise UserError(f"'{run_dir}' is not a pretraining run (its checkpoint kind is {meta.get('kind')!r})")
         changed = [k for k in _diff_recipes(meta.get("recipe", {}), to_dict(recipe))
@@ -121,7 +130,8 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
 
     # -- data -------------------------------------------------------------------------------------
     chips = PairedChips(data.datasets, data.split, data.img_size, crop_scale=data.crop_scale, hflip=data.hflip,
-                        train=True, seed=run.seed)
+                        train=True, seed=run.seed, augment_on=data.augment_on)
+    device_augment = DeviceAugment(chips, dist.device) if data.augment_on == "device" else None
     if data.paired is not None:
         for src in chips.sources:
             src.paired = bool(data.paired)
@@ -155,6 +165,8 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
         say(f"lr = {lr:.4g} (optim.lr; effective batch {eff})")
     say(f"{steps_per_epoch} steps per epoch, {total_steps} steps in all, {warmup_steps} warmup steps")
 
+    # fp16 needs loss scaling; with bf16/fp32 the scaler is a pass-through.
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume:
         state, _ = load_checkpoint(resume_from)
@@ -165,6 +177,8 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
         res = load_resume(resume_from, optimizer=optimizer)
         extra = res["extra"]
         step, epoch, batch_in_epoch = int(extra["step"]), int(extra["epoch"]), int(extra["batch_in_epoch"])
+        if extra.get("scaler"):
+            scaler.load_state_dict(extra["scaler"])
         if extra.get("teacher"):
             model.load_teacher_state_dict({k: v.to(dist.device) for k, v in extra["teacher"].items()})
         from codemae_cli.train.checkpoint import restore_rng
@@ -213,7 +227,8 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
         if is_main:
             save_checkpoint(ckpt_root / name, model, {**base_meta, "step": step, "epoch": epoch}, optimizer=optimizer,
                             resume_extra={"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                                          "teacher": model.teacher_state_dict(), "schedule": schedule.state_dict()})
+                                          "teacher": model.teacher_state_dict(), "schedule": schedule.state_dict(),
+                                          "scaler": scaler.state_dict() if scaler.is_enabled() else {}})
         barrier()
 
     bad = torch.zeros((), device=dist.device)
@@ -240,9 +255,10 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
             sampler.set_epoch(epoch, start_batch=batch_in_epoch)
             micro = 0
             for batch in loader:
-                optical = batch["optical"].to(device, non_blocking=non_blocking)
-                sar = batch["sar"].to(device, non_blocking=non_blocking)
-                paired = batch["paired"].to(device, non_blocking=non_blocking)
+                batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+                if device_augment is not None:
+                    batch = device_augment(batch)
+                optical, sar, paired = batch["optical"], batch["sar"], batch["paired"]
                 seed_step(run.seed, dist.rank, step, micro)
                 last_micro = micro == accum - 1
                 # Gradients are all-reduced only on the last micro-batch of the step.
@@ -250,7 +266,7 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
                 with sync:
                     with autocast(device, precision):
                         out = train_model(optical, sar, paired=paired)
-                    (out["loss"] / accum).backward()
+                    scaler.scale(out["loss"] / accum).backward()
                 loss = out["loss"].detach()
                 bad = bad + (~torch.isfinite(loss)).float()
                 for k, v in (("loss", loss), *((f"loss_{n}", t.detach()) for n, t in out["losses"].items())):
@@ -263,8 +279,10 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
                 micro = 0
                 lr_now = schedule.apply(optimizer, step)
                 if optim.clip_grad is not None:
+                    scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_grad)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 model.update_teacher()
                 step += 1
