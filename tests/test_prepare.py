@@ -231,3 +231,37 @@ def test_row_segments_do_not_change_the_chips(tmp_path, holes, monkeypatch):
         np.testing.assert_array_equal(a.read(i)["optical"], b.read(i)["optical"])
         np.testing.assert_array_equal(a.read(i)["sar"], b.read(i)["sar"])
     assert a.meta["stats"] == b.meta["stats"]
+
+
+def test_resume_after_interruption(tmp_path, holes, monkeypatch):
+    import codemae_cli.data.prepare as prep
+    from codemae_cli.errors import UserError
+
+    opt_path, sar_path, *_ = holes
+    kw = dict(optical=[opt_path], sar=[sar_path], tile=16, shard_size=16, quicklook=False, sar_scale="linear")
+    run_prepare(out=str(tmp_path / "clean"), **kw)
+    calls = {"n": 0}
+    real = prep._process_rows
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(prep, "_process_rows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(out=str(tmp_path / "out"), resume=True, **kw)
+    partial = tmp_path / "out.partial"
+    assert len(list((partial / "done").glob("*.json"))) == 2 and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="other inputs or options"):
+        run_prepare(out=str(tmp_path / "out"), resume=True, **dict(kw, min_valid=0.9))
+    calls["n"] = -100  # no more failures
+    run_prepare(out=str(tmp_path / "out"), resume=True, **kw)
+    assert calls["n"] < -100 + 8  # only the unfinished tasks ran again (8 chip rows in all)
+    assert not partial.exists()
+    a, b = PreparedDataset(tmp_path / "clean"), PreparedDataset(tmp_path / "out")
+    assert list(a.index["chip_id"]) == list(b.index["chip_id"])
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.read(i)["sar"], b.read(i)["sar"])
+    assert a.meta["stats"] == b.meta["stats"] and a.meta["splits"] == b.meta["splits"]

@@ -82,8 +82,8 @@ class Scale:
 SCALES: dict[str, Scale] = {
     # A few minutes per variant on two busy CPU cores: tiny ViT, 32-px chips, short schedules.
     "tiny": Scale(scenes=6, scene_size=192, tile=32, preset="tiny", img_size=32, patch_size=8,
-                  pretrain_steps=40, pretrain_batch=16, pretrain_lr=1e-3, okd_teacher="ema",
-                  probe_steps=60, probe_batch=32, probe_lr=0.05, analysis_chips=36, device="cpu"),
+                  pretrain_steps=120, pretrain_batch=16, pretrain_lr=1e-3, okd_teacher="ema",
+                  probe_steps=100, probe_batch=32, probe_lr=0.05, analysis_chips=36, device="cpu"),
     # Tens of minutes per variant on a workstation CPU, a minute or two on any GPU.
     "small": Scale(scenes=16, scene_size=256, tile=64, preset="tiny", img_size=64, patch_size=8,
                    pretrain_steps=1500, pretrain_batch=64, pretrain_lr=1e-3, okd_teacher="ema",

@@ -32,9 +32,20 @@ def print_summary(summary: dict) -> None:
     area = summary["overlap_area"]
     table.add_row("overlap area", f"{area / 1e6:,.3f} km2" if area >= 1e4 else f"{area:,.1f} m2")
     table.add_row("reference grid", f"{summary['crs']}, {summary['res'][0]:.4g} x {summary['res'][1]:.4g}")
-    for scene in summary["warped"]:
-        for k, note in enumerate(scene["notes"]):
-            table.add_row("alignment" if k == 0 else "", f"[{scene['scene_id']}] {note}")
+    first = True
+    shown = summary["warped"][:3]
+    for scene in shown:
+        # One line per distinct treatment: "a.tif, b.tif: EPSG:32635 20 -> EPSG:3035 10, bilinear".
+        groups: dict[str, list[str]] = {}
+        for note in scene["notes"]:
+            name, _, how = note.partition(": ")
+            groups.setdefault(how, []).append(name)
+        for how, names in groups.items():
+            listed = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+            table.add_row("alignment" if first else "", f"[{scene['scene_id']}] {listed}: {how}")
+            first = False
+    if len(summary["warped"]) > len(shown):
+        table.add_row("", f"... and {len(summary['warped']) - len(shown)} more scenes (see metadata.json)")
     if summary.get("labels"):
         classes = ", ".join(f"{k}={v}" for k, v in summary["labels"]["classes"].items())
         table.add_row("classes", classes)
@@ -85,6 +96,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (over scenes / bands of rows)."),
         shard_size: int = typer.Option(1024, "--shard-size", help="Chips per shard file."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output dataset."),
+        resume: bool = typer.Option(
+            False, "--resume",
+            help="Work in OUT.partial, kept if the run stops; rerunning the same command skips finished work.",
+        ),
         no_quicklook: bool = typer.Option(False, "--no-quicklook", help="Do not write quicklook.png."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
     ) -> None:
@@ -97,7 +112,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             label_column=label_column, classes=classes, tile=tile, stride=stride, overlap=overlap, ref=ref,
             crs=crs, res=res, sar_scale=sar_scale, nodata_optical=nodata_optical, nodata_sar=nodata_sar,
             min_valid=min_valid, split=split, block=block, seed=seed, workers=workers, overwrite=overwrite,
-            shard_size=shard_size, quicklook=not no_quicklook, progress=not quiet,
+            shard_size=shard_size, quicklook=not no_quicklook, progress=not quiet, resume=resume,
         ))
         if not quiet:
             print_summary(summary)

@@ -43,8 +43,10 @@ def _paths(value, base: Path, where: str) -> list[str]:
 
 def read_manifest(path: str | Path) -> list[SceneSpec]:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"manifest '{p}' does not exist")
+    if not p.is_file():
+        raise UserError(f"manifest '{p}' is not a file")
     base = p.parent
     rows: list[dict]
     if p.suffix.lower() in (".yaml", ".yml"):

@@ -114,6 +114,7 @@ class PrepareOptions:
     shard_size: int = 1024
     quicklook: bool = True
     progress: bool = False
+    resume: bool = False
 
 
 @dataclass
@@ -348,23 +349,99 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
     return {"rows": rows_out, "stats": stats, "dropped": dropped, "label_values": label_values}
 
 
-def _worker_task(args: tuple) -> dict:
-    """Worker process: one group of chip rows of one scene into its own shard parts."""
-    plan, row_indices, splits, tile, min_valid, block, shards_dir, prefix, shard_size, has_labels = args
-    writer = ShardWriter(shards_dir, tile=tile, optical_bands=sum(s.count for s in plan.optical),
-                         sar_bands=sum(s.count for s in plan.sar), labels=has_labels,
+def _worker_task(args: tuple, on_row: Optional[Callable[[int], None]] = None) -> dict:
+    """One task: some (scene, chip rows) units, in order, into the task's own shard parts.
+
+    With ``done`` set, the finished result is also saved as JSON (written to a temp name,
+    then renamed) so ``--resume`` can skip the task next time.
+    """
+    units, splits, tile, min_valid, block, shards_dir, prefix, shard_size, has_labels, done = args
+    first = units[0][0]
+    writer = ShardWriter(shards_dir, tile=tile, optical_bands=sum(s.count for s in first.optical),
+                         sar_bands=sum(s.count for s in first.sar), labels=has_labels,
                          shard_size=shard_size, prefix=prefix)
+    merged: Optional[dict] = None
     try:
-        res = _process_rows(plan, row_indices, splits, tile, min_valid, block, writer)
+        for plan, row_indices in units:
+            res = _process_rows(plan, row_indices, splits, tile, min_valid, block, writer, on_row=on_row)
+            if merged is None:
+                merged = res
+            else:
+                merged["rows"] += res["rows"]
+                merged["dropped"].update(res["dropped"])
+                merged["label_values"] |= res["label_values"]
+                for m in ("optical", "sar"):
+                    merged["stats"][m].merge(res["stats"][m])
     except BaseException:
         writer.abort()
         raise
-    res["parts"] = writer.close()
-    return res
+    assert merged is not None
+    merged["parts"] = writer.close()
+    if done:
+        _save_task(merged, Path(done))
+    return merged
+
+
+def _save_task(res: dict, path: Path) -> None:
+    data = {
+        "rows": res["rows"],
+        "dropped": dict(res["dropped"]),
+        "label_values": sorted(res["label_values"]),
+        "stats": {m: {"count": st.count.tolist(), "mean": st.mean.tolist(), "m2": st.m2.tolist()}
+                  for m, st in res["stats"].items()},
+        "parts": [{"files": {m: Path(f).name for m, f in part["files"].items()}, "count": part["count"]}
+                  for part in res["parts"]],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _load_task(path: Path, shards_dir: Path) -> Optional[dict]:
+    """A finished task's result, or None if its record or any of its shard files is missing."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    parts = [{"files": {m: str(shards_dir / f) for m, f in part["files"].items()}, "count": part["count"]}
+             for part in data["parts"]]
+    if not all(Path(f).is_file() for part in parts for f in part["files"].values()):
+        return None
+    stats = {}
+    for m, st in data["stats"].items():
+        rs = RunningStats(len(st["count"]))
+        rs.count, rs.mean, rs.m2 = (np.asarray(st[k], dtype=np.float64) for k in ("count", "mean", "m2"))
+        stats[m] = rs
+    return {"rows": data["rows"], "dropped": Counter(data["dropped"]), "label_values": set(data["label_values"]),
+            "stats": stats, "parts": parts}
+
+
+def _make_tasks(plans: list[ScenePlan], target_chips: int) -> list[list[tuple]]:
+    """Split all chip rows of all scenes into tasks of about ``target_chips`` candidate chips.
+
+    Small scenes are packed together (a manifest of thousands of small patches must not
+    become thousands of shard files); large scenes are split into groups of rows. Each task
+    writes its own shard parts, so a task of about one shard keeps the shards nearly full.
+    """
+    tasks, current, size = [], [], 0
+    for plan in plans:
+        per_row = len(plan.cols)
+        start = 0
+        while start < len(plan.rows):
+            take = min(len(plan.rows) - start, max(1, math.ceil((target_chips - size) / per_row)))
+            current.append((plan, list(range(start, start + take))))
+            size += take * per_row
+            start += take
+            if size >= target_chips:
+                tasks.append(current)
+                current, size = [], 0
+    if current:
+        tasks.append(current)
+    return tasks
 
 
 # ----------------------------------------------------------------------------- output
-def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
+def _prepare_out_dir(out: Path, overwrite: bool, resume: bool, fingerprint: str) -> Path:
     if out.exists():
         if not overwrite:
             raise UserError(f"output '{out}' already exists; pass --overwrite to replace it")
@@ -374,11 +451,41 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
         if not is_dataset and any(out.iterdir()):
             raise UserError(f"refusing to overwrite '{out}': it is not empty and not a prepared dataset")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if resume:
+        # A fixed name, kept when a --resume run fails or is interrupted.
+        tmp = out.parent / f"{out.name}.partial"
+        record = tmp / "options.json"
+        if tmp.exists():
+            if not record.is_file() or record.read_text() != fingerprint:
+                raise UserError(
+                    f"'{tmp}' was started with other inputs or options; rerun with the same ones or delete it"
+                )
+            (tmp / "shards").mkdir(exist_ok=True)
+            (tmp / "done").mkdir(exist_ok=True)
+            return tmp
+        (tmp / "shards").mkdir(parents=True)
+        (tmp / "done").mkdir()
+        record.write_text(fingerprint)
+        return tmp
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "shards").mkdir(parents=True)
     return tmp
+
+
+def _fingerprint(o: PrepareOptions, plans: list[ScenePlan]) -> str:
+    """Everything that decides the chips: options (not workers/progress) and the inputs' identity."""
+    opts = {k: v for k, v in vars(o).items() if k not in ("progress", "workers", "overwrite", "quicklook", "resume")}
+    files = []
+    for p in plans:
+        for src in p.optical + p.sar:
+            st = os.stat(src.path)
+            files.append([src.path, st.st_size, st.st_mtime_ns])
+        if p.labels:
+            st = os.stat(p.labels["source"])
+            files.append([p.labels["source"], st.st_size, st.st_mtime_ns])
+    return json.dumps({"options": opts, "files": files, "version": __version__}, sort_keys=True, default=str)
 
 
 def _nan_to_none(v):
@@ -425,13 +532,20 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
             for ri in range(len(p.rows)) for ci in range(len(p.cols))]
     splits = assign_blocks(keys, fractions, o.seed)
 
-    tmp = _prepare_out_dir(out, o.overwrite)
+    tmp = _prepare_out_dir(out, o.overwrite, o.resume, _fingerprint(o, plans))
     try:
-        results = _run_tasks(plans, splits, o, tmp / "shards", has_labels)
+        results = _run_tasks(plans, splits, o, tmp, has_labels)
         summary = _finish(plans, results, o, stride, tmp, out, has_labels, classes)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except UserError:
+        shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
         raise
+    except BaseException:
+        if not o.resume:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if o.resume:
+        shutil.rmtree(tmp / "done", ignore_errors=True)
+        (tmp / "options.json").unlink(missing_ok=True)
     if out.exists():  # --overwrite: replace only once the new dataset is complete
         shutil.rmtree(out)
     tmp.rename(out)
@@ -441,8 +555,13 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
     return summary
 
 
-def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: bool) -> list[dict]:
+def _run_tasks(plans, splits, o: PrepareOptions, tmp: Path, has_labels: bool) -> list[dict]:
+    shards_dir = tmp / "shards"
     total = sum(len(p.rows) * len(p.cols) for p in plans)
+    target = o.shard_size
+    if o.workers > 1:  # at least about four tasks per worker: balance and a moving progress bar
+        target = max(1, min(target, math.ceil(total / (4 * o.workers))))
+    tasks = _make_tasks(plans, target)
     progress = None
     if o.progress:
         from rich.progress import (
@@ -456,7 +575,22 @@ def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: b
 
         progress = Progress(TextColumn("[bold]prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("chips"),
                             TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-    results = []
+    results: list[Optional[dict]] = [None] * len(tasks)
+    todo = []
+    for k, units in enumerate(tasks):
+        prefix = f"t{k:06d}"
+        done = tmp / "done" / f"{prefix}.json" if o.resume else None
+        if done is not None and done.is_file():
+            results[k] = _load_task(done, shards_dir)
+        if results[k] is None:
+            for stale in shards_dir.glob(f"{prefix}_*.npy"):  # an interrupted attempt
+                stale.unlink()
+            todo.append((k, (units, splits, o.tile, o.min_valid, o.block, str(shards_dir), prefix, o.shard_size,
+                             has_labels, str(done) if done else None)))
+
+    def chips_of(units):
+        return sum(len(idx) * len(plan.cols) for plan, idx in units)
+
     with progress if progress is not None else _Null():
         task_id = progress.add_task("prepare", total=total) if progress is not None else None
 
@@ -464,51 +598,28 @@ def _run_tasks(plans, splits, o: PrepareOptions, shards_dir: Path, has_labels: b
             if progress is not None:
                 progress.advance(task_id, n)
 
+        advance(sum(chips_of(tasks[k]) for k in range(len(tasks)) if results[k] is not None))
         if o.workers <= 1:
-            writer = ShardWriter(shards_dir, tile=o.tile, optical_bands=sum(s.count for s in plans[0].optical),
-                                 sar_bands=sum(s.count for s in plans[0].sar), labels=has_labels,
-                                 shard_size=o.shard_size, prefix="part")
-            try:
-                for plan in plans:
-                    res = _process_rows(plan, list(range(len(plan.rows))), splits, o.tile, o.min_valid,
-                                        o.block, writer, on_row=advance)
-                    res["parts"] = None  # filled below: one writer for all scenes
-                    results.append(res)
-            except BaseException:
-                writer.abort()
-                raise
-            parts = writer.close()
-            for res in results:
-                res["parts"] = parts
-            results = [dict(r, writer=0) for r in results]
-        else:
+            for k, args in todo:
+                results[k] = _worker_task(args, on_row=advance)
+        elif todo:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            tasks = []
-            for plan in plans:
-                n = len(plan.rows)
-                # About two tasks per worker over all scenes: balanced, few shard parts.
-                groups = min(n, max(1, math.ceil(2 * o.workers / len(plans))))
-                size = math.ceil(n / groups)
-                for g in range(0, n, size):
-                    idx = list(range(g, min(n, g + size)))
-                    tasks.append((plan, idx, splits, o.tile, o.min_valid, o.block, str(shards_dir),
-                                  f"w{len(tasks):05d}", o.shard_size, has_labels))
             # spawn, not fork: GDAL and thread pools do not survive a fork reliably.
             with ProcessPoolExecutor(max_workers=o.workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_worker_task, t) for t in tasks]
+                futures = [(k, pool.submit(_worker_task, args)) for k, args in todo]
                 try:
-                    for k, (fut, t) in enumerate(zip(futures, tasks, strict=True)):
-                        res = fut.result()
-                        res["writer"] = k
-                        results.append(res)
-                        advance(len(t[1]) * len(t[0].cols))
+                    for k, fut in futures:
+                        results[k] = fut.result()
+                        advance(chips_of(tasks[k]))
                 except BaseException:
                     # Do not start queued tasks; running ones finish before the temp dir goes.
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-    return results
+    for k, res in enumerate(results):
+        res["writer"] = k  # type: ignore[index]
+    return results  # type: ignore[return-value]
 
 
 class _Null:
