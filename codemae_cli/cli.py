@@ -12,7 +12,7 @@ import functools
 import importlib
 import pkgutil
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import typer
 

@@ -13,6 +13,6 @@ class UserError(Exception):
     exit_code = 2
 
 
-def fail(message: str) -> "UserError":
+def fail(message: str) -> UserError:
     """Return a UserError so call sites read ``raise fail("...")``."""
     return UserError(message)

@@ -43,7 +43,7 @@ def demo_steps(out: Path, device: str) -> list[tuple[str, list[str]]]:
         ("prepare", [
             "prepare", "--optical", str(optical), "--sar", str(sar), "--sar-scale", "db",
             "--labels", str(labels), "--label-column", "class", "--classes", "land,water",
-            "--tile", "64", "--stride", "32", "-o", str(data),
+            "--tile", "64", "--stride", "32", "--block", "2", "--seed", "1", "-o", str(data),
         ]),
         ("pretrain", [
             "pretrain", str(r / "smoke.yaml"), "--set", f"data.datasets=[{data}]",

@@ -13,6 +13,7 @@ from codemae_cli.cli import cli_command
 def print_summary(summary: dict) -> None:
     """End-of-run summary: chips kept and dropped, alignment applied, output paths."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -42,7 +43,7 @@ def print_summary(summary: dict) -> None:
             groups.setdefault(how, []).append(name)
         for how, names in groups.items():
             listed = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
-            table.add_row("alignment" if first else "", f"[{scene['scene_id']}] {listed}: {how}")
+            table.add_row("alignment" if first else "", escape(f"[{scene['scene_id']}] {listed}: {how}"))
             first = False
     if len(summary["warped"]) > len(shown):
         table.add_row("", f"... and {len(summary['warped']) - len(shown)} more scenes (see metadata.json)")

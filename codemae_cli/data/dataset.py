@@ -298,7 +298,8 @@ class PairedChips:
             "index": torch.tensor(index, dtype=torch.int64),
         }
         if self.with_labels:
-            lab = torch.from_numpy(np.ascontiguousarray(src.array("label", k)[off, rows, cols]))
+            # Fancy indexing of the memmap already copies; np.array makes the copy writable for torch.
+            lab = torch.from_numpy(np.array(src.array("label", k)[off, rows, cols]))
             if resize:
                 lab = F.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
             out["label"] = lab.long()                                                     # (S, S)
