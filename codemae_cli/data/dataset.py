@@ -19,6 +19,7 @@ reproducible whatever the number of workers and resumes exactly mid-epoch.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -156,8 +157,6 @@ class PairedChips:
     def __init__(self, datasets: Sequence, split: str = "train", img_size: int = 224,
                  crop_scale=(0.2, 1.0), hflip: bool = True, train: bool = True, with_labels: bool = False,
                  ratio=(3 / 4, 4 / 3), seed: int = 0, augment_on: str = "loader"):
-        import torch
-
         if not datasets:
             raise UserError("no datasets given (set data.datasets to one or more `codemae prepare` outputs)")
         opened = open_datasets(datasets)
@@ -197,9 +196,13 @@ class PairedChips:
         if augment_on == "device" and len({src.tile for src in self.sources}) > 1:
             raise UserError("augment_on=device needs datasets with the same tile size "
                             f"({', '.join(f'{src.root}: {src.tile}' for src in self.sources)})")
-        self._all_valid = torch.ones((), dtype=torch.bool).expand(self.img_size, self.img_size)
 
     # ---------------------------------------------------------------------------------------
+    def __getstate__(self):  # spawned workers: scratch buffers are per process
+        state = self.__dict__.copy()
+        state.pop("_scratch_bufs", None)
+        return state
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
@@ -241,14 +244,34 @@ class PairedChips:
         return index, sample_seed
 
     def __getitem__(self, key) -> dict:
-        """Load, crop, flip, normalise and resize one pair (and its label)."""
-        import torch
-        import torch.nn.functional as F
+        """Load, crop, flip, normalise and resize one pair (and its label).
 
-        index, sample_seed = self._key(key)
+        The same code as a batch (:meth:`__getitems__`) of one: item ``j`` of a batch is
+        bit-identical to ``chips[key_j]``.
+        """
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> ChipBatch:
+        """A whole batch, written straight into ONE preallocated tensor per output key.
+
+        What ``DataLoader`` calls with a batch's keys (automatic batching): no per-sample
+        tensors and no collate copy. In a worker the batch tensors are allocated in shared
+        memory up front, so the DataLoader sends them without another copy. Returns a
+        :class:`ChipBatch` (a sequence of per-sample dicts, so ``default_collate`` still works);
+        :func:`collate_chips` (what :func:`build_loader` uses) passes its tensors through.
+        """
+        keys = list(keys)
+        if not keys:
+            raise IndexError("an empty batch")
+        parsed = [self._key(k) for k in keys]
+        if self.augment_on == "device":
+            return self._raw_batch(parsed)
+        return self._loader_batch(parsed)
+
+    def _window(self, index: int, sample_seed: int):
+        """(dataset number, source, shard, row, (top, left, h, w), flip) of one sample."""
         d, p = self.locate(index)
         src = self.sources[d]
-        k, off = int(src.shard[p]), int(src.offset[p])
         tile = src.tile
         flip = False
         if self.train:
@@ -257,76 +280,233 @@ class PairedChips:
             flip = self.hflip and bool(rng.random() < 0.5)
         else:
             top, left, h, w = 0, 0, tile, tile
-        if self.augment_on == "device":
-            return self._raw_item(src, k, off, d, index, (top, left, h, w), flip)
-        rows = slice(top, top + h)
-        # The flip is folded into the copy out of the memory map (a negative-stride read), so it
-        # costs nothing, and the same window/flip is applied to optical, SAR and label.
-        cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if flip else slice(left, left + w)
-        co = src.n_opt
-        x = np.empty((co + src.n_sar, h, w), dtype=np.float32)                          # (Co+Cs, h, w)
-        # Copy out of the map and subtract the mean in one pass, then scale in place.
-        np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
-        np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
-        np.multiply(x, src.inv_std[:, None, None], out=x)
-        # One read-only pass answers "any nodata?" (NaN/inf propagate into the sum); the mask is
-        # only built for chips that have some.
-        has_nodata = not np.isfinite(x.sum(dtype=np.float32))
-        if has_nodata:
-            bad = ~np.isfinite(x)
-            valid = ~(bad[:co].any(0) | bad[co:].any(0))                                # (h, w)
-            x[bad] = 0.0
-        S = self.img_size
-        t = torch.from_numpy(x)
-        resize = (h, w) != (S, S)
-        if resize:
-            # Antialiasing only pays when shrinking a lot; at <= 1.5x it is invisible and 3x slower.
-            aa = h > 1.5 * S or w > 1.5 * S
-            t = F.interpolate(t[None], size=(S, S), mode="bilinear", align_corners=False, antialias=aa)[0]
-        if has_nodata:
-            v = torch.from_numpy(valid)
-            if resize:
-                v = F.interpolate(v[None, None].float(), size=(S, S), mode="bilinear", align_corners=False)[0, 0] > 0.5
-        else:
-            v = self._all_valid  # a zero-stride view: free, and in-place writes to it fail loudly
-        out = {
-            "optical": t[:co],                                                            # (Co, S, S)
-            "sar": t[co:],                                                                # (Cs, S, S)
-            "valid": v,                                                                   # (S, S)
-            "dataset": torch.tensor(d, dtype=torch.int64),
-            "paired": torch.tensor(src.paired),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        return d, src, int(src.shard[p]), int(src.offset[p]), (top, left, h, w), flip
+
+    def _scratch(self, name: str, n: int, dtype) -> np.ndarray:
+        """A per-process reusable flat buffer of at least ``n`` items (fresh pages are costly)."""
+        cache = self.__dict__.setdefault("_scratch_bufs", {})
+        if cache.get("_pid") != os.getpid():  # a forked worker gets its own
+            cache.clear()
+            cache["_pid"] = os.getpid()
+        buf = cache.get(name)
+        if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
+            buf = cache[name] = np.empty(n, dtype=dtype)
+        return buf[:n]
+
+    def _loader_batch(self, parsed) -> ChipBatch:
+        import torch
+
+        B, S = len(parsed), self.img_size
+        co, cs = self.optical_bands, self.sar_bands
+        C = co + cs
+        spec = [("optical", (B, co, S, S), torch.float32), ("sar", (B, cs, S, S), torch.float32),
+                ("valid", (B, S, S), torch.bool)]
         if self.with_labels:
-            # Fancy indexing of the memmap already copies; np.array makes the copy writable for torch.
-            lab = torch.from_numpy(np.array(src.array("label", k)[off, rows, cols]))
+            spec.append(("label", (B, S, S), torch.int64))
+        bufs, tag = _batch_buffers(spec)
+        opt, sar, valid, label = bufs["optical"], bufs["sar"], bufs["valid"], bufs.get("label")
+        valid.fill_(True)
+        meta = np.empty((3, B), dtype=np.int64)  # dataset, paired, index
+        res = None
+        for j, (index, sample_seed) in enumerate(parsed):
+            d, src, k, off, (top, left, h, w), flip = self._window(index, sample_seed)
+            meta[:, j] = (d, src.paired, index)
+            rows = slice(top, top + h)
+            # The flip is folded into the copy out of the memory map (a negative-stride read), so
+            # it costs nothing, and the same window/flip is applied to optical, SAR and label.
+            cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if flip else slice(left, left + w)
+            x = self._scratch("x", C * h * w, np.float32).reshape(C, h, w)                # (Co+Cs, h, w)
+            # Copy out of the map and subtract the mean in one pass, then scale in place.
+            np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
+            np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
+            np.multiply(x, src.inv_std[:, None, None], out=x)
+            # One read-only pass answers "any nodata?" (NaN/inf propagate into the sum); the mask
+            # is only built for chips that have some.
+            has_nodata = not np.isfinite(x.sum(dtype=np.float32))
+            if has_nodata:
+                bad = ~np.isfinite(x)
+                v = ~(bad[:co].any(0) | bad[co:].any(0))                                  # (h, w)
+                x[bad] = 0.0
+            t = torch.from_numpy(x)
+            resize = (h, w) != (S, S)
             if resize:
-                lab = F.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
-            out["label"] = lab.long()                                                     # (S, S)
-        return out
+                if res is None:
+                    res = torch.from_numpy(self._scratch("res", C * S * S, np.float32)).view(1, C, S, S)
+                # Antialiasing only pays when shrinking a lot; at <= 1.5x it is invisible and 3x
+                # slower. The out= forms are F.interpolate's kernels writing into a reused buffer.
+                if h > 1.5 * S or w > 1.5 * S:
+                    torch._C._nn._upsample_bilinear2d_aa(t[None], [S, S], False, None, None, out=res)
+                else:
+                    torch._C._nn.upsample_bilinear2d(t[None], [S, S], False, None, None, out=res)
+                t = res[0]
+            opt[j].copy_(t[:co])                                                          # (Co, S, S)
+            sar[j].copy_(t[co:])                                                          # (Cs, S, S)
+            if has_nodata:
+                vt = torch.from_numpy(v)
+                if resize:
+                    vt = torch.nn.functional.interpolate(vt[None, None].float(), size=(S, S), mode="bilinear",
+                                                         align_corners=False)[0, 0] > 0.5
+                valid[j].copy_(vt)                                                        # (S, S)
+            if label is not None:
+                # Fancy indexing of the memmap already copies; np.array makes it writable for torch.
+                lab = torch.from_numpy(np.array(src.array("label", k)[off, rows, cols]))
+                if resize:
+                    lab = torch.nn.functional.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
+                label[j].copy_(lab)                                                       # (S, S) int64
+        out = {"optical": opt, "sar": sar, "valid": valid}
+        out.update(self._meta_tensors(meta))
+        if label is not None:
+            out["label"] = label
+        if tag is not None:
+            out[_SLOT_KEY] = tag
+        return ChipBatch(out)
 
+    @staticmethod
+    def _meta_tensors(meta: np.ndarray) -> dict:
+        import torch
 
-    def _raw_item(self, src, k: int, off: int, d: int, index: int, window, flip: bool) -> dict:
-        """``augment_on="device"``: the whole raw tile plus its crop window and flip flag.
+        return {
+            "dataset": torch.from_numpy(meta[0].copy()),                                  # (B,) int64
+            "paired": torch.from_numpy(meta[1] != 0),                                     # (B,) bool
+            "index": torch.from_numpy(meta[2].copy()),                                    # (B,) int64
+        }
 
-        One copy out of the memory map per modality; normalisation, crop, resize and flip run
-        batched on the training device (:class:`DeviceAugment`).
+    def _raw_batch(self, parsed) -> ChipBatch:
+        """``augment_on="device"``: the whole raw tiles plus their crop window and flip flag.
+
+        One copy out of the memory map per modality and sample, straight into the batch
+        tensor; normalisation, crop, resize and flip run batched on the training device
+        (:class:`DeviceAugment`).
         """
         import torch
 
-        top, left, h, w = window
-        out = {
-            "optical": torch.from_numpy(np.array(src.array("optical", k)[off], dtype=np.float32)),  # (Co, T, T)
-            "sar": torch.from_numpy(np.array(src.array("sar", k)[off], dtype=np.float32)),          # (Cs, T, T)
-            "box": torch.tensor([left, top, left + w, top + h], dtype=torch.float32),                # x1 y1 x2 y2
-            "flip": torch.tensor(flip),
-            "dataset": torch.tensor(d, dtype=torch.int64),
-            "paired": torch.tensor(src.paired),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        B = len(parsed)
+        T = self.sources[0].tile
+        spec = [("optical", (B, self.optical_bands, T, T), torch.float32),                 # (B, Co, T, T)
+                ("sar", (B, self.sar_bands, T, T), torch.float32)]                        # (B, Cs, T, T)
         if self.with_labels:
-            out["label"] = torch.from_numpy(np.array(src.array("label", k)[off], dtype=np.uint8))   # (T, T)
-        return out
+            spec.append(("label", (B, T, T), torch.uint8))                                # (B, T, T)
+        bufs, tag = _batch_buffers(spec)
+        opt, sar, label = bufs["optical"], bufs["sar"], bufs.get("label")
+        opt_np, sar_np = opt.numpy(), sar.numpy()
+        lab_np = label.numpy() if label is not None else None
+        box = np.empty((B, 4), dtype=np.float32)                                          # x1 y1 x2 y2
+        flips = np.empty(B, dtype=bool)
+        meta = np.empty((3, B), dtype=np.int64)
+        for j, (index, sample_seed) in enumerate(parsed):
+            d, src, k, off, (top, left, h, w), flip = self._window(index, sample_seed)
+            meta[:, j] = (d, src.paired, index)
+            box[j] = (left, top, left + w, top + h)
+            flips[j] = flip
+            np.copyto(opt_np[j], src.array("optical", k)[off], casting="same_kind")
+            np.copyto(sar_np[j], src.array("sar", k)[off], casting="same_kind")
+            if lab_np is not None:
+                np.copyto(lab_np[j], src.array("label", k)[off], casting="unsafe")
+        out = {"optical": opt, "sar": sar, "box": torch.from_numpy(box), "flip": torch.from_numpy(flips)}
+        out.update(self._meta_tensors(meta))
+        if label is not None:
+            out["label"] = label
+        if tag is not None:
+            out[_SLOT_KEY] = tag
+        return ChipBatch(out)
+
+
+def _batch_empty(shape: tuple, dtype):
+    """An uninitialised batch tensor: in shared memory inside a DataLoader worker (the batch then
+    crosses to the main process without the copy the DataLoader would make), else an ordinary
+    numpy-backed one (numpy asks the kernel for huge pages for large arrays: fewer page faults)."""
+    import torch
+
+    if torch.utils.data.get_worker_info() is not None:
+        numel = math.prod(shape)
+        proto = torch.empty(0, dtype=dtype)
+        storage = proto._typed_storage()._new_shared(numel, device=proto.device)
+        return proto.new(storage).view(shape)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+_SLOT_KEY = "_pool_slot"
+_POOL = None  # the _SlotPool of this DataLoader worker process (set by build_loader's worker init)
+
+
+class _SlotPool:
+    """Shared-memory batch buffers a :func:`build_loader` worker reuses instead of allocating
+    fresh ones per batch (first-touch page faults of fresh shared memory cost more than the whole
+    augmentation on some machines).
+
+    A slot is reused only after the main process says the batch it carried is no longer
+    referenced: the worker issues a fresh ticket with each batch (tag ``(worker, slot,
+    ticket)``) and the main process (:class:`_ChipLoader`) writes that ticket into the shared
+    ``board`` once the consumer dropped every reference to the batch. Tickets start at a random
+    base per process, so a release from an earlier worker incarnation never matches. Slots never
+    released stay busy (a new batch then gets fresh memory): a wrong release cannot happen.
+    """
+
+    def __init__(self, board, worker_id: int):
+        self.board = board.numpy()  # (n_slots,) int64, shared with the main process
+        self.worker_id = int(worker_id)
+        self.slots: list = []       # [(spec, {name: tensor}, ticket issued)]
+        self.next_ticket = int.from_bytes(os.urandom(6), "little") + 1
+
+    def take(self, spec):
+        key = tuple((n, tuple(sh), dt) for n, sh, dt in spec)
+        for s, (k, bufs, ticket) in enumerate(self.slots):
+            if k == key and int(self.board[s]) == ticket:
+                return bufs, self._issue(s, k, bufs)
+        bufs = {n: _batch_empty(sh, dt) for n, sh, dt in spec}
+        if len(self.slots) < len(self.board):
+            s = len(self.slots)
+            self.slots.append(None)
+            return bufs, self._issue(s, key, bufs)
+        return bufs, None
+
+    def _issue(self, s: int, key, bufs):
+        ticket = self.next_ticket
+        self.next_ticket += 1
+        self.slots[s] = (key, bufs, ticket)
+        return (self.worker_id, s, ticket)
+
+
+def _batch_buffers(spec):
+    """``({name: tensor}, tag)``: pooled shared-memory buffers inside a :func:`build_loader`
+    worker (tag identifies the slot), else fresh ones (tag ``None``)."""
+    if _POOL is not None and _POOL_PID == os.getpid():
+        return _POOL.take(spec)
+    return {n: _batch_empty(sh, dt) for n, sh, dt in spec}, None
+
+
+_POOL_PID = None
+
+
+class ChipBatch(Sequence):
+    """What :meth:`PairedChips.__getitems__` returns: the batch as one dict of tensors
+    (``.batch``), seen as a sequence of per-sample dicts (views) so generic collate functions
+    still work. :func:`collate_chips` returns ``.batch`` itself (no copy)."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return int(self.batch["index"].shape[0])
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        return {k: v[j] for k, v in self.batch.items() if k != _SLOT_KEY}
+
+
+def collate_chips(data):
+    """Collate function of :func:`build_loader`: a :class:`ChipBatch` passes through as its
+    batch dict; anything else goes to ``default_collate``."""
+    if isinstance(data, ChipBatch):
+        return data.batch
+    from torch.utils.data import default_collate
+
+    return default_collate(data)
 
 
 class DeviceAugment:
@@ -493,36 +673,99 @@ class PairedBatchSampler:
             yield [(int(i), _mix(self.seed, self.epoch, base + j)) for j, i in enumerate(mine)]
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, board=None) -> None:
     import torch
 
     from codemae_cli.train.engine import seed_worker
 
+    global _POOL, _POOL_PID
     # Resizing runs in each worker: one thread each, or workers fight over cores.
     torch.set_num_threads(1)
     seed_worker(worker_id)
+    if board is not None:
+        _POOL, _POOL_PID = _SlotPool(board[worker_id], worker_id), os.getpid()
+
+
+@functools.lru_cache(maxsize=None)
+def _chip_loader_class():
+    import sys
+
+    import torch
+    from torch._C import _storage_Use_Count
+
+    class _ChipLoader(torch.utils.data.DataLoader):
+        """A DataLoader that hands the workers' pooled batch buffers back once released.
+
+        A batch is released when nothing but this loader references its tensors: no other
+        Python reference to the tensor objects and no other tensor (view) on their storage.
+        """
+
+        def __init__(self, *args, board=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._board = board.numpy() if board is not None else None
+            self._held: list = []
+
+        def _release(self) -> None:
+            keep = []
+            for tag, tensors in self._held:
+                # 3 Python refs: the list, the loop variable, getrefcount's argument; storage use
+                # count 2: the tensor and the temporary storage object.
+                if all(sys.getrefcount(t) <= 3 and _storage_Use_Count(t.untyped_storage()._cdata) <= 2
+                       for t in tensors):
+                    w, s, ticket = (int(v) for v in tag)
+                    self._board[w, s] = ticket
+                else:
+                    keep.append((tag, tensors))
+                del tensors
+            self._held = keep
+
+        def __iter__(self):
+            for batch in super().__iter__():
+                tag = batch.pop(_SLOT_KEY, None) if isinstance(batch, dict) else None
+                if tag is not None and self._board is not None:
+                    shared = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_shared()]
+                    if len(shared) == 0:  # pinned copies: the shared buffers are already dropped
+                        w, s, ticket = (int(v) for v in tag)
+                        self._board[w, s] = ticket
+                    else:
+                        self._held.append((tag, shared))
+                    del shared
+                self._release()
+                yield batch
+                del batch
+            self._release()
+
+    return _ChipLoader
 
 
 def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_workers: int = 4,
                  pin_memory: bool = True, prefetch_factor: int = 4, persistent_workers: bool = True):
-    """A DataLoader over ``chips`` driven by ``batch_sampler`` with seeded, single-thread workers."""
+    """A DataLoader over ``chips`` driven by ``batch_sampler`` with seeded, single-thread workers.
+
+    Batches are built whole by :meth:`PairedChips.__getitems__`; workers write them into
+    shared-memory buffers they reuse once the consumer has dropped a batch."""
     import torch
 
     kwargs = {}
+    board = None
     if num_workers > 0:
+        # Enough slots for the batches in flight (prefetch) plus the one being consumed.
+        board = torch.zeros((num_workers, prefetch_factor + 3), dtype=torch.int64).share_memory_()
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                      worker_init_fn=_worker_init)
-    return torch.utils.data.DataLoader(
-        chips, batch_sampler=batch_sampler, num_workers=num_workers,
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(), **kwargs)
+                      worker_init_fn=functools.partial(_worker_init, board=board))
+    return _chip_loader_class()(
+        chips, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_chips,
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(), board=board, **kwargs)
 
 
 __all__ = [
+    "ChipBatch",
     "DeviceAugment",
     "IGNORE_INDEX",
     "PairedBatchSampler",
     "PairedChips",
     "build_loader",
+    "collate_chips",
     "open_datasets",
     "random_resized_crop_params",
 ]
