@@ -686,12 +686,14 @@ def _worker_init(worker_id: int, board=None) -> None:
         _POOL, _POOL_PID = _SlotPool(board[worker_id], worker_id), os.getpid()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chip_loader_class():
     import sys
 
     import torch
-    from torch._C import _storage_Use_Count
+
+    # A private torch function: without it (another torch release) buffers are simply not reused.
+    _storage_Use_Count = getattr(torch._C, "_storage_Use_Count", None)
 
     class _ChipLoader(torch.utils.data.DataLoader):
         """A DataLoader that hands the workers' pooled batch buffers back once released.
@@ -749,6 +751,9 @@ def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_work
     kwargs = {}
     board = None
     if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
+                      worker_init_fn=_worker_init)
+    if num_workers > 0 and hasattr(torch._C, "_storage_Use_Count"):
         # Enough slots for the batches in flight (prefetch) plus the one being consumed.
         board = torch.zeros((num_workers, prefetch_factor + 3), dtype=torch.int64).share_memory_()
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,

@@ -97,13 +97,18 @@ class TiledWriter:
             self.ds.offsets = tuple(0.0 for _ in scales)
         self.width = grid.width
 
-    def write_rows(self, row: int, data: np.ndarray) -> None:
-        """Write ``data`` of shape (count, nrows, W) or (nrows, W) at ``row``."""
+    def write_rows(self, row: int, data: np.ndarray, col: int = 0) -> None:
+        """Write ``data`` of shape (count, nrows, ncols) or (nrows, ncols) at (``row``, ``col``).
+
+        Full rows by default (``ncols`` = the width); a panel of columns may be written in any order.
+        """
         from rasterio.windows import Window
 
         if data.ndim == 2:
             data = data[None]
-        self.ds.write(data, window=Window(0, row, self.width, data.shape[1]))
+        if col < 0 or col + data.shape[2] > self.width:
+            raise ValueError(f"columns [{col}, {col + data.shape[2]}) lie outside the raster's {self.width} columns")
+        self.ds.write(data, window=Window(col, row, data.shape[2], data.shape[1]))
 
     def close(self) -> None:
         if not self.ds.closed:

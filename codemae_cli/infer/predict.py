@@ -5,15 +5,21 @@
 
 ``model_fn(optical, sar) -> logits (B, K, h, w)`` takes normalised inputs (either may be None).
 
-How memory stays bounded by a band of rows, never by the scene:
-- windows are visited in raster order; the pixels of one window row are read as one strip of
-  ``window`` rows (windowed reads, prefetched in a background thread while the model runs);
-- the blended probabilities live in an accumulator of ``window + stride`` rows on the compute
-  device (a batch may hold windows of two consecutive window rows, never three); the weight sum
-  is separable (every window row has the same column windows), so it is two 1-D vectors;
-- once no later window can touch a row, the row is finished: normalised by its weight sum,
-  arg-maxed, masked with the input validity, written with a windowed write into a tiled
-  temporary GeoTIFF, and the accumulator slides down;
+How memory stays bounded by a band of rows of a panel, never by the scene (height or width):
+- the scene is cut into vertical panels of at most ``panel_width`` output columns (a scene
+  narrower than one panel is one panel); a panel runs every window of the global window grid
+  that touches its columns (windows straddling a panel border run in both panels), so each
+  output pixel gets exactly the windows and weights of a whole-width pass;
+- within a panel windows are visited in raster order; the pixels of one window row are read as
+  one strip of ``window`` rows and the panel's window columns (windowed reads, prefetched in
+  background threads while the model runs);
+- the blended probabilities live in an accumulator of ``window + stride`` rows by the panel's
+  window span on the compute device (a batch may hold windows of two consecutive window rows,
+  never three); the weight sum is separable (every window row has the same column windows), so
+  it is two global 1-D vectors;
+- once no later window can touch a row, the panel's columns of the row are finished: normalised
+  by the weight sum, arg-maxed, masked with the input validity, written with a windowed write
+  into a tiled temporary GeoTIFF, and the accumulator slides down;
 - at the end GDAL copies the temporary file into a COG with overviews beside the output and
   renames it onto the output path, so an error or Ctrl-C leaves nothing at the output path.
 """
@@ -41,6 +47,9 @@ Inputs = Literal["optical", "sar", "both"]
 #: GDAL block cache (MB) while predicting, unless GDAL_CACHEMAX is set in the environment.
 GDAL_CACHE_MB = 256
 
+#: Default output columns per panel: the accumulator spans at most this plus about one window.
+PANEL_WIDTH = 4096
+
 #: Probabilities written as uint8 are ``round(p * PROB_SCALE)``; 255 stays free for nodata.
 PROB_SCALE = 254
 
@@ -52,11 +61,16 @@ class PredictStats:
     band_rows: int = 0  # rows allocated in the accumulator
     max_open_rows: int = 0  # most rows ever open at once (must stay <= band_rows)
     max_strip_rows: int = 0  # most rows read in one strip
+    max_strip_cols: int = 0  # most columns read in one strip (<= the widest panel span)
     strips_read: int = 0
-    windows: int = 0
+    windows: int = 0  # windows of the global grid
+    windows_run: int = 0  # windows through the model (those straddling a panel border count twice)
     batches: int = 0
-    rows_written: int = 0
-    flushes: list[tuple[int, int]] = field(default_factory=list)  # (first row, n rows) written
+    rows_written: int = 0  # panel rows written (each scene row once per panel)
+    acc_cols: int = 0  # most columns ever allocated in the accumulator (the widest panel span)
+    max_open_cols: int = 0  # most accumulator columns a window ever touched (must stay <= acc_cols)
+    panels: list[tuple[int, int, int, int]] = field(default_factory=list)  # (x0, x1, p0, p1) per panel
+    flushes: list[tuple[int, int]] = field(default_factory=list)  # (first row, n rows) written, per panel
 
 
 def _norm_stats(stats: dict | None, modality: str, bands: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,11 +179,14 @@ def predict_scene(
     overview_resampling: str = "mode",
     progress: bool = False,
     readers: int = 2,
+    panel_width: int | None = PANEL_WIDTH,
     instrument: PredictStats | None = None,
 ) -> dict:
     """Predict a whole scene with ``model_fn`` and write a class-map COG at ``out_path``.
 
     ``readers``: threads reading strips ahead of the model (each with its own GDAL handles).
+    ``panel_width``: output columns per vertical panel (memory grows with it, not with the scene;
+    ``None`` = the whole width in one panel). Windows straddling a panel border run twice.
     ``instrument``: a :class:`PredictStats` filled with what the run observed (band sizes, flushes).
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
@@ -206,6 +223,8 @@ def predict_scene(
         num_classes = len(class_names)
     if num_classes is not None and not 1 <= num_classes <= nodata:
         raise UserError(f"class ids must lie below the nodata value {nodata}, so at most {nodata} classes fit")
+    if panel_width is not None and panel_width < 1:
+        raise UserError("the panel width must be at least 1 pixel")
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
     dev = _resolve_device(device)
@@ -242,6 +261,10 @@ def predict_scene(
         Hp, Wp, band = wg.padded_height, wg.padded_width, wg.band_rows
         st.band_rows = band
         st.windows = len(rows) * len(cols)
+        panels = wg.panels(panel_width)
+        st.panels = [(pn.x0, pn.x1, pn.p0, pn.p1) for pn in panels]
+        windows_total = sum(len(rows) * len(pn.col_starts) for pn in panels)
+        cur = {"panel": panels[0]}  # the panel being predicted
 
         # ---- strips: read by worker threads, a few window rows ahead ---------------------------
         # GDAL datasets must not be shared between threads, so each reader thread opens its own.
@@ -263,19 +286,21 @@ def predict_scene(
                 local.sources = own
             return own
 
-        def load_strip(ri: int) -> dict:
+        def load_strip(ri: int, pn) -> dict:
             r = rows[ri]
             n = min(window, H - r)  # fewer rows only when the scene is shorter than a window
+            c0, c1 = pn.p0, min(pn.p1, W)  # p1 > W only for a scene narrower than a window
             out_s: dict = {}
-            valid = np.ones((n, W), dtype=bool)
+            valid = np.ones((n, c1 - c0), dtype=bool)
             for m, src in thread_sources().items():
-                data, ok = src.read_strip(r, n)
+                data, ok = src.read_strip(r, n, c0, c1)
                 if data.dtype not in (np.uint8, np.int16, np.float32):
                     data = data.astype(np.float32)
-                out_s[m] = np.ascontiguousarray(_pad_to(data, window, Wp))
+                out_s[m] = np.ascontiguousarray(_pad_to(data, window, pn.span))
                 valid &= ok
-            out_s["valid"] = np.ascontiguousarray(_pad_to(valid, window, Wp))
+            out_s["valid"] = np.ascontiguousarray(_pad_to(valid, window, pn.span))
             out_s["rows"] = n
+            out_s["cols"] = c1 - c0
             return out_s
 
         n_readers = max(1, min(int(readers), len(rows)))
@@ -288,10 +313,11 @@ def predict_scene(
                 # keep every reader busy: at most n_readers strips in flight beyond this one
                 for k in range(ri, ri + n_readers + 1):
                     if k < len(rows) and k not in futures and k not in strips:
-                        futures[k] = pool.submit(load_strip, k)
+                        futures[k] = pool.submit(load_strip, k, cur["panel"])
                 s = futures.pop(ri).result()
                 st.strips_read += 1
                 st.max_strip_rows = max(st.max_strip_rows, s["rows"])
+                st.max_strip_cols = max(st.max_strip_cols, s["cols"])
                 to_dev = {}
                 for m in sources:
                     t = torch.from_numpy(s[m])
@@ -308,8 +334,8 @@ def predict_scene(
 
         # ---- accumulator over the open band of rows --------------------------------------------
         state = {"top": 0}
-        acc = None  # (K, band, Wp): weighted probabilities, allocated once K is known
-        valid_buf = torch.zeros(band, Wp, dtype=torch.bool, device=dev)
+        acc = None  # (K, band, panel span): weighted probabilities, allocated per panel once K is known
+        valid_buf = None  # (band, panel span)
         wy = {r: torch.from_numpy(wg.weight_1d(r, Hp)).to(dev) for r in rows}
         wx = {c: torch.from_numpy(wg.weight_1d(c, Wp)).to(dev) for c in cols}
         # Every window row holds the same column windows, so the weight sum is separable:
@@ -354,7 +380,7 @@ def predict_scene(
             writers.append(prob_writer)
 
         def flush(upto: int) -> None:
-            """Finish rows [top, upto): normalise, arg-max, mask, write; slide the band down."""
+            """Finish the panel's rows [top, upto): normalise, arg-max, mask, write; slide the band down."""
             nonlocal counts
             top = state["top"]
             upto = min(upto, Hp)
@@ -362,23 +388,25 @@ def predict_scene(
             if n <= 0:
                 return
             m = min(upto, H) - top  # padded rows below the scene are never written
+            pn = cur["panel"]
+            a0, a1 = pn.x0 - pn.p0, pn.x1 - pn.p0  # the panel's own columns in the accumulator
             if m > 0 and acc is not None:
-                a = acc[:, :m, :W]
-                wts = wy_sum[top : top + m, None] * wx_sum[None, :W]  # > 0: every pixel is covered
-                ok = valid_buf[:m, :W]
+                a = acc[:, :m, a0:a1]
+                wts = wy_sum[top : top + m, None] * wx_sum[None, pn.x0 : pn.x1]  # > 0: every pixel is covered
+                ok = valid_buf[:m, a0:a1]
                 p = a / wts
                 cls = p.argmax(dim=0).to(torch.uint8)
                 cls = torch.where(ok, cls, torch.full_like(cls, nodata))
                 binc = torch.bincount(cls.reshape(-1).to(torch.int64), minlength=256)
                 counts = binc if counts is None else counts + binc
-                cls_writer.write_rows(top, cls.cpu().numpy())
+                cls_writer.write_rows(top, cls.cpu().numpy(), col=pn.x0)
                 if prob_writer is not None:
                     if probabilities_dtype == "uint8":
                         q = torch.round(p * PROB_SCALE).to(torch.uint8)
                         q = torch.where(ok.unsqueeze(0), q, torch.full_like(q, 255))
                     else:
                         q = torch.where(ok.unsqueeze(0), p, torch.full_like(p, float("nan")))
-                    prob_writer.write_rows(top, q.cpu().numpy())
+                    prob_writer.write_rows(top, q.cpu().numpy(), col=pn.x0)
                 st.rows_written += m
                 st.flushes.append((top, m))
             # slide the open band: rows [upto, top + band) move to the top, the rest is cleared
@@ -403,9 +431,10 @@ def predict_scene(
             oks = []
             for ri, _r, c in batch:
                 s = strip(ri)
+                x = c - cur["panel"].p0
                 for m in sources:
-                    xs[m].append(s[m][:, :, c : c + window])
-                oks.append(s["valid"][:, c : c + window])
+                    xs[m].append(s[m][:, :, x : x + window])
+                oks.append(s["valid"][:, x : x + window])
             ok = torch.stack(oks).unsqueeze(1)  # (B, 1, win, win)
             x_in = {}
             for m in sources:
@@ -422,17 +451,42 @@ def predict_scene(
                 K = int(p.shape[1])
                 if K > nodata:
                     raise UserError(f"a uint8 class map holds at most {nodata} classes, the model predicts {K}")
-                acc = torch.zeros(K, band, Wp, dtype=torch.float32, device=dev)
+                acc = torch.zeros(K, band, cur["panel"].span, dtype=torch.float32, device=dev)
+                st.acc_cols = max(st.acc_cols, acc.shape[2])
                 if prob_out is not None:
                     open_prob_writer(K)
+            p0 = cur["panel"].p0
             for i, (_ri, r, c) in enumerate(batch):
-                off = r - top
+                off, x = r - top, c - p0
                 st.max_open_rows = max(st.max_open_rows, off + window)
-                if off + window > band:  # the batching rule below guarantees this never happens
-                    raise RuntimeError("window outside the open band of rows")
+                st.max_open_cols = max(st.max_open_cols, x + window)
+                if off + window > band or x < 0 or x + window > acc.shape[2]:  # never: batching/panel rules
+                    raise RuntimeError("window outside the open band of the panel")
                 w2 = wy[r][:, None] * wx[c][None, :]  # (win, win) separable taper
-                acc[:, off : off + window, c : c + window] += p[i] * w2
+                acc[:, off : off + window, x : x + window] += p[i] * w2
             st.batches += 1
+            st.windows_run += len(batch)
+
+        def start_panel(pn) -> None:
+            """Open a panel: an empty band over its window span, no strips (reads of the last panel are done)."""
+            nonlocal acc, valid_buf
+            for f in futures.values():
+                f.cancel()
+            for f in futures.values():
+                if not f.cancelled():
+                    f.result()  # the previous panel ran all its windows, so normally nothing is left
+            futures.clear()
+            strips.clear()
+            cur["panel"] = pn
+            state["top"] = 0
+            valid_buf = None
+            valid_buf = torch.zeros(band, pn.span, dtype=torch.bool, device=dev)
+            if acc is not None and acc.shape[2] == pn.span:
+                acc.zero_()
+            elif acc is not None:
+                acc = None  # free the previous panel's band before allocating this one
+                acc = torch.zeros(K, band, pn.span, dtype=torch.float32, device=dev)
+                st.acc_cols = max(st.acc_cols, pn.span)
 
         bar = None
         if progress:
@@ -440,24 +494,26 @@ def predict_scene(
 
             bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                            transient=True)
-            task = bar.add_task("windows", total=st.windows)
+            task = bar.add_task("windows", total=windows_total)
             bar.start()
         try:
-            pending: list[tuple[int, int, int]] = []
-            for ri, r in enumerate(rows):
-                for c in cols:
-                    # a batch spans at most two consecutive window rows: band = window + stride
-                    if pending and (len(pending) >= batch_size or ri > pending[0][0] + 1):
-                        run_batch(pending)
-                        if bar is not None:
-                            bar.advance(task, len(pending))
-                        pending = []
-                    pending.append((ri, r, c))
-            if pending:
-                run_batch(pending)
-                if bar is not None:
-                    bar.advance(task, len(pending))
-            flush(Hp)
+            for pn in panels:  # panels outer, row bands inner: the temp GeoTIFF takes writes in any order
+                start_panel(pn)
+                pending: list[tuple[int, int, int]] = []
+                for ri, r in enumerate(rows):
+                    for c in pn.col_starts:
+                        # a batch spans at most two consecutive window rows: band = window + stride
+                        if pending and (len(pending) >= batch_size or ri > pending[0][0] + 1):
+                            run_batch(pending)
+                            if bar is not None:
+                                bar.advance(task, len(pending))
+                            pending = []
+                        pending.append((ri, r, c))
+                if pending:
+                    run_batch(pending)
+                    if bar is not None:
+                        bar.advance(task, len(pending))
+                flush(Hp)
         finally:
             if bar is not None:
                 bar.stop()
@@ -528,4 +584,4 @@ def predict_scene(
     }
 
 
-__all__ = ["PROB_SCALE", "PredictStats", "predict_scene"]
+__all__ = ["PANEL_WIDTH", "PROB_SCALE", "PredictStats", "predict_scene"]

@@ -1,10 +1,11 @@
 """Scene readers for whole-scene prediction: strips of rows on one reference grid.
 
-``read_strip(row, nrows)`` returns the float32 pixels ``(C, nrows, W)`` of a band of rows of the
-reference grid plus a validity mask ``(nrows, W)`` (False where any band is nodata or NaN). The
+``read_strip(row, nrows, col0, col1)`` returns the float32 pixels ``(C, nrows, col1 - col0)`` of a
+band of rows of the reference grid (columns ``[col0, col1)``, the full width by default) plus a
+validity mask ``(nrows, col1 - col0)`` (False where any band is nodata or NaN). The
 reference grid is the optical scene's (or the SAR scene's for SAR-only models). A SAR scene on
-another grid is warped onto the reference grid strip by strip, so nothing ever holds the
-whole scene: the SAR pixels under a strip are read, converted to linear power, resampled
+another grid is warped onto the reference grid strip by strip (and panel by panel), with one
+resampling scale fixed for the whole grid, so nothing ever holds the whole scene: the SAR pixels under a strip are read, converted to linear power, resampled
 bilinearly with GDAL, and converted to dB once (values <= 0 become nodata).
 """
 
@@ -35,6 +36,13 @@ class Grid:
 
         t = self.transform  # the grid shifted down by ``row`` rows (works for rotated grids too)
         return Affine(t.a, t.b, t.c + t.b * row, t.d, t.e, t.f + t.e * row)
+
+    def window_transform(self, row: int, col: int = 0):
+        """The grid shifted down by ``row`` rows and right by ``col`` columns (rotated grids too)."""
+        from affine import Affine
+
+        t = self.transform
+        return Affine(t.a, t.b, t.c + t.a * col + t.b * row, t.d, t.e, t.f + t.d * col + t.e * row)
 
     def same_as(self, other: Grid) -> bool:
         return (
@@ -114,10 +122,11 @@ class OpticalSource:
         self.grid = grid_of(self.ds)
         self.bands = self.ds.count
 
-    def read_strip(self, row: int, nrows: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.windows import Window
 
-        win = Window(0, row, self.grid.width, nrows)
+        col0, col1 = _cols(self.grid, col0, col1)
+        win = Window(col0, row, col1 - col0, nrows)
         data = self.ds.read(window=win)
         valid = _valid_from_masks(self.ds.read_masks(window=win), data)
         return data.astype(np.float32, copy=False), valid
@@ -156,11 +165,12 @@ class SarSource:
                 raise UserError(f"the SAR scene '{self.path}' does not overlap the optical scene")
             self.scale_xy = self._warp_scale()
 
-    def read_strip(self, row: int, nrows: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         from rasterio.windows import Window
 
+        col0, col1 = _cols(self.grid, col0, col1)
         if self.aligned:
-            win = Window(0, row, self.grid.width, nrows)
+            win = Window(col0, row, col1 - col0, nrows)
             data = self.ds.read(window=win)
             valid = _valid_from_masks(self.ds.read_masks(window=win), data)
             if self.scale == "db" and not np.iscomplexobj(data):
@@ -169,20 +179,22 @@ class SarSource:
                 db = _to_db(to_linear_power(data, self.scale))
             valid &= np.all(np.isfinite(db), axis=0)
             return db, valid
-        db = self._warp_strip(row, nrows)
+        db = self._warp_strip(row, nrows, col0, col1)
         valid = np.all(np.isfinite(db), axis=0)
         return db, valid
 
-    def _warp_strip(self, row: int, nrows: int) -> np.ndarray:
-        """Read the SAR pixels under the strip, resample them in linear power, return dB."""
+    def _warp_strip(self, row: int, nrows: int, col0: int, col1: int) -> np.ndarray:
+        """Read the SAR pixels under the strip's columns ``[col0, col1)``, resample them in linear
+        power (kernel scale fixed for the whole grid), return dB."""
         from rasterio.enums import Resampling
         from rasterio.warp import reproject
         from rasterio.windows import Window
 
         g = self.grid
-        out = np.full((self.bands, nrows, g.width), np.nan, dtype=np.float32)
-        dst_transform = g.strip_transform(row)
-        c0, r0, c1, r1 = self._source_window(Grid(g.crs, dst_transform, nrows, g.width))
+        ncols = col1 - col0
+        out = np.full((self.bands, nrows, ncols), np.nan, dtype=np.float32)
+        dst_transform = g.window_transform(row, col0)
+        c0, r0, c1, r1 = self._source_window(Grid(g.crs, dst_transform, nrows, ncols))
         if c1 <= c0 or r1 <= r0:
             return out  # the strip lies outside the SAR footprint: all nodata
         win = Window(c0, r0, c1 - c0, r1 - r0)
@@ -254,6 +266,15 @@ class SarSource:
 
     def close(self) -> None:
         self.ds.close()
+
+
+def _cols(g: Grid, col0: int, col1: int | None) -> tuple[int, int]:
+    """Column range ``[col0, col1)`` of a strip, the full width by default, checked against the grid."""
+    col1 = g.width if col1 is None else int(col1)
+    col0 = int(col0)
+    if not 0 <= col0 < col1 <= g.width:
+        raise ValueError(f"columns [{col0}, {col1}) lie outside the grid's {g.width} columns")
+    return col0, col1
 
 
 def _grid_bounds(g: Grid) -> tuple[float, float, float, float]:

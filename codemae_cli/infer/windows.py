@@ -71,6 +71,21 @@ def ramp(window: int, overlap: int, taper_start: bool, taper_end: bool, floor: f
 
 
 @dataclass(frozen=True)
+class Panel:
+    """A column block of a scene: owns output columns ``[x0, x1)``; its windows span ``[p0, p1)``."""
+
+    x0: int
+    x1: int
+    col_starts: list[int]  # global column starts of the windows that touch [x0, x1)
+    p0: int  # first column any of those windows covers (accumulator column 0)
+    p1: int  # one past the last (may exceed the width only for a scene narrower than a window)
+
+    @property
+    def span(self) -> int:
+        return self.p1 - self.p0
+
+
+@dataclass(frozen=True)
 class WindowGrid:
     """Every window of a scene, in raster order, with the accumulator band it needs."""
 
@@ -107,9 +122,31 @@ class WindowGrid:
     def __len__(self) -> int:
         return len(self.row_starts) * len(self.col_starts)
 
+    def panels(self, panel_width: int | None) -> list[Panel]:
+        """Vertical panels (column blocks) that together cover the scene's columns once each.
+
+        A panel owns output columns ``[x0, x1)`` and runs every window whose columns intersect them
+        (``col_starts``), so each owned pixel gets exactly the windows it gets in one whole-width
+        pass. Panel borders are placed at the centre of a window column: with an overlap of at most
+        half a window only that one window column straddles a border and is computed twice.
+        ``panel_width`` (pixels, at least one stride) bounds the owned width; ``None`` or a scene
+        narrower than one panel gives a single panel, the whole width.
+        """
+        cols = self.col_starts
+        per = len(cols) if panel_width is None else max(1, int(panel_width) // self.stride)
+        bounds = [0]
+        for j in range(per, len(cols), per):
+            bounds.append(cols[j] + self.window // 2)  # < width: the last window ends at the edge
+        bounds.append(self.width)
+        out = []
+        for x0, x1 in zip(bounds[:-1], bounds[1:]):
+            pc = [c for c in cols if c < x1 and c + self.window > x0]
+            out.append(Panel(x0, x1, pc, pc[0], pc[-1] + self.window))
+        return out
+
     def weight_1d(self, start: int, length: int) -> np.ndarray:
         """Ramp for a window at ``start`` along an axis of ``length`` (padded) pixels."""
         return ramp(self.window, self.overlap, taper_start=start > 0, taper_end=start + self.window < length)
 
 
-__all__ = ["WEIGHT_FLOOR", "WindowGrid", "ramp", "resolve_overlap", "window_starts"]
+__all__ = ["WEIGHT_FLOOR", "Panel", "WindowGrid", "ramp", "resolve_overlap", "window_starts"]
