@@ -24,10 +24,11 @@ from codemae_cli.errors import UserError
 T = TypeVar("T")
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], where: str = "") -> str:
+    """The closest valid key as a full dotted path (copy-pastable into --set), else the valid keys."""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
-        return f"; did you mean '{close[0]}'?"
+        return f"; did you mean '{where + '.' if where else ''}{close[0]}'?"
     return f"; valid keys: {', '.join(sorted(valid))}"
 
 
@@ -119,11 +120,14 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise UserError(f"{where or 'recipe'} must be a mapping of keys, not {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # Unknown keys first, so a wrong section is named before an earlier section is validated.
+    for key in data:
+        if key not in fields:
+            path = f"{where}.{key}" if where else str(key)
+            raise UserError(f"unknown recipe key '{path}'{_suggest(str(key), list(fields), where)}")
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            raise UserError(f"unknown recipe key '{path}'{_suggest(str(key), list(fields))}")
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         obj = cls(**kwargs)
@@ -193,8 +197,18 @@ def read_yaml(path: str | Path) -> dict:
 def load_recipe(path: str | Path | None, cls: type[T], overrides: list[str] | None = None) -> T:
     """Read YAML (or start from defaults when ``path`` is None), apply overrides, build ``cls``."""
     data = read_yaml(path) if path is not None else {}
+    sections = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    if path is not None and "task" in data and "task" not in sections and "run" in sections:
+        raise UserError(f"recipe '{path}' is a fine-tuning recipe (it has a task section); run it with codemae finetune")
+    from_file = "task" in data
     data = apply_overrides(data, overrides)
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except UserError as err:
+        if path is not None and "task" in sections and not from_file and "unknown recipe key" in str(err):
+            raise UserError(f"recipe '{path}' has no task section, so it looks like a pretraining recipe "
+                            f"({err}); run it with codemae pretrain, or start from recipes/seg.yaml") from None
+        raise
 
 
 def dump_recipe(obj: Any) -> str:

@@ -104,7 +104,10 @@ def test_analyze_cli_and_bad_input(testbed, tmp_path):
     assert res.exit_code == 2 and "does not exist" in res.output
     res = runner.invoke(app, ["analyze", str(ck), "--data", str(tmp_path), "-o", str(tmp_path / "z")])
     assert res.exit_code == 2 and "not a prepared dataset" in res.output
+    res = runner.invoke(app, ["analyze", str(ck), "--data", str(testbed), "-o", str(tmp_path / "w"), "--device", "gpu"])
+    assert res.exit_code == 2 and "unknown device 'gpu'" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+    assert not (tmp_path / "w").exists()
 
 
 def test_checkpoint_that_does_not_match_its_recipe_is_refused(testbed):

@@ -27,7 +27,7 @@ class Outer:
 
 
 def test_unknown_key_names_closest():
-    with pytest.raises(UserError, match=r"unknown recipe key 'inner.lrr'.*did you mean 'lr'"):
+    with pytest.raises(UserError, match=r"unknown recipe key 'inner.lrr'; did you mean 'inner.lr'"):
         from_dict(Outer, {"inner": {"lrr": 1}})
 
 

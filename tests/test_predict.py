@@ -397,3 +397,79 @@ def test_real_rotated_slc_is_warped_as_intensity(real_dir, sample_pair, tmp_path
     assert np.array_equal(valid, np.isfinite(lin[0]))
     np.testing.assert_allclose(db[:, valid], 10 * np.log10(lin[:, valid]), atol=0.01)
     assert np.array_equal(_read(out, 1) == 255, ~valid)
+
+
+@pytest.mark.parametrize("pair_name,inputs", [("same", "optical"), ("same", "both"), ("other", "both")])
+def test_panels_match_one_whole_width_pass(scenes, tmp_path, pair_name, inputs):
+    """Vertical panels narrower than the scene: same probabilities and classes as one panel, and an
+    accumulator never wider than a panel's window span (windows straddling borders run twice)."""
+    pair = scenes[pair_name]
+    sar = pair["sar"] if inputs == "both" else None
+    st_kw = {"optical": OPT_STATS, "sar": SAR_STATS}
+    window, overlap, pw = 32, 8, 30  # one window column per panel (plus the straddling ones)
+    res = {}
+    for name, panel_width in (("one", None), ("panels", pw)):
+        out, prob = tmp_path / f"{name}.tif", tmp_path / f"{name}_p.tif"
+        stats = PredictStats()
+        summary = predict_scene(_fn(PixelNet(seed=11)), pair["optical"], sar, out, window=window, overlap=overlap,
+                                batch_size=3, stats=st_kw, inputs=inputs, sar_scale="db" if pair_name == "same"
+                                else "linear", probabilities=prob, probabilities_dtype="float32",
+                                panel_width=panel_width, instrument=stats)
+        res[name] = (_read(out, 1), _read(prob), summary, stats)
+    cls1, p1, s1, st1 = res["one"]
+    cls2, p2, s2, st2 = res["panels"]
+    h, w = cls1.shape
+    assert len(st1.panels) == 1 and st1.acc_cols == w
+    assert len(st2.panels) >= 3
+    # panels tile the columns once each, in order; every row of each panel written once, in order
+    assert [x0 for x0, *_ in st2.panels] == [0] + [x1 for _, x1, *_ in st2.panels[:-1]]
+    assert st2.panels[-1][1] == w
+    assert st2.flushes and [r for top, n in st2.flushes for r in range(top, top + n)] == list(range(h)) * len(st2.panels)
+    # memory: the open accumulator is band_rows x the widest panel span, far narrower than the scene
+    spans = [p1_ - p0 for _, _, p0, p1_ in st2.panels]
+    assert st2.acc_cols == max(spans) < w
+    assert all(s <= (x1 - x0) + 2 * window for (x0, x1, _, _), s in zip(st2.panels, spans))
+    assert st2.acc_cols <= max(pw, window - overlap) + window
+    assert st2.max_open_cols <= st2.acc_cols and st2.max_strip_cols <= st2.acc_cols
+    assert st2.max_open_rows <= st2.band_rows == st1.band_rows
+    assert st2.windows == st1.windows < st2.windows_run  # border windows run in both panels
+    assert np.array_equal(np.isnan(p1), np.isnan(p2))
+    assert s2["nodata_pixels"] == s1["nodata_pixels"]
+    if pair_name == "other":
+        # SAR in another CRS: GDAL's approximate transformer (error <= 1/8 source pixel) depends on
+        # the warped block's extent, so a panel's SAR input differs slightly from a whole-width
+        # strip's (as strips of rows already differ from a whole-scene warp)
+        np.testing.assert_allclose(p2, p1, atol=5e-3, equal_nan=True)
+        assert (cls1 == cls2).mean() > 0.995
+        return
+    # exactness: same inputs and the same weighted sums per pixel, so the same probabilities and classes
+    np.testing.assert_allclose(p2, p1, atol=1e-5, equal_nan=True)
+    assert np.array_equal(cls1, cls2)
+    assert s2["pixels_per_class"] == s1["pixels_per_class"]
+
+
+def test_panel_reads_and_writes_match_full_width(scenes, tmp_path):
+    """Column windows of the sources (aligned and warped SAR) and of the writer equal full-width ones."""
+    from codemae_cli.infer.cog import TiledWriter
+    from codemae_cli.infer.sources import OpticalSource, grid_of
+
+    pair = scenes["other"]
+    with rasterio.open(pair["optical"]) as o:
+        ref = grid_of(o)
+    for src in (OpticalSource(pair["optical"]), SarSource(pair["sar"], scale="linear", ref=ref)):
+        try:
+            full, ok = src.read_strip(10, 40)
+            part, ok_part = src.read_strip(10, 40, 23, 71)
+        finally:
+            src.close()
+        # a warped SAR panel differs from the full-width warp only by GDAL's approximate transformer
+        np.testing.assert_allclose(part, full[:, :, 23:71], atol=1e-4 if src.kind == "optical" else 0.02,
+                                   equal_nan=True)
+        assert np.array_equal(ok_part, ok[:, 23:71])
+    data = np.arange(ref.height * ref.width, dtype=np.int64).reshape(ref.height, ref.width) % 251
+    w = TiledWriter(tmp_path / "w.tif", ref, 1, "uint8", 255)
+    for x0, x1 in ((60, ref.width), (0, 60)):  # panels in any order
+        for r in range(0, ref.height, 33):
+            w.write_rows(r, data[r : r + 33, x0:x1].astype(np.uint8), col=x0)
+    w.close()
+    assert np.array_equal(_read(tmp_path / "w.tif", 1), data)

@@ -159,3 +159,21 @@ def test_resolve_scenes_per_checkpoint_inputs():
                  ("both", "o.tif", None, None), ("optical", None, None, None)]:
         with pytest.raises(UserError):
             resolve_scenes(*args)
+
+
+def test_predict_cli_refuses_to_overwrite_its_inputs_and_bad_device(setup, tmp_path):
+    """-o (or --probabilities / --vectorize) naming an input scene or another output is refused
+    before anything is written: the input is left byte for byte; an unknown --device is one sentence."""
+    pair, both, opt = setup["pair"], str(setup["both"]), str(setup["optical"])
+    scene = tmp_path / "scene.tif"
+    shutil.copy(pair["optical"], scene)
+    before = scene.read_bytes()
+    _fails(["predict", str(scene), "-o", str(scene), "-c", opt, "--device", "cpu", "-q"], "same file as the optical")
+    _fails(["predict", str(pair["optical"]), "--sar", str(pair["sar"]), "-o", str(tmp_path / "m.tif"),
+            "--probabilities", str(pair["sar"]), "-c", both, "--device", "cpu", "-q"], "same file as the SAR scene")
+    _fails(["predict", str(scene), "-o", str(tmp_path / "m.tif"), "--probabilities", str(tmp_path / "m.tif"),
+            "-c", opt, "--device", "cpu", "-q"], "same file as the output")
+    _fails(["predict", str(scene), "-o", str(tmp_path / "m.tif"), "-c", opt, "--device", "gpu", "-q"],
+           "unknown device 'gpu'")
+    assert scene.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["scene.tif"]

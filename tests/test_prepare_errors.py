@@ -39,6 +39,10 @@ def files(tmp_path):
     gpd.GeoDataFrame({"name": ["a"]}, geometry=[box(400001, 5499950, 400010, 5499990)], crs="EPSG:32631").to_file(
         tmp_path / "lab.gpkg")
     f["lab"] = str(tmp_path / "lab.gpkg")
+    # valid labels, but 100 km away from the scene (another scene's file, or the wrong CRS)
+    gpd.GeoDataFrame({"class": [1]}, geometry=[box(500001, 5499950, 500010, 5499990)], crs="EPSG:32631").to_file(
+        tmp_path / "far_lab.gpkg")
+    f["far_lab"] = str(tmp_path / "far_lab.gpkg")
     f["out"] = str(tmp_path / "out")
     return f
 
@@ -51,6 +55,7 @@ CASES = {
     "zero valid chips": (["--optical", "{empty}", "--sar", "{sar}"], "no chip has at least"),
     "no class column": (["--optical", "{opt}", "--sar", "{sar}", "--labels", "{lab}"], "no column 'class'"),
     "scene smaller than a chip": (["--optical", "{opt}", "--sar", "{sar}", "--tile", "128"], "smaller than one 128 px chip"),
+    "labels elsewhere": (["--optical", "{opt}", "--sar", "{sar}", "--labels", "{far_lab}"], "does not overlap"),
     "bad split": (["--optical", "{opt}", "--sar", "{sar}", "--split", "0.5,0.1"], "must sum to 1"),
     "bad sar scale": (["--optical", "{opt}", "--sar", "{sar}", "--sar-scale", "power"], "--sar-scale"),
     "missing modality": (["--optical", "{opt}"], "give --optical and --sar"),

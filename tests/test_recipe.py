@@ -50,7 +50,7 @@ def test_overrides_and_strictness():
     r = load_pretrain_recipe(RECIPES / "hr.yaml", ["optim.blr=1e-4", "model.ccl.mode=off",
                                                    "data.datasets=[a, b]", "run.compile=false"])
     assert r.optim.blr == 1e-4 and r.model.ccl.mode == "off" and r.data.datasets == ["a", "b"] and not r.run.compile
-    with pytest.raises(UserError, match="did you mean 'blr'"):
+    with pytest.raises(UserError, match="did you mean 'optim.blr'"):
         load_pretrain_recipe(RECIPES / "hr.yaml", ["optim.blrr=1"])
     with pytest.raises(UserError, match="must be equal"):
         load_pretrain_recipe(RECIPES / "hr.yaml", ["model.img_size=96"])
@@ -71,3 +71,17 @@ def test_cli_print_recipe_and_bad_key(tmp_path):
     assert res.exit_code == 2 and "unknown recipe key 'model.presett'" in res.output and "preset" in res.output
     res = runner.invoke(app, ["pretrain", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_recipe_of_the_other_command_is_named_as_such():
+    """`pretrain recipes/seg.yaml` / `finetune recipes/hr.yaml`: say which command the recipe is for."""
+    from codemae_cli.config import load_recipe
+    from codemae_cli.tasks.config import FinetuneRecipe
+
+    with pytest.raises(UserError, match="is a fine-tuning recipe .*codemae finetune"):
+        load_pretrain_recipe(RECIPES / "seg.yaml")
+    with pytest.raises(UserError, match="looks like a pretraining recipe .*codemae pretrain"):
+        load_recipe(RECIPES / "hr.yaml", FinetuneRecipe)
+    # a fine-tuning recipe with a typo keeps the plain message, with the full dotted suggestion
+    with pytest.raises(UserError, match=r"^unknown recipe key 'optim.lrr'; did you mean 'optim.lr'\?$"):
+        load_recipe(RECIPES / "seg.yaml", FinetuneRecipe, ["optim.lrr=1"])

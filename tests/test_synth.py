@@ -70,3 +70,16 @@ def test_synth_command(tmp_path):
         assert (s.read() > 0).all() and s.tags()["SAR_SCALE"] == "amplitude"
     bad = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "t"), "--size", "64", "--sar-scale", "power"])
     assert bad.exit_code == 2 and "sar_scale" in bad.output
+
+
+def test_synth_bad_input_one_sentence_nothing_written(tmp_path):
+    """An unknown --sar-crs or an output that is a file: exit 2, one sentence, no folder left."""
+    from codemae_cli.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "s"), "--size", "16", "--sar-crs", "EPSG:99999"])
+    assert res.exit_code == 2 and res.output.startswith("Error: ") and "EPSG:99999" in res.output, res.output
+    assert "Traceback" not in res.output and res.output.count("\n") == 1 and not (tmp_path / "s").exists()
+    (tmp_path / "f.tif").write_text("a file")
+    res = runner.invoke(app, ["synth", "-o", str(tmp_path / "f.tif"), "--size", "16"])
+    assert res.exit_code == 2 and "not a directory" in res.output and res.output.count("\n") == 1, res.output

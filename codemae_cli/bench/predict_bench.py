@@ -31,7 +31,8 @@ BENCH_CLASSES = 4
 
 
 def generate_scene(path: Path, size: int, bands: int = BENCH_BANDS, block: int = 512, seed: int = 0) -> Path:
-    """A ``size x size`` uint8 scene (tiled, uncompressed), written block-row by block-row."""
+    """A ``size x size`` uint8 scene (tiled, uncompressed), written block by block (memory bounded
+    by one block, so the generator does not add to the peak RSS of wide scenes)."""
     import rasterio
     from rasterio.transform import from_origin
     from rasterio.windows import Window
@@ -40,16 +41,18 @@ def generate_scene(path: Path, size: int, bands: int = BENCH_BANDS, block: int =
     profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint8", crs="EPSG:32631",
                    transform=from_origin(500000.0, 5800000.0, 0.5, 0.5), tiled=True, blockxsize=512,
                    blockysize=512, BIGTIFF="IF_SAFER")
-    xs = np.arange(size)
     with rasterio.open(path, "w", **profile) as ds:
         for r in range(0, size, block):
             n = min(block, size - r)
             ys = np.arange(r, r + n)[:, None]
-            # fields of 64 px with noise: textured but cheap to generate
-            base = (((ys // 64) + (xs[None, :] // 64)) % 4 * 50).astype(np.uint8)
-            for b in range(bands):
-                noise = rng.integers(0, 40, size=(n, size), dtype=np.uint8)
-                ds.write(base + noise + np.uint8(10 * b), b + 1, window=Window(0, r, size, n))
+            for c in range(0, size, block):
+                m = min(block, size - c)
+                xs = np.arange(c, c + m)[None, :]
+                # fields of 64 px with noise: textured but cheap to generate
+                base = (((ys // 64) + (xs // 64)) % 4 * 50).astype(np.uint8)
+                for b in range(bands):
+                    noise = rng.integers(0, 40, size=(n, m), dtype=np.uint8)
+                    ds.write(base + noise + np.uint8(10 * b), b + 1, window=Window(c, r, m, n))
     return path
 
 
@@ -75,11 +78,14 @@ def _peak_rss_mb() -> float:
 
 
 def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batch_size: int, workdir: Path,
-              compile: bool = False, head: str = "linear") -> dict:
-    """One scene size, in this process: model-only loop, then end-to-end predict."""
+              compile: bool = False, head: str = "linear", panel_width: int | None = None) -> dict:
+    """One scene size, in this process: model-only loop, then end-to-end predict.
+
+    ``panel_width``: predict's output columns per vertical panel (None: predict's default).
+    """
     import torch
 
-    from codemae_cli.infer.predict import _probs, _resolve_device, predict_scene
+    from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, _probs, _resolve_device, predict_scene
     from codemae_cli.infer.windows import WindowGrid, resolve_overlap
 
     dev = _resolve_device(device)
@@ -119,8 +125,11 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
 
     stats = {"optical": {"mean": [100.0] * BENCH_BANDS, "std": [50.0] * BENCH_BANDS}}
     out = workdir / f"pred_{size}.tif"
+    pst = PredictStats()
+    pw = PANEL_WIDTH if panel_width is None else panel_width
     summary = predict_scene(model_fn, scene, None, out, window=window, overlap=ov, batch_size=batch_size,
-                            stats=stats, inputs="optical", device=dev, progress=False)
+                            stats=stats, inputs="optical", device=dev, progress=False, panel_width=pw,
+                            instrument=pst)
     sync()
     e2e_s = summary["seconds"]
     mpx = size * size / 1e6
@@ -139,6 +148,10 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
         "end_to_end_mpx_s": mpx / e2e_s,
         "ratio": model_s / e2e_s,
         "band_rows": summary["band_rows"],
+        "panel_width": pw,
+        "panels": len(pst.panels),
+        "acc_cols": pst.acc_cols,
+        "windows_run": pst.windows_run,
         "output_bytes": summary["bytes"],
         "peak_rss_mb": _peak_rss_mb(),
         "threads": torch.get_num_threads(),
@@ -150,7 +163,7 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
 
 def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "auto", window: int = 512,
                       overlap=0.125, batch_size: int = 8, workdir: Path | None = None,
-                      compile: bool = False, head: str = "linear") -> list[dict]:
+                      compile: bool = False, head: str = "linear", panel_width: int | None = None) -> list[dict]:
     """Run each size in its own subprocess (its own peak RSS) and collect the results."""
     if not sizes or any(s < 1 for s in sizes):
         raise UserError("--size needs at least one positive scene size")
@@ -169,7 +182,8 @@ def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "
                 raise UserError(f"a {size} x {size} benchmark scene needs {need / 1e9:.1f} GB in '{root}' but only "
                                 f"{free / 1e9:.1f} GB are free; pass a smaller --size or another --workdir")
             args = dict(size=size, preset=preset, device=device, window=window, overlap=overlap,
-                        batch_size=batch_size, workdir=str(root), compile=compile, head=head)
+                        batch_size=batch_size, workdir=str(root), compile=compile, head=head,
+                        panel_width=panel_width)
             proc = subprocess.run([sys.executable, "-m", "codemae_cli.bench.predict_bench", json.dumps(args)],
                                   capture_output=True, text=True, env=dict(os.environ))
             lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
@@ -210,7 +224,8 @@ def _worker(argv: list[str]) -> None:
     try:
         res = bench_one(args["size"], preset=args["preset"], device=args["device"], window=args["window"],
                         overlap=args["overlap"], batch_size=args["batch_size"], workdir=Path(args["workdir"]),
-                        compile=args.get("compile", False), head=args.get("head", "linear"))
+                        compile=args.get("compile", False), head=args.get("head", "linear"),
+                        panel_width=args.get("panel_width"))
     except UserError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)

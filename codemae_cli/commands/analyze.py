@@ -86,9 +86,13 @@ def _device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from codemae_cli.errors import UserError
+    from codemae_cli.errors import UserError
 
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{name}' was requested but no CUDA GPU is available")
     return name
 

@@ -70,6 +70,8 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     from rich.table import Table
 
     console = Console()
+    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
     out = out.resolve()
     if out.exists():
         if not overwrite:
@@ -82,7 +84,8 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     timings = {}
     for name, argv in demo_steps(out, device):
         console.rule(f"[bold]{name}")
-        console.print("$ codemae " + " ".join(shlex.quote(a) for a in argv), style="cyan", highlight=False, markup=False)
+        console.print("$ codemae " + " ".join(shlex.quote(a) for a in argv), style="cyan", highlight=False, markup=False,
+                      soft_wrap=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "codemae_cli", *argv])
         timings[name] = time.perf_counter() - t0

@@ -229,6 +229,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
                       "nodata": R.effective_nodata(src, (False, None)),
                       "resampling": "none" if choose_resampling(src, grid, "label") == "none" else "nearest",
                       "classes": raster_classes(src.tags, classes)}
+        _check_labels_overlap(labels, grid, window, sid)
     return ScenePlan(
         scene_id=sid,
         optical=optical,
@@ -245,6 +246,20 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         overlap_area=area,
         labels=labels,
     )
+
+
+def _check_labels_overlap(labels: dict, grid: Grid, window: tuple, sid: str) -> None:
+    """Labels lying wholly outside the optical/SAR overlap would make every chip background: refuse."""
+    from shapely.geometry import box
+
+    area = box(*grid.window_bounds(*window))
+    if labels["kind"] == "vector":
+        extent = box(*labels["vector"].gdf.total_bounds)
+    else:
+        extent = footprint(labels["raster"], grid.crs_wkt)
+    if not extent.intersects(area):
+        raise UserError(f"scene '{sid}': the label file '{labels['source']}' does not overlap the optical/SAR "
+                        "overlap (wrong file or wrong CRS?)")
 
 
 def _unique_ids(specs: list[SceneSpec]) -> list[str]:

@@ -341,10 +341,18 @@ def write_scene_pair(
         raise UserError(f"optical dtype must be uint8, uint16 or float32, not '{optical_dtype}'")
     if optical_bands < 1 or sar_bands < 1:
         raise UserError("the synthetic scene needs at least one optical and one SAR band")
+    from rasterio.errors import CRSError
+
+    try:
+        with rasterio.Env():  # GDAL's messages go to logging, not straight to stderr
+            opt_crs = CRS.from_user_input(crs)
+            s_crs = CRS.from_user_input(sar_crs) if sar_crs else opt_crs
+    except CRSError:
+        raise UserError(f"'{sar_crs if sar_crs else crs}' is not a CRS that PROJ knows (try e.g. EPSG:32632)") from None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output '{out}' exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    opt_crs = CRS.from_user_input(crs)
-    s_crs = CRS.from_user_input(sar_crs) if sar_crs else opt_crs
     opt_tf = from_origin(origin[0], origin[1], res, res)
     left, top = origin
     right, bottom = left + width * res, top - height * res

@@ -6,7 +6,7 @@
 ``model_fn(optical, sar) -> logits (B, K, h, w)`` takes normalised inputs (either may be None).
 
 How memory stays bounded by a band of rows of a panel, never by the scene (height or width):
-- the scene is cut into vertical panels of at most ``panel_width`` output columns (a scene
+- the scene is cut into vertical panels of ``panel_width // stride`` window columns (a scene
   narrower than one panel is one panel); a panel runs every window of the global window grid
   that touches its columns (windows straddling a panel border run in both panels), so each
   output pixel gets exactly the windows and weights of a whole-width pass;
@@ -101,7 +101,10 @@ def _resolve_device(device):
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("a CUDA device was requested but none is available; use --device cpu")
     return dev
@@ -185,7 +188,7 @@ def predict_scene(
     """Predict a whole scene with ``model_fn`` and write a class-map COG at ``out_path``.
 
     ``readers``: threads reading strips ahead of the model (each with its own GDAL handles).
-    ``panel_width``: output columns per vertical panel (memory grows with it, not with the scene;
+    ``panel_width``: about this many output columns per vertical panel (memory grows with it, not with the scene;
     ``None`` = the whole width in one panel). Windows straddling a panel border run twice.
     ``instrument``: a :class:`PredictStats` filled with what the run observed (band sizes, flushes).
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).

@@ -87,6 +87,19 @@ def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], i
     return scene, sar, use
 
 
+def _check_distinct_outputs(inputs: list, outputs: list) -> None:
+    """Refuse an output path that is an input scene or another output (it would be overwritten)."""
+    seen: list = [(Path(p).resolve(), what) for p, what in inputs if p is not None]
+    for p, what in outputs:
+        if p is None:
+            continue
+        rp = Path(p).resolve()
+        for other, other_what in seen:
+            if rp == other:
+                raise UserError(f"{what} '{p}' is the same file as {other_what}; choose another path")
+        seen.append((rp, what))
+
+
 def predict_from_checkpoint(
     checkpoint: str | Path,
     scene: Optional[str] = None,
@@ -129,6 +142,10 @@ def predict_from_checkpoint(
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
+    _check_distinct_outputs(
+        [(optical_path, "the optical scene"), (sar_path, "the SAR scene")],
+        [(out, "the output"), (probabilities, "--probabilities"), (vectorize, "--vectorize")],
+    )
     names, colors = _classes(meta)
 
     try:
