@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import pkgutil
 import sys
 from collections.abc import Callable
@@ -37,6 +38,21 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
+def _reflow(doc: str | None) -> str | None:
+    """Join the hard-wrapped lines of each docstring paragraph, so rich wraps help text to the
+    terminal instead of breaking it at the source's line ends; indented blocks stay as they are."""
+    if not doc:
+        return doc
+    paragraphs = []
+    for para in inspect.cleandoc(doc).split("\n\n"):
+        lines = para.splitlines()
+        if any(line.startswith((" ", "-", "*")) for line in lines):
+            paragraphs.append(para)
+        else:
+            paragraphs.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(paragraphs)
+
+
 def cli_command(fn: Callable) -> Callable:
     """Wrap a command so a :class:`UserError` becomes one sentence on stderr and exit code 2."""
 
@@ -51,6 +67,7 @@ def cli_command(fn: Callable) -> Callable:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(code=130) from None
 
+    wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper
 
 
