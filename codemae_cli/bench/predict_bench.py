@@ -41,7 +41,9 @@ def generate_scene(path: Path, size: int, bands: int = BENCH_BANDS, block: int =
     profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint8", crs="EPSG:32631",
                    transform=from_origin(500000.0, 5800000.0, 0.5, 0.5), tiled=True, blockxsize=512,
                    blockysize=512, BIGTIFF="IF_SAFER")
-    with rasterio.open(path, "w", **profile) as ds:
+    # GDAL's block cache (5 % of RAM by default) would keep the written scene: cap it, so the
+    # generator's memory does not grow with the scene either
+    with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(path, "w", **profile) as ds:
         for r in range(0, size, block):
             n = min(block, size - r)
             ys = np.arange(r, r + n)[:, None]
