@@ -428,7 +428,7 @@ def test_panels_match_one_whole_width_pass(scenes, tmp_path, pair_name, inputs):
     # memory: the open accumulator is band_rows x the widest panel span, far narrower than the scene
     spans = [p1_ - p0 for _, _, p0, p1_ in st2.panels]
     assert st2.acc_cols == max(spans) < w
-    assert all(s <= (x1 - x0) + 2 * window for (x0, x1, _, _), s in zip(st2.panels, spans))
+    assert all(s <= (x1 - x0) + 2 * window for (x0, x1, _, _), s in zip(st2.panels, spans, strict=True))
     assert st2.acc_cols <= max(pw, window - overlap) + window
     assert st2.max_open_cols <= st2.acc_cols and st2.max_strip_cols <= st2.acc_cols
     assert st2.max_open_rows <= st2.band_rows == st1.band_rows

@@ -139,7 +139,7 @@ class WindowGrid:
             bounds.append(cols[j] + self.window // 2)  # < width: the last window ends at the edge
         bounds.append(self.width)
         out = []
-        for x0, x1 in zip(bounds[:-1], bounds[1:]):
+        for x0, x1 in zip(bounds[:-1], bounds[1:], strict=True):
             pc = [c for c in cols if c < x1 and c + self.window > x0]
             out.append(Panel(x0, x1, pc, pc[0], pc[-1] + self.window))
         return out
