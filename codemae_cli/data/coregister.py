@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from codemae_cli.data.raster import RasterSource
+from codemae_cli.data.raster import GeoreferencedMixin, RasterSource
 from codemae_cli.errors import UserError
 
 SAME_GRID_TOL = 0.05  # pixels
@@ -26,25 +26,13 @@ WARP_CHUNK = 1024  # columns warped per reproject call
 
 
 @dataclass
-class Grid:
+class Grid(GeoreferencedMixin):
     """A north-up pixel grid: CRS (WKT), affine transform coefficients, size."""
 
     crs_wkt: str
     transform: tuple
     width: int
     height: int
-
-    @property
-    def affine(self):
-        from affine import Affine
-
-        return Affine(*self.transform)
-
-    @property
-    def crs(self):
-        from rasterio.crs import CRS
-
-        return CRS.from_wkt(self.crs_wkt)
 
     @property
     def res(self) -> tuple[float, float]:

@@ -30,8 +30,28 @@ RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 SAR_SCALES = ("auto", "linear", "amplitude", "db")
 
 
+class GeoreferencedMixin:
+    """``affine`` and ``crs`` objects from the plain ``transform`` tuple and ``crs_wkt`` string
+    that grids and sources store (plain values keep them picklable for worker processes)."""
+
+    transform: tuple
+    crs_wkt: str
+
+    @property
+    def affine(self):
+        from affine import Affine
+
+        return Affine(*self.transform)
+
+    @property
+    def crs(self):
+        from rasterio.crs import CRS
+
+        return CRS.from_wkt(self.crs_wkt)
+
+
 @dataclass
-class RasterSource:
+class RasterSource(GeoreferencedMixin):
     """What prepare needs to know about one input raster (no open handle: picklable)."""
 
     path: str
@@ -45,17 +65,6 @@ class RasterSource:
     descriptions: list
     tags: dict = field(default_factory=dict)
 
-    @property
-    def affine(self):
-        from affine import Affine
-
-        return Affine(*self.transform)
-
-    @property
-    def crs(self):
-        from rasterio.crs import CRS
-
-        return CRS.from_wkt(self.crs_wkt)
 
     @property
     def is_complex(self) -> bool:
