@@ -39,3 +39,20 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
     state = load_file(str(out / "checkpoints" / "last" / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_resolve_device_is_the_one_place_that_reads_device_names():
+    import pytest
+    import torch
+
+    from codemae_cli.errors import UserError
+    from codemae_cli.train.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type in ("cpu", "cuda")
+    for bad in ("gpu", "cuda:abc", "cuda0"):
+        with pytest.raises(UserError, match="unknown device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            resolve_device("cuda:0")

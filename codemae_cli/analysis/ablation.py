@@ -106,11 +106,9 @@ def _atomic_json(path: Path, obj) -> None:
 
 def _torch_device(name: str) -> str:
     """The recipe's device name for the probes and analyses: ``auto`` picks CUDA when present."""
-    if name == "auto":
-        import torch
+    from codemae_cli.train.distributed import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    return str(resolve_device(name))
 
 
 def _finite(v) -> Optional[float]:

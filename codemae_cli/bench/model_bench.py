@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from codemae_cli.errors import UserError
+from codemae_cli.train.distributed import resolve_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; the first match wins.
 PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -65,18 +66,6 @@ class BenchResult:
     losses: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available")
-    return device
 
 
 def _sync(device) -> None:

@@ -82,19 +82,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 
 def _device(name: str) -> str:
-    import torch
+    from codemae_cli.train.distributed import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    from codemae_cli.errors import UserError
-
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was requested but no CUDA GPU is available")
-    return name
+    return str(resolve_device(name))
 
 
 def _fmt(v) -> str:

@@ -41,6 +41,7 @@ import numpy as np
 
 from codemae_cli.errors import UserError
 from codemae_cli.infer.windows import WindowGrid, resolve_overlap
+from codemae_cli.train.distributed import resolve_device
 
 Inputs = Literal["optical", "sar", "both"]
 
@@ -94,20 +95,6 @@ def _pad_to(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
     pad = [(0, 0)] * (x.ndim - 2) + [(0, max(pr, 0)), (0, max(pc, 0))]
     # numpy's "symmetric" repeats the edge pixel and, unlike "reflect", accepts a 1-pixel axis
     return np.pad(x, pad, mode="symmetric")
-
-
-def _resolve_device(device):
-    import torch
-
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("a CUDA device was requested but none is available; use --device cpu")
-    return dev
 
 
 def _probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
@@ -230,7 +217,7 @@ def predict_scene(
         raise UserError("the panel width must be at least 1 pixel")
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     ov = resolve_overlap(window, overlap)

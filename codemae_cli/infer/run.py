@@ -126,8 +126,9 @@ def predict_from_checkpoint(
     import torch
 
     from codemae_cli.infer.cog import check_output_path
-    from codemae_cli.infer.predict import _resolve_device, predict_scene
+    from codemae_cli.infer.predict import predict_scene
     from codemae_cli.train.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint
+    from codemae_cli.train.distributed import resolve_device
 
     # cheap checks first: a typo in a path must not wait for a model to load
     check_output_path(out)
@@ -152,7 +153,7 @@ def predict_from_checkpoint(
         from codemae_cli.tasks import build_task_model_from_checkpoint
     except ImportError as err:  # pragma: no cover - the fine-tuning package ships it
         raise RuntimeError("codemae_cli.tasks.build_task_model_from_checkpoint is not available") from err
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model, meta = build_task_model_from_checkpoint(ckpt, dev)
     model.eval()
     encoder = getattr(model, "encoder", None)

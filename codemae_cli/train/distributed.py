@@ -46,15 +46,18 @@ def resolve_device(device: str = "auto", local_rank: int = 0):
     """``auto`` -> cuda:<local_rank> when a GPU exists, else cpu; ``cuda`` -> cuda:<local_rank>."""
     import torch
 
-    device = (device or "auto").strip().lower()
+    device = str(device or "auto").strip().lower()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        if device != "cuda" and not (device.startswith("cuda:") and index.isdigit()):
+            raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
         if not torch.cuda.is_available():
-            raise UserError(f"device '{device}' was requested but no CUDA GPU is available; use run.device=cpu")
+            raise UserError(f"device '{device}' was requested but no CUDA GPU is available; use the cpu device")
         if device == "cuda":
             return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-        idx = int(device.split(":", 1)[1])
+        idx = int(index)
         if idx >= torch.cuda.device_count():
             raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
         return torch.device("cuda", idx)
