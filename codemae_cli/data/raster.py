@@ -105,8 +105,10 @@ def expand_inputs(values: list[str] | str | None, role: str) -> list[Path]:
     return out
 
 
-def open_source(path: str | Path, role: str) -> RasterSource:
-    """Open ``path`` and check that prepare can use it; errors are one sentence."""
+def open_raster(path: str | Path, role: str):
+    """An open rasterio dataset; a missing or unreadable file is one sentence naming ``role``.
+
+    The one place every command opens a user's raster (prepare, predict, evaluate)."""
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -114,30 +116,36 @@ def open_source(path: str | Path, role: str) -> RasterSource:
     if not p.exists():
         raise UserError(f"{role} file '{p}' does not exist")
     try:
-        with rasterio.open(p) as src:
-            if src.crs is None:
-                if src.gcps[0]:
-                    raise UserError(
-                        f"{role} raster '{p}' is georeferenced only by ground control points; "
-                        "orthorectify it first (e.g. gdalwarp -tps)"
-                    )
-                raise UserError(f"{role} raster '{p}' has no CRS (coordinate reference system)")
-            if src.transform.is_identity:
-                raise UserError(f"{role} raster '{p}' has no geotransform")
-            return RasterSource(
-                path=str(p),
-                crs_wkt=src.crs.to_wkt(),
-                transform=tuple(src.transform)[:6],
-                width=src.width,
-                height=src.height,
-                count=src.count,
-                dtype=src.dtypes[0],
-                nodata=src.nodata,
-                descriptions=list(src.descriptions),
-                tags=dict(src.tags()),
-            )
+        return rasterio.open(p)
     except RasterioIOError:
         raise UserError(f"{role} file '{p}' is not a readable raster") from None
+
+
+def open_source(path: str | Path, role: str) -> RasterSource:
+    """Open ``path`` and check that prepare can use it; errors are one sentence."""
+    p = Path(path)
+    with open_raster(p, role) as src:
+        if src.crs is None:
+            if src.gcps[0]:
+                raise UserError(
+                    f"{role} raster '{p}' is georeferenced only by ground control points; "
+                    "orthorectify it first (e.g. gdalwarp -tps)"
+                )
+            raise UserError(f"{role} raster '{p}' has no CRS (coordinate reference system)")
+        if src.transform.is_identity:
+            raise UserError(f"{role} raster '{p}' has no geotransform")
+        return RasterSource(
+            path=str(p),
+            crs_wkt=src.crs.to_wkt(),
+            transform=tuple(src.transform)[:6],
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=src.dtypes[0],
+            nodata=src.nodata,
+            descriptions=list(src.descriptions),
+            tags=dict(src.tags()),
+        )
 
 
 def parse_nodata(value: Optional[str | float]) -> tuple[bool, Optional[float]]:

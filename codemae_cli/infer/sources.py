@@ -55,16 +55,10 @@ class Grid:
 
 def open_scene(path: str | Path, what: str):
     """Open a raster for reading, answering a missing/unreadable file or a missing CRS in one sentence."""
-    import rasterio
-    from rasterio.errors import RasterioIOError
+    from codemae_cli.data.raster import open_raster
 
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"the {what} scene '{p}' does not exist")
-    try:
-        ds = rasterio.open(p)
-    except RasterioIOError:
-        raise UserError(f"the {what} scene '{p}' cannot be read as a raster") from None
+    ds = open_raster(p, f"the {what} scene")
     if ds.crs is None:
         ds.close()
         raise UserError(f"the {what} scene '{p}' has no CRS, so its output could not be georeferenced")

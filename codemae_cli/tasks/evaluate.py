@@ -211,15 +211,9 @@ def _class_names_from_tags(tags: dict) -> Optional[list[str]]:
 
 
 def _read_raster(path: Path, what: str):
-    import rasterio
-    from rasterio.errors import RasterioIOError
+    from codemae_cli.data.raster import open_raster
 
-    if not path.is_file():
-        raise UserError(f"{what} raster '{path}' does not exist")
-    try:
-        return rasterio.open(path)
-    except RasterioIOError:
-        raise UserError(f"{what} raster '{path}' cannot be read as a raster") from None
+    return open_raster(path, f"{what} raster")
 
 
 def _reference_on_grid(ref: Path, shape, transform, crs, nodata_value: int, label_column: Optional[str],
