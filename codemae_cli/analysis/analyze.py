@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 
 from codemae_cli.analysis import metrics as M
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import staged_directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,10 +402,7 @@ def run_analyze(
     lum = M.optical_luminance(raw_opt, rgb)
     sar_int = M.sar_intensity(raw_sar)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_directory(out) as tmp:
         results: dict[str, dict] = {}
         recs: dict[str, dict] = {}
         for path in checkpoints:
@@ -460,12 +456,6 @@ def run_analyze(
             _plot_scatter(results, tmp / "similarity_vs_ssim.png")
             for name, rec in recs.items():
                 _plot_reconstructions(rec, name, tmp / f"reconstructions_{_safe_name(name)}.png")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return doc
 
 

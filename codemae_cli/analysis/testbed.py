@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from codemae_cli.fsutil import staged_directory
 
 CLASSES = {0: "vegetation", 1: "bare_soil", 2: "building", 3: "water", 4: "road"}
 OPTICAL_BANDS = ["blue", "green", "red", "nir"]
@@ -330,7 +331,6 @@ def write_testbed(
     never overlap. Written to a temporary sibling and renamed at the end.
     """
     import datetime
-    import shutil
 
     import geopandas as gpd
     from shapely.geometry import box
@@ -341,11 +341,9 @@ def write_testbed(
     if size < tile:
         raise ValueError(f"scenes of {size} px are smaller than one {tile}-px chip")
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shards").mkdir(parents=True)
     crs = "EPSG:32631"
-    try:
+    with staged_directory(out) as tmp:
+        (tmp / "shards").mkdir()
         writer = ShardWriter(tmp / "shards", tile=tile, optical_bands=4, sar_bands=2, labels=True,
                              shard_size=4096, prefix="part")
         rows, manifest = [], []
@@ -409,12 +407,6 @@ def write_testbed(
                         "generator": "codemae_cli.analysis.testbed.generate_scene"},
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

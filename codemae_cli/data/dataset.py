@@ -354,6 +354,10 @@ class PairedChips:
                     lab = torch.nn.functional.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
                 label[j].copy_(lab)                                                       # (S, S) int64
         out = {"optical": opt, "sar": sar, "valid": valid}
+        return self._batch(out, meta, label, tag)
+
+    def _batch(self, out: dict, meta: np.ndarray, label, tag) -> ChipBatch:
+        """The per-sample bookkeeping, labels and the worker's buffer tag, added to a batch."""
         out.update(self._meta_tensors(meta))
         if label is not None:
             out["label"] = label
@@ -403,12 +407,7 @@ class PairedChips:
             if lab_np is not None:
                 np.copyto(lab_np[j], src.array("label", k)[off], casting="unsafe")
         out = {"optical": opt, "sar": sar, "box": torch.from_numpy(box), "flip": torch.from_numpy(flips)}
-        out.update(self._meta_tensors(meta))
-        if label is not None:
-            out["label"] = label
-        if tag is not None:
-            out[_SLOT_KEY] = tag
-        return ChipBatch(out)
+        return self._batch(out, meta, label, tag)
 
 
 def _batch_empty(shape: tuple, dtype):
