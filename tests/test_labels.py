@@ -5,8 +5,7 @@ from __future__ import annotations
 import geopandas as gpd
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
+from rasters import write_raster
 from shapely.geometry import box
 
 from codemae_cli.data.coregister import reference_grid
@@ -44,12 +43,7 @@ def test_spacenet4_buildings_rasterised_on_the_pan_grid(real_dir):
     assert mask[tuple(free)] == 0
 
 
-def _raster(path, arr, crs="EPSG:32631", res=1.0, nodata=None, origin=(500000.0, 5600000.0)):
-    arr = arr if arr.ndim == 3 else arr[None]
-    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, crs=crs, transform=from_origin(*origin, res, res), nodata=nodata) as d:
-        d.write(arr)
-    return str(path)
+_raster = write_raster
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import from_origin
+from rasters import write_raster
 from typer.testing import CliRunner
 
 from codemae_cli.cli import app
@@ -17,11 +17,7 @@ X0, Y0 = 400000.0, 5500000.0
 
 
 def _raster(path, arr, crs="EPSG:32631", res=2.0, nodata=None, origin=(X0, Y0)):
-    arr = arr if arr.ndim == 3 else arr[None]
-    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, crs=crs, transform=from_origin(*origin, res, res), nodata=nodata) as d:
-        d.write(arr)
-    return str(path)
+    return write_raster(path, arr, crs=crs, res=res, nodata=nodata, origin=origin)
 
 
 @pytest.fixture()

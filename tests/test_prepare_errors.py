@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
+from rasters import write_raster
 from typer.testing import CliRunner
 
 from codemae_cli.cli import app
 
 
 def _raster(path, arr, crs="EPSG:32631", origin=(400000.0, 5500000.0), nodata=None):
-    arr = arr if arr.ndim == 3 else arr[None]
-    kw = dict(crs=crs, transform=from_origin(*origin, 1.0, 1.0)) if crs else {}
-    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, nodata=nodata, **kw) as d:
-        d.write(arr)
-    return str(path)
+    return write_raster(path, arr, crs=crs, nodata=nodata, origin=origin)
 
 
 @pytest.fixture()

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-_PREPARE = r"""
+# Shared by both contenders: peak-RSS reader, arguments, clock start.
+_PROLOGUE = r"""
 import json, resource, sys, time
-from codemae_cli.data.prepare import run_prepare
 
 def hwm():
     # Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
@@ -36,9 +36,17 @@ def hwm():
             return int(line.split()[1])
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 a = json.loads(sys.argv[1])
-_r = resource.getrusage(resource.RUSAGE_SELF)
-a["cpu0"] = _r.ru_utime + _r.ru_stime
-t = time.perf_counter()
+
+def start_clocks():
+    # after each contender's imports, so both are timed on their work alone
+    _r = resource.getrusage(resource.RUSAGE_SELF)
+    a["cpu0"] = _r.ru_utime + _r.ru_stime
+    return time.perf_counter()
+"""
+
+_PREPARE = _PROLOGUE + r"""
+from codemae_cli.data.prepare import run_prepare
+t = start_clocks()
 s = run_prepare(out=a["out"], optical=[a["optical"]], sar=[a["sar"]], tile=a["tile"], workers=a["workers"],
                 sar_scale="linear", quicklook=False, overwrite=True)
 wall = time.perf_counter() - t
@@ -47,24 +55,12 @@ cpu = me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime - a["cpu0"]
 print(json.dumps({"wall": wall, "cpu": cpu, "chips": s["chips"], "rss_kb": max(hwm(), ch.ru_maxrss if a["workers"] > 1 else 0)}))
 """
 
-_BASELINE = r"""
-import json, resource, sys, time
+_BASELINE = _PROLOGUE + r"""
 import numpy as np, rasterio
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
-
-def hwm():
-    # Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
-    # fork + exec into it, so it would report the benchmark driver's memory.
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-a = json.loads(sys.argv[1])
-_r = resource.getrusage(resource.RUSAGE_SELF)
-a["cpu0"] = _r.ru_utime + _r.ru_stime
-t = time.perf_counter()
+t = start_clocks()
 with rasterio.open(a["optical"]) as opt, rasterio.open(a["sar"]) as sar:
     with WarpedVRT(sar, crs=opt.crs, transform=opt.transform, width=opt.width, height=opt.height,
                    resampling=Resampling.bilinear, nodata=float("nan")) as vrt:
