@@ -3,22 +3,20 @@
 Thin commands over an importable core: each module in ``codemae_cli.commands`` defines a
 ``register(app, bench)`` function that adds its Typer commands. Command modules import
 nothing heavy at module level (torch, rasterio, geopandas are imported inside the command),
-so ``codemae --help`` and ``codemae --version`` answer instantly.
+so ``codemae --help`` and ``codemae --version`` answer instantly. Imports run one way: this
+module registers the command modules; they take their shared wrapper from
+``commands/_common.py`` and never import this module.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
-import inspect
 import pkgutil
 import sys
-from collections.abc import Callable
 
 import typer
 
 from codemae_cli import __version__
-from codemae_cli.errors import UserError
 
 app = typer.Typer(
     name="codemae",
@@ -36,39 +34,6 @@ bench_app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(bench_app, name="bench")
-
-
-def _reflow(doc: str | None) -> str | None:
-    """Join the hard-wrapped lines of each docstring paragraph, so rich wraps help text to the
-    terminal instead of breaking it at the source's line ends; indented blocks stay as they are."""
-    if not doc:
-        return doc
-    paragraphs = []
-    for para in inspect.cleandoc(doc).split("\n\n"):
-        lines = para.splitlines()
-        if any(line.startswith((" ", "-", "*")) for line in lines):
-            paragraphs.append(para)
-        else:
-            paragraphs.append(" ".join(line.strip() for line in lines))
-    return "\n\n".join(paragraphs)
-
-
-def cli_command(fn: Callable) -> Callable:
-    """Wrap a command so a :class:`UserError` becomes one sentence on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            typer.echo(f"Error: {err}", err=True)
-            raise typer.Exit(code=err.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("Interrupted.", err=True)
-            raise typer.Exit(code=130) from None
-
-    wrapper.__doc__ = _reflow(fn.__doc__)
-    return wrapper
 
 
 def _version_callback(value: bool) -> None:

@@ -45,8 +45,8 @@ def test_resolve_device_is_the_one_place_that_reads_device_names():
     import pytest
     import torch
 
+    from codemae_cli.device import resolve_device
     from codemae_cli.errors import UserError
-    from codemae_cli.train.distributed import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type in ("cpu", "cuda")

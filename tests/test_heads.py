@@ -6,8 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from codemae_cli.errors import UserError  # noqa: E402
 from codemae_cli.model.encoder import CoDeMAEEncoder  # noqa: E402
+from codemae_cli.model.errors import ModelInputError  # noqa: E402
 from codemae_cli.tasks.heads import build_head  # noqa: E402
 from codemae_cli.tasks.model import TaskModel, find_unused_parameters  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_modality_dropout_keeps_absent_embedding_in_the_graph():
 
 def test_single_modality_model_refuses_the_wrong_input():
     model = TaskModel(_encoder(), build_head("classification", "linear", 32, 2), inputs="optical")
-    with pytest.raises(UserError, match="optical"):
+    with pytest.raises(ModelInputError, match="optical"):
         model(sar=torch.randn(1, 2, 32, 32))
 
 

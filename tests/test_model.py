@@ -15,6 +15,7 @@ from codemae_cli.model import (
     build_plain_mae,
     random_masking,
 )
+from codemae_cli.model.errors import ModelInputError
 
 torch.set_num_threads(1)
 
@@ -191,11 +192,11 @@ def test_encoder_features_any_size_and_state_dict_prefix():
     # fixed sin-cos tables are rebuilt, not stored: a fine-tuning encoder for another crop size loads strictly
     assert not any("pos_embed" in k for k in sd)
     build_encoder(tiny_cfg(img_size=64), 4, 2).load_state_dict(model.encoder_state_dict())
-    with pytest.raises(UserError, match="divisible"):
+    with pytest.raises(ModelInputError, match="divisible"):
         enc.forward_features(optical=torch.randn(1, 4, 30, 32))
-    with pytest.raises(UserError, match="bands"):
+    with pytest.raises(ModelInputError, match="bands"):
         enc.forward_features(optical=torch.randn(1, 3, 32, 32))
-    with pytest.raises(UserError, match="layer index"):
+    with pytest.raises(ModelInputError, match="layer index"):
         enc.forward_features(optical=o, layers=(4,))
 
 

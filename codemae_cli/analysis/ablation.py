@@ -106,7 +106,7 @@ def _atomic_json(path: Path, obj) -> None:
 
 def _torch_device(name: str) -> str:
     """The recipe's device name for the probes and analyses: ``auto`` picks CUDA when present."""
-    from codemae_cli.train.distributed import resolve_device
+    from codemae_cli.device import resolve_device
 
     return str(resolve_device(name))
 

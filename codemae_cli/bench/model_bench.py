@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
+from codemae_cli.device import resolve_device
 from codemae_cli.errors import UserError
-from codemae_cli.train.distributed import resolve_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; the first match wins.
 PEAK_TFLOPS: list[tuple[str, float]] = [

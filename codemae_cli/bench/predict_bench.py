@@ -87,9 +87,9 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
     """
     import torch
 
+    from codemae_cli.device import resolve_device
     from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, _probs, predict_scene
     from codemae_cli.infer.windows import WindowGrid, resolve_overlap
-    from codemae_cli.train.distributed import resolve_device
 
     dev = resolve_device(device)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import typer
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    from codemae_cli.cli import cli_command
+    from codemae_cli.commands._common import cli_command
 
     @app.command("analyze")
     @cli_command
@@ -82,7 +82,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
 
 def _device(name: str) -> str:
-    from codemae_cli.train.distributed import resolve_device
+    from codemae_cli.device import resolve_device
 
     return str(resolve_device(name))
 

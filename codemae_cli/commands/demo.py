@@ -16,7 +16,7 @@ from pathlib import Path
 
 import typer
 
-from codemae_cli.cli import cli_command
+from codemae_cli.commands._common import cli_command
 from codemae_cli.errors import UserError
 
 MARKER = ".codemae-demo"

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.cli import cli_command
+from codemae_cli.commands._common import cli_command
 
 model_app = typer.Typer(help="The CoDe-MAE model: presets, parameter counts, FLOPs.", no_args_is_help=True)
 

@@ -672,10 +672,19 @@ class PairedBatchSampler:
             yield [(int(i), _mix(self.seed, self.epoch, base + j)) for j, i in enumerate(mine)]
 
 
-def _worker_init(worker_id: int, board=None) -> None:
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive numpy/python seeds from torch's per-worker seed."""
+    import random
+
     import torch
 
-    from codemae_cli.train.engine import seed_worker
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _worker_init(worker_id: int, board=None) -> None:
+    import torch
 
     global _POOL, _POOL_PID
     # Resizing runs in each worker: one thread each, or workers fight over cores.

@@ -39,9 +39,9 @@ from typing import Literal, Optional
 
 import numpy as np
 
+from codemae_cli.device import resolve_device
 from codemae_cli.errors import UserError
 from codemae_cli.infer.windows import WindowGrid, resolve_overlap
-from codemae_cli.train.distributed import resolve_device
 
 Inputs = Literal["optical", "sar", "both"]
 

@@ -125,10 +125,10 @@ def predict_from_checkpoint(
     """Load a fine-tuned segmentation checkpoint and predict a whole scene (see predict_scene)."""
     import torch
 
+    from codemae_cli.device import resolve_device
     from codemae_cli.infer.cog import check_output_path
     from codemae_cli.infer.predict import predict_scene
     from codemae_cli.train.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint
-    from codemae_cli.train.distributed import resolve_device
 
     # cheap checks first: a typo in a path must not wait for a model to load
     check_output_path(out)

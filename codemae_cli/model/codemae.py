@@ -28,6 +28,7 @@ from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embeddin
 from codemae_cli.model.config import ModelConfig
 from codemae_cli.model.decoder import MAEDecoder, PatchHeads
 from codemae_cli.model.encoder import CoDeMAEEncoder
+from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
 from codemae_cli.model.targets import (
     default_rgb_bands,
@@ -256,7 +257,7 @@ class CoDeMAE(nn.Module):
     def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True) -> dict:
         cfg = self.cfg
         if optical.shape[0] != sar.shape[0] or optical.shape[-2:] != sar.shape[-2:]:
-            raise UserError(
+            raise ModelInputError(
                 f"optical {tuple(optical.shape)} and SAR {tuple(sar.shape)} batches must share batch and size"
             )
         B = optical.shape[0]

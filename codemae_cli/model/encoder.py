@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from codemae_cli.errors import UserError
+from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import (
     PatchEmbed,
     evenly_spaced_layers,
@@ -57,16 +58,16 @@ class CoDeMAEEncoder(nn.Module):
     # -- stages -------------------------------------------------------------------------------
     def check_image(self, x: torch.Tensor, modality: str) -> tuple[int, int]:
         if modality not in self.patch_embed:
-            raise UserError(f"this encoder has no {modality} input")
+            raise ModelInputError(f"this encoder has no {modality} input")
         if x.ndim != 4:
-            raise UserError(f"{modality} input must be (batch, bands, height, width), got shape {tuple(x.shape)}")
+            raise ModelInputError(f"{modality} input must be (batch, bands, height, width), got shape {tuple(x.shape)}")
         want = self.bands[modality]
         if x.shape[1] != want:
-            raise UserError(f"{modality} input has {x.shape[1]} bands but the model expects {want}")
+            raise ModelInputError(f"{modality} input has {x.shape[1]} bands but the model expects {want}")
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
-            raise UserError(f"{modality} input size {H}x{W} is not divisible by the patch size {p}")
+            raise ModelInputError(f"{modality} input size {H}x{W} is not divisible by the patch size {p}")
         return H // p, W // p
 
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -110,14 +111,14 @@ class CoDeMAEEncoder(nn.Module):
         """
         layers = tuple(self.default_layers if layers is None else layers)
         if not layers:
-            raise UserError("forward_features needs at least one layer index")
+            raise ModelInputError("forward_features needs at least one layer index")
         for i in layers:
             if not -self.depth <= i < self.depth:
-                raise UserError(f"layer index {i} is outside the encoder's {self.depth} blocks")
+                raise ModelInputError(f"layer index {i} is outside the encoder's {self.depth} blocks")
         layers = tuple(i % self.depth for i in layers)
         inputs = [(m, x) for m, x in (("optical", optical), ("sar", sar)) if x is not None]
         if not inputs:
-            raise UserError("forward_features needs an optical or a SAR input")
+            raise ModelInputError("forward_features needs an optical or a SAR input")
         grids = {m: self.check_image(x, m) for m, x in inputs}
         batches = {m: x.shape[0] for m, x in inputs}
         # Co-registered pairs share the grid: run them as one batch (one trunk pass).

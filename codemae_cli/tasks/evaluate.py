@@ -149,9 +149,9 @@ def evaluate_checkpoint(checkpoint, datasets: Sequence[str], split: str = "test"
 
     ``inputs`` ("optical" | "sar") evaluates a bi-modal model with the other modality missing.
     """
+    from codemae_cli.device import resolve_device
     from codemae_cli.tasks.data import open_datasets, task_loader
     from codemae_cli.tasks.model_io import build_task_model_from_checkpoint
-    from codemae_cli.train.distributed import resolve_device
 
     dev = resolve_device(device)
     model, meta = build_task_model_from_checkpoint(checkpoint, device=dev)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from codemae_cli.errors import UserError
+from codemae_cli.model.errors import ModelInputError
 
 
 class ModalityFusion(nn.Module):
@@ -89,11 +89,11 @@ class TaskModel(nn.Module):
     # ---- stages -----------------------------------------------------------------------------
     def _check_inputs(self, optical, sar):
         if optical is None and sar is None:
-            raise UserError("the model needs at least one input image (optical or SAR)")
+            raise ModelInputError("the model needs at least one input image (optical or SAR)")
         if self.inputs == "optical" and optical is None:
-            raise UserError("this model was trained on optical images; an optical input is required")
+            raise ModelInputError("this model was trained on optical images; an optical input is required")
         if self.inputs == "sar" and sar is None:
-            raise UserError("this model was trained on SAR images; a SAR input is required")
+            raise ModelInputError("this model was trained on SAR images; a SAR input is required")
 
     def _presence(self, optical, sar, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample presence (B,) of each modality, with modality dropout while training."""

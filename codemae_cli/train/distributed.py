@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from codemae_cli.device import resolve_device
 from codemae_cli.errors import UserError
 
 
@@ -40,32 +41,6 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
-
-
-def resolve_device(device: str = "auto", local_rank: int = 0):
-    """``auto`` -> cuda:<local_rank> when a GPU exists, else cpu; ``cuda`` -> cuda:<local_rank>."""
-    import torch
-
-    device = str(device or "auto").strip().lower()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        index = device.partition(":")[2]
-        if device != "cuda" and not (device.startswith("cuda:") and index.isdigit()):
-            raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{device}' was requested but no CUDA GPU is available; use the cpu device")
-        if device == "cuda":
-            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-        idx = int(index)
-        if idx >= torch.cuda.device_count():
-            raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
-        return torch.device("cuda", idx)
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "mps":
-        return torch.device("mps")
-    raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -146,5 +121,4 @@ __all__ = [
     "cleanup_distributed",
     "init_distributed",
     "is_dist",
-    "resolve_device",
 ]

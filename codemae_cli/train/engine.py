@@ -51,16 +51,6 @@ def set_seed(seed: int, rank: int = 0) -> int:
     return s
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive numpy/python seeds from torch's per-worker seed."""
-    import numpy as np
-    import torch
-
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-
-
 def step_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
     """A seed that depends only on (seed, rank, step, micro-batch): 63-bit, well mixed.
 
@@ -135,7 +125,6 @@ __all__ = [
     "device_sync",
     "resolve_precision",
     "seed_step",
-    "seed_worker",
     "set_seed",
     "step_seed",
     "unwrap_model",

@@ -1,0 +1,38 @@
+"""Which torch device a device name means: the one place that reads ``--device`` / ``run.device``.
+
+It sits below every room (data, model, train, tasks, infer, analysis, bench all may use it), so
+prediction, analyses and benchmarks resolve devices without importing the training engine.
+"""
+
+from __future__ import annotations
+
+from codemae_cli.errors import UserError
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0):
+    """``auto`` -> cuda:<local_rank> when a GPU exists, else cpu; ``cuda`` -> cuda:<local_rank>."""
+    import torch
+
+    device = str(device or "auto").strip().lower()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        if device != "cuda" and not (device.startswith("cuda:") and index.isdigit()):
+            raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' was requested but no CUDA GPU is available; use the cpu device")
+        if device == "cuda":
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        idx = int(index)
+        if idx >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", idx)
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "mps":
+        return torch.device("mps")
+    raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+
+
+__all__ = ["resolve_device"]
