@@ -88,7 +88,7 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
     import torch
 
     from codemae_cli.device import resolve_device
-    from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, _probs, predict_scene
+    from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, predict_scene, window_probs
     from codemae_cli.infer.windows import WindowGrid, resolve_overlap
 
     dev = resolve_device(device)
@@ -114,13 +114,13 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
 
     with torch.inference_mode():
         for _ in range(2):  # warm-up (allocator, cuDNN/compile)
-            _probs(model_fn, x, None, window, False, autocast_dtype)
+            window_probs(model_fn, x, None, window, False, autocast_dtype)
         sync()
         t = time.perf_counter()
         done = 0
         while done < n_windows:
             b = min(batch_size, n_windows - done)
-            p = _probs(model_fn, x[:b], None, window, False, autocast_dtype)
+            p = window_probs(model_fn, x[:b], None, window, False, autocast_dtype)
             done += b
         p.sum().item()  # forces completion of queued kernels on any device
         sync()

@@ -5,43 +5,50 @@
 
 ``model_fn(optical, sar) -> logits (B, K, h, w)`` takes normalised inputs (either may be None).
 
+Stages (each a named piece a newcomer can open on its own):
+
+| stage    | where                                  | what                                                |
+|----------|----------------------------------------|-----------------------------------------------------|
+| check    | :func:`check_request`                  | outputs, inputs, sizes: one sentence on bad input   |
+| layout   | ``infer/windows.py`` ``WindowGrid``    | window grid, vertical panels, tapers                |
+| read     | ``infer/strips.py`` ``StripReader``    | strips of window rows, normalised, in threads       |
+| model    | :func:`window_probs`                   | softmax (B, K, window, window), TTA flips           |
+| blend    | ``infer/blend.py`` ``BandAccumulator`` | tapered sums over an open band of rows              |
+| write    | ``infer/writer.py`` ``PredictionWriter`` | class map + probabilities, in a writer thread     |
+| publish  | :func:`publish_outputs`                | COG copies, polygons, renames onto the outputs      |
+
 How memory stays bounded by a band of rows of a panel, never by the scene (height or width):
 - the scene is cut into vertical panels of ``panel_width // stride`` window columns (a scene
   narrower than one panel is one panel); a panel runs every window of the global window grid
   that touches its columns (windows straddling a panel border run in both panels), so each
   output pixel gets exactly the windows and weights of a whole-width pass;
-- within a panel windows are visited in raster order; the pixels of one window row are read as
-  one strip of ``window`` rows and the panel's window columns (windowed reads, prefetched in
-  background threads while the model runs);
+- within a panel windows are visited in raster order, in batches that span at most two
+  consecutive window rows; the pixels of one window row are read as one strip of ``window`` rows
+  and the panel's window columns (prefetched by reader threads while the model runs);
 - the blended probabilities live in an accumulator of ``window + stride`` rows by the panel's
-  window span on the compute device (a batch may hold windows of two consecutive window rows,
-  never three); the weight sum is separable (every window row has the same column windows), so
-  it is two global 1-D vectors;
-- once no later window can touch a row, the panel's columns of the row are finished: normalised
-  by the weight sum, arg-maxed, masked with the input validity, written with a windowed write
-  into a tiled temporary GeoTIFF, and the accumulator slides down;
+  window span on the compute device;
+- once no later window can touch a row, the panel's columns of the row are finished and handed
+  to the writer thread (class map, validity mask, windowed write into a tiled temporary
+  GeoTIFF), and the accumulator slides down;
 - at the end GDAL copies the temporary file into a COG with overviews beside the output and
   renames it onto the output path, so an error or Ctrl-C leaves nothing at the output path.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
-from codemae_cli.device import resolve_device
 from codemae_cli.errors import UserError
 from codemae_cli.infer.windows import WindowGrid, resolve_overlap
+from codemae_cli.infer.writer import PROB_SCALE
 
 Inputs = Literal["optical", "sar", "both"]
 
@@ -50,9 +57,6 @@ GDAL_CACHE_MB = 256
 
 #: Default output columns per panel: the accumulator spans at most this plus about one window.
 PANEL_WIDTH = 4096
-
-#: Probabilities written as uint8 are ``round(p * PROB_SCALE)``; 255 stays free for nodata.
-PROB_SCALE = 254
 
 
 @dataclass
@@ -74,30 +78,71 @@ class PredictStats:
     flushes: list[tuple[int, int]] = field(default_factory=list)  # (first row, n rows) written, per panel
 
 
-def _norm_stats(stats: dict | None, modality: str, bands: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean/std of a modality as (C, 1, 1) float32, checked against the scene's band count."""
-    if stats is None or stats.get(modality) is None:
-        return np.zeros((bands, 1, 1), np.float32), np.ones((bands, 1, 1), np.float32)
-    mean = np.asarray(stats[modality]["mean"], dtype=np.float32).reshape(-1)
-    std = np.asarray(stats[modality]["std"], dtype=np.float32).reshape(-1)
-    if mean.size != bands:
-        name = "SAR" if modality == "sar" else modality
-        raise UserError(f"the {name} scene has {bands} band(s) but the model expects {mean.size}")
-    std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant band must not divide by zero
-    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+@dataclass
+class PredictRequest:
+    """A checked prediction request: where the outputs go and how the model is run."""
+
+    out: Path
+    prob_out: Path | None
+    vec_out: Path | None
+    inputs: str  # optical | sar | both
+    num_classes: int | None
+    nodata: int
+    probabilities_dtype: str
+    device: object  # torch.device
+    autocast_dtype: object  # torch.bfloat16 on CUDA (precision auto/bf16), else None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return {"optical": ("optical",), "sar": ("sar",), "both": ("optical", "sar")}[self.inputs]
 
 
-def _pad_to(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Reflect-pad the last two axes up to (rows, cols): a scene smaller than a window."""
-    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
-    if pr <= 0 and pc <= 0:
-        return x
-    pad = [(0, 0)] * (x.ndim - 2) + [(0, max(pr, 0)), (0, max(pc, 0))]
-    # numpy's "symmetric" repeats the edge pixel and, unlike "reflect", accepts a 1-pixel axis
-    return np.pad(x, pad, mode="symmetric")
+def check_request(optical_path, sar_path, out_path, *, inputs, batch_size, nodata, probabilities,
+                  probabilities_dtype, vectorize, num_classes, class_names, panel_width, precision,
+                  device) -> PredictRequest:
+    """Every cheap check before anything is opened; a bad value is one sentence (UserError)."""
+    import torch
+
+    from codemae_cli.device import resolve_device
+    from codemae_cli.infer.cog import check_output_path
+
+    if out_path is None:
+        raise UserError("an output path is required")
+    out = check_output_path(out_path)
+    prob_out = check_output_path(probabilities, "probabilities output") if probabilities else None
+    vec_out = check_output_path(vectorize, "vector output") if vectorize else None
+    named = [p.resolve() for p in (out, prob_out, vec_out) if p is not None]
+    if len(set(named)) != len(named):
+        raise UserError("the class map, probabilities and vector outputs must be different files")
+    if inputs is None:
+        inputs = "both" if (optical_path and sar_path) else ("optical" if optical_path else "sar")
+    if inputs not in ("optical", "sar", "both"):
+        raise UserError(f"inputs must be optical, sar or both, not '{inputs}'")
+    if inputs in ("optical", "both") and not optical_path:
+        raise UserError("this model needs an optical scene")
+    if inputs in ("sar", "both") and not sar_path:
+        raise UserError("this model needs a SAR scene: pass it with --sar")
+    if batch_size < 1:
+        raise UserError("the batch size must be at least 1")
+    if not 0 <= nodata <= 255:
+        raise UserError("the class-map nodata value must fit in uint8 (0-255)")
+    if probabilities_dtype not in ("uint8", "float32"):
+        raise UserError("probabilities can be written as uint8 or float32 only")
+    if num_classes is None and class_names:
+        num_classes = len(class_names)
+    if num_classes is not None and not 1 <= num_classes <= nodata:
+        raise UserError(f"class ids must lie below the nodata value {nodata}, so at most {nodata} classes fit")
+    if panel_width is not None and panel_width < 1:
+        raise UserError("the panel width must be at least 1 pixel")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
+    dev = resolve_device(device)
+    use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
+    return PredictRequest(out, prob_out, vec_out, inputs, num_classes, nodata, probabilities_dtype, dev,
+                          torch.bfloat16 if use_bf16 else None)
 
 
-def _probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
+def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
     """Softmax probabilities (B, K, window, window) float32, averaged over flips with TTA."""
     import torch
     import torch.nn.functional as F
@@ -122,22 +167,140 @@ def _probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
     return total / len(flips)
 
 
-def _colormap(class_colors) -> Optional[dict]:
-    if not class_colors:
-        return None
-    cmap = {}
-    for i, color in enumerate(class_colors):
-        if color is None:
-            continue
-        if isinstance(color, str):
-            c = color.lstrip("#")
-            if len(c) != 6:
-                continue
-            rgb = tuple(int(c[k : k + 2], 16) for k in (0, 2, 4))
-        else:
-            rgb = tuple(int(v) for v in list(color)[:3])
-        cmap[i] = (*rgb, 255)
-    return cmap or None
+@dataclass(frozen=True)
+class WindowAt:
+    """A window of the global grid: its window row index and its top-left pixel."""
+
+    ri: int
+    row: int
+    col: int
+
+
+def window_batches(rows: list[int], cols: list[int], batch_size: int) -> Iterator[list[WindowAt]]:
+    """Windows in raster order, ``batch_size`` at a time, a batch spanning at most two window rows
+    (so the open band is ``window + stride`` rows)."""
+    pending: list[WindowAt] = []
+    for ri, r in enumerate(rows):
+        for c in cols:
+            if pending and (len(pending) >= batch_size or ri > pending[0].ri + 1):
+                yield pending
+                pending = []
+            pending.append(WindowAt(ri, r, c))
+    if pending:
+        yield pending
+
+
+class ScenePredictor:
+    """Drives the panels: strips in, model, blended band, finished rows out to the writer."""
+
+    def __init__(self, model_fn: Callable, req: PredictRequest, layout: WindowGrid, reader, acc, writer, *,
+                 batch_size: int, tta: bool, instrument: PredictStats):
+        self.model_fn = model_fn
+        self.req = req
+        self.layout = layout
+        self.reader, self.acc, self.writer = reader, acc, writer
+        self.batch_size = batch_size
+        self.tta = tta
+        self.st = instrument
+
+    def run_panel(self, panel, advance: Callable[[int], None]) -> None:
+        self.reader.start_panel(panel)
+        self.acc.start_panel(panel)
+        for batch in window_batches(self.layout.row_starts, panel.col_starts, self.batch_size):
+            self.run_batch(batch)
+            advance(len(batch))
+        self.writer.put(self.acc.finish(self.layout.padded_height))
+
+    def run_batch(self, batch: list[WindowAt]) -> None:
+        import torch
+
+        first = batch[0].ri
+        # every window of earlier window rows is done: the rows above this one are final
+        self.writer.put(self.acc.finish(self.layout.row_starts[first]))
+        self.reader.drop_before(first)
+        optical, sar = self.inputs(batch)
+        with torch.inference_mode():
+            p = window_probs(self.model_fn, optical, sar, self.layout.window, self.tta, self.req.autocast_dtype)
+        if self.acc.classes is None:
+            self.first_answer(int(p.shape[1]))
+        self.acc.add(p, [(w.row, w.col) for w in batch])
+        self.st.batches += 1
+        self.st.windows_run += len(batch)
+
+    def inputs(self, batch: list[WindowAt]):
+        """The batch's windows cut from their strips: (B, C, window, window) per modality."""
+        import torch
+
+        win, p0 = self.layout.window, self.acc.panel.p0
+        strips = {}
+        for w in batch:
+            if w.ri not in strips:
+                s = strips[w.ri] = self.reader.get(w.ri)
+                if not s.placed:
+                    self.acc.place_valid(s.row, s.valid)
+                    s.placed = True
+        x = {m: torch.stack([strips[w.ri].x[m][:, :, w.col - p0 : w.col - p0 + win] for w in batch])
+             for m in self.req.modalities}
+        return x.get("optical"), x.get("sar")
+
+    def first_answer(self, k: int) -> None:
+        """The model's class count is known: check it, allocate the band, open the probabilities."""
+        if self.req.num_classes is not None and k != self.req.num_classes:
+            raise UserError(f"the model predicts {k} classes but {self.req.num_classes} class names were given")
+        if k > self.req.nodata:
+            raise UserError(f"a uint8 class map holds at most {self.req.nodata} classes, the model predicts {k}")
+        self.acc.allocate(k)
+        if self.req.prob_out is not None:
+            self.writer.open_probabilities(self.req.prob_out, k, self.req.probabilities_dtype)
+
+
+def publish_outputs(req: PredictRequest, writer, counts: np.ndarray, temps: list[Path], *, class_names,
+                    min_area: float, simplify: float, cog_blocksize: int, overview_resampling: str) -> dict | None:
+    """COG copies of the temporary files, polygons from the class map, then renames onto the outputs."""
+    from codemae_cli.infer.cog import temp_sibling, write_cog
+
+    grid = writer.grid
+    if int(counts[req.nodata]) == grid.height * grid.width:
+        raise UserError("every pixel of the input scene(s) is nodata, so there is nothing to predict")
+    cog = temp_sibling(req.out, ".cog.tif")
+    temps.append(cog)
+    write_cog(writer.class_tmp, cog, overview_resampling=overview_resampling, blocksize=cog_blocksize)
+    prob_cog = None
+    if writer.prob_tmp is not None:
+        prob_cog = temp_sibling(req.prob_out, ".cog.tif")
+        temps.append(prob_cog)
+        write_cog(writer.prob_tmp, prob_cog, overview_resampling="average", blocksize=cog_blocksize)
+    vectors = None
+    if req.vec_out is not None:
+        from codemae_cli.infer.vectorize import vectorize_classes
+
+        vectors = vectorize_classes(cog, req.vec_out, class_names=class_names, min_area=min_area, simplify=simplify)
+    os.replace(cog, req.out)
+    if prob_cog is not None:
+        os.replace(prob_cog, req.prob_out)
+    return vectors
+
+
+def _progress(enabled: bool, total: int, stack: ExitStack) -> Callable[[int], None]:
+    """A progress bar's ``advance(n)`` (a no-op when disabled); the bar stops with ``stack``."""
+    if not enabled:
+        return lambda n: None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+    task = bar.add_task("windows", total=total)
+    bar.start()
+    stack.callback(bar.stop)
+    return lambda n: bar.advance(task, n)
+
+
+def _gdal_env(stack: ExitStack) -> None:
+    if "GDAL_CACHEMAX" not in os.environ:
+        # GDAL's block cache defaults to 5 % of RAM and would keep every tile of the scene
+        # it has read or written until then: cap it so memory does not grow with the scene.
+        import rasterio
+
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
 
 
 def predict_scene(
@@ -181,397 +344,79 @@ def predict_scene(
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
     """
-    import torch
-
-    from codemae_cli.infer.cog import TiledWriter, check_output_path, remove_quietly, temp_sibling, write_cog
-    from codemae_cli.infer.sources import OpticalSource, SarSource
+    from codemae_cli.infer.blend import BandAccumulator
+    from codemae_cli.infer.cog import remove_quietly
+    from codemae_cli.infer.strips import SceneInputs, StripReader
+    from codemae_cli.infer.writer import PredictionWriter
 
     t0 = time.perf_counter()
-    if out_path is None:
-        raise UserError("an output path is required")
-    out = check_output_path(out_path)
-    prob_out = check_output_path(probabilities, "probabilities output") if probabilities else None
-    vec_out = check_output_path(vectorize, "vector output") if vectorize else None
-    named = [p.resolve() for p in (out, prob_out, vec_out) if p is not None]
-    if len(set(named)) != len(named):
-        raise UserError("the class map, probabilities and vector outputs must be different files")
-    if inputs is None:
-        inputs = "both" if (optical_path and sar_path) else ("optical" if optical_path else "sar")
-    if inputs not in ("optical", "sar", "both"):
-        raise UserError(f"inputs must be optical, sar or both, not '{inputs}'")
-    if inputs in ("optical", "both") and not optical_path:
-        raise UserError("this model needs an optical scene")
-    if inputs in ("sar", "both") and not sar_path:
-        raise UserError("this model needs a SAR scene: pass it with --sar")
-    if batch_size < 1:
-        raise UserError("the batch size must be at least 1")
-    if not 0 <= nodata <= 255:
-        raise UserError("the class-map nodata value must fit in uint8 (0-255)")
-    if probabilities_dtype not in ("uint8", "float32"):
-        raise UserError("probabilities can be written as uint8 or float32 only")
-    if num_classes is None and class_names:
-        num_classes = len(class_names)
-    if num_classes is not None and not 1 <= num_classes <= nodata:
-        raise UserError(f"class ids must lie below the nodata value {nodata}, so at most {nodata} classes fit")
-    if panel_width is not None and panel_width < 1:
-        raise UserError("the panel width must be at least 1 pixel")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
-    dev = resolve_device(device)
-    use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
-    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    req = check_request(optical_path, sar_path, out_path, inputs=inputs, batch_size=batch_size, nodata=nodata,
+                        probabilities=probabilities, probabilities_dtype=probabilities_dtype, vectorize=vectorize,
+                        num_classes=num_classes, class_names=class_names, panel_width=panel_width,
+                        precision=precision, device=device)
     ov = resolve_overlap(window, overlap)
     st = instrument if instrument is not None else PredictStats()
-
-    sources: dict = {}
-    reader_sources: list = []
-    tmp_paths: list[Path] = []
-    writers: list = []
-    pool: ThreadPoolExecutor | None = None
-    stack = ExitStack()
-    try:
-        if "GDAL_CACHEMAX" not in os.environ:
-            # GDAL's block cache defaults to 5 % of RAM and would keep every tile of the scene
-            # it has read or written until then: cap it so memory does not grow with the scene.
-            import rasterio
-
-            stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
-        # ---- inputs on one reference grid -----------------------------------------------------
-        if inputs in ("optical", "both"):
-            sources["optical"] = OpticalSource(optical_path)
-        if inputs in ("sar", "both"):
-            ref = sources["optical"].grid if "optical" in sources else None
-            sources["sar"] = SarSource(sar_path, scale=sar_scale, ref=ref)
-        ref_src = sources["optical"] if "optical" in sources else sources["sar"]
-        grid = ref_src.grid
-        H, W = grid.height, grid.width
-        norm = {m: _norm_stats(stats, m, s.bands) for m, s in sources.items()}
-        wg = WindowGrid(H, W, window, ov)
-        rows, cols = wg.row_starts, wg.col_starts
-        Hp, Wp, band = wg.padded_height, wg.padded_width, wg.band_rows
-        st.band_rows = band
-        st.windows = len(rows) * len(cols)
-        panels = wg.panels(panel_width)
+    scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats)
+    temps: list[Path] = []
+    with ExitStack() as stack:  # unwinds in reverse: writer, reader, sources, temporaries, GDAL settings
+        _gdal_env(stack)
+        stack.callback(lambda: remove_quietly(*temps))
+        stack.callback(scene.close)
+        scene.open()
+        grid = scene.grid
+        layout = WindowGrid(grid.height, grid.width, window, ov)
+        panels = layout.panels(panel_width)
+        st.band_rows, st.windows = layout.band_rows, len(layout)
         st.panels = [(pn.x0, pn.x1, pn.p0, pn.p1) for pn in panels]
-        windows_total = sum(len(rows) * len(pn.col_starts) for pn in panels)
-        cur = {"panel": panels[0]}  # the panel being predicted
+        reader = StripReader(scene, layout, req.device, readers=readers, instrument=st)
+        stack.callback(reader.close)
+        writer = PredictionWriter(req.out, grid, temps, nodata=nodata, tags=tags, class_names=class_names,
+                                  class_colors=class_colors)
+        stack.callback(writer.abort)
+        acc = BandAccumulator(layout, req.device, instrument=st)
+        predictor = ScenePredictor(model_fn, req, layout, reader, acc, writer, batch_size=batch_size, tta=tta,
+                                   instrument=st)
+        with ExitStack() as bar_stack:
+            advance = _progress(progress, sum(len(layout.row_starts) * len(pn.col_starts) for pn in panels), bar_stack)
+            for pn in panels:  # panels outer, row bands inner: the temporary GeoTIFF takes writes in any order
+                predictor.run_panel(pn, advance)
+        counts = writer.close()
+        vectors = publish_outputs(req, writer, counts, temps, class_names=class_names, min_area=min_area,
+                                  simplify=simplify, cog_blocksize=cog_blocksize,
+                                  overview_resampling=overview_resampling)
+    return _summary(req, grid, counts, acc.classes, class_names, layout, st, tta, time.perf_counter() - t0, vectors)
 
-        # ---- strips: read by worker threads, a few window rows ahead ---------------------------
-        # GDAL datasets must not be shared between threads, so each reader thread opens its own.
-        # Strips stay in the file's dtype (uint8 is 4x smaller than float32, on the host and on
-        # the way to the device); normalisation happens per batch on the device.
-        local = threading.local()
-        lock = threading.Lock()
 
-        def thread_sources() -> dict:
-            own = getattr(local, "sources", None)
-            if own is None:
-                own = {}
-                if "optical" in sources:
-                    own["optical"] = OpticalSource(optical_path)
-                if "sar" in sources:
-                    own["sar"] = SarSource(sar_path, scale=sar_scale, ref=grid if inputs == "both" else None)
-                with lock:
-                    reader_sources.extend(own.values())
-                local.sources = own
-            return own
-
-        def load_strip(ri: int, pn) -> dict:
-            r = rows[ri]
-            n = min(window, H - r)  # fewer rows only when the scene is shorter than a window
-            c0, c1 = pn.p0, min(pn.p1, W)  # p1 > W only for a scene narrower than a window
-            out_s: dict = {}
-            valid = np.ones((n, c1 - c0), dtype=bool)
-            for m, src in thread_sources().items():
-                data, ok = src.read_strip(r, n, c0, c1)
-                if data.dtype not in (np.uint8, np.int16, np.float32):
-                    data = data.astype(np.float32)
-                out_s[m] = np.ascontiguousarray(_pad_to(data, window, pn.span))
-                valid &= ok
-            out_s["valid"] = np.ascontiguousarray(_pad_to(valid, window, pn.span))
-            out_s["rows"] = n
-            out_s["cols"] = c1 - c0
-            return out_s
-
-        n_readers = max(1, min(int(readers), len(rows)))
-        pool = ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="codemae-read")
-        futures: dict = {}
-        strips: dict = {}
-
-        def strip(ri: int) -> dict:
-            if ri not in strips:
-                # keep every reader busy: at most n_readers strips in flight beyond this one
-                for k in range(ri, ri + n_readers + 1):
-                    if k < len(rows) and k not in futures and k not in strips:
-                        futures[k] = pool.submit(load_strip, k, cur["panel"])
-                s = futures.pop(ri).result()
-                st.strips_read += 1
-                st.max_strip_rows = max(st.max_strip_rows, s["rows"])
-                st.max_strip_cols = max(st.max_strip_cols, s["cols"])
-                to_dev = {}
-                for m in sources:
-                    t = torch.from_numpy(s[m])
-                    if dev.type == "cuda":
-                        t = t.pin_memory()
-                    to_dev[m] = t.to(dev, non_blocking=True)
-                to_dev["valid"] = torch.from_numpy(s["valid"]).to(dev, non_blocking=True)
-                strips[ri] = to_dev
-                # put this strip's validity into the open band (rows shared with the previous
-                # strip get the same values again)
-                off = rows[ri] - state["top"]
-                valid_buf[off : off + window] = to_dev["valid"]
-            return strips[ri]
-
-        # ---- accumulator over the open band of rows --------------------------------------------
-        state = {"top": 0}
-        acc = None  # (K, band, panel span): weighted probabilities, allocated per panel once K is known
-        valid_buf = None  # (band, panel span)
-        wy = {r: torch.from_numpy(wg.weight_1d(r, Hp)).to(dev) for r in rows}
-        wx = {c: torch.from_numpy(wg.weight_1d(c, Wp)).to(dev) for c in cols}
-        # Every window row holds the same column windows, so the weight sum is separable:
-        # sum_r sum_c wy_r(y) wx_c(x) = Wy(y) * Wx(x). Two 1-D vectors replace a band-sized buffer.
-        wy_sum = torch.zeros(Hp, dtype=torch.float32, device=dev)
-        wx_sum = torch.zeros(Wp, dtype=torch.float32, device=dev)
-        for r in rows:
-            wy_sum[r : r + window] += wy[r]
-        for c in cols:
-            wx_sum[c : c + window] += wx[c]
-        norm_dev = {m: (torch.from_numpy(mean).to(dev), torch.from_numpy(std).to(dev)) for m, (mean, std) in norm.items()}
-        counts = None
-        K = num_classes
-
-        tmp_cls = temp_sibling(out, ".part.tif")
-        tmp_paths.append(tmp_cls)
-        tag_all = {"codemae_product": "class_map", "nodata": nodata}
-        tag_all.update(tags or {})
-        if class_names:
-            tag_all["class_names"] = json.dumps(list(class_names))
-        cls_writer = TiledWriter(
-            tmp_cls, grid, 1, "uint8", nodata, tags=tag_all, descriptions=["class"],
-            colormap=_colormap(class_colors),
-        )
-        writers.append(cls_writer)
-        prob_writer = None
-        tmp_prob = None
-
-        def open_prob_writer(k: int):
-            nonlocal prob_writer, tmp_prob
-            tmp_prob = temp_sibling(prob_out, ".part.tif")
-            tmp_paths.append(tmp_prob)
-            names = list(class_names) if class_names else [str(i) for i in range(k)]
-            ptags = dict(tag_all, codemae_product="class_probabilities")
-            if probabilities_dtype == "uint8":
-                ptags["scale"] = f"1/{PROB_SCALE}"
-                prob_writer = TiledWriter(tmp_prob, grid, k, "uint8", 255, tags=ptags,
-                                          descriptions=[f"p_{n}" for n in names], scales=[1.0 / PROB_SCALE] * k)
-            else:
-                prob_writer = TiledWriter(tmp_prob, grid, k, "float32", float("nan"), tags=ptags,
-                                          descriptions=[f"p_{n}" for n in names])
-            writers.append(prob_writer)
-
-        def flush(upto: int) -> None:
-            """Finish the panel's rows [top, upto): normalise, arg-max, mask, write; slide the band down."""
-            nonlocal counts
-            top = state["top"]
-            upto = min(upto, Hp)
-            n = upto - top
-            if n <= 0:
-                return
-            m = min(upto, H) - top  # padded rows below the scene are never written
-            pn = cur["panel"]
-            a0, a1 = pn.x0 - pn.p0, pn.x1 - pn.p0  # the panel's own columns in the accumulator
-            if m > 0 and acc is not None:
-                a = acc[:, :m, a0:a1]
-                wts = wy_sum[top : top + m, None] * wx_sum[None, pn.x0 : pn.x1]  # > 0: every pixel is covered
-                ok = valid_buf[:m, a0:a1]
-                p = a / wts
-                cls = p.argmax(dim=0).to(torch.uint8)
-                cls = torch.where(ok, cls, torch.full_like(cls, nodata))
-                binc = torch.bincount(cls.reshape(-1).to(torch.int64), minlength=256)
-                counts = binc if counts is None else counts + binc
-                cls_writer.write_rows(top, cls.cpu().numpy(), col=pn.x0)
-                if prob_writer is not None:
-                    if probabilities_dtype == "uint8":
-                        q = torch.round(p * PROB_SCALE).to(torch.uint8)
-                        q = torch.where(ok.unsqueeze(0), q, torch.full_like(q, 255))
-                    else:
-                        q = torch.where(ok.unsqueeze(0), p, torch.full_like(p, float("nan")))
-                    prob_writer.write_rows(top, q.cpu().numpy(), col=pn.x0)
-                st.rows_written += m
-                st.flushes.append((top, m))
-            # slide the open band: rows [upto, top + band) move to the top, the rest is cleared
-            keep = band - n
-            if keep > 0:
-                if acc is not None:
-                    acc[:, :keep] = acc[:, n:].clone()
-                valid_buf[:keep] = valid_buf[n:].clone()
-            if acc is not None:
-                acc[:, max(keep, 0) :] = 0
-            valid_buf[max(keep, 0) :] = False
-            state["top"] = upto
-
-        def run_batch(batch: list[tuple[int, int, int]]) -> None:
-            nonlocal acc, K
-            first_ri = batch[0][0]
-            flush(rows[first_ri])  # every window of earlier rows is done: those rows are final
-            for ri in [k for k in strips if k < first_ri]:
-                del strips[ri]
-            top = state["top"]
-            xs = {m: [] for m in sources}
-            oks = []
-            for ri, _r, c in batch:
-                s = strip(ri)
-                x = c - cur["panel"].p0
-                for m in sources:
-                    xs[m].append(s[m][:, :, x : x + window])
-                oks.append(s["valid"][:, x : x + window])
-            ok = torch.stack(oks).unsqueeze(1)  # (B, 1, win, win)
-            x_in = {}
-            for m in sources:
-                mean, std = norm_dev[m]
-                x = (torch.stack(xs[m]).float() - mean) / std  # (B, C, win, win)
-                x_in[m] = x.masked_fill(~ok, 0.0)  # invalid pixels become the mean: no NaN enters the model
-            opt = x_in.get("optical")
-            sar = x_in.get("sar")
-            with torch.inference_mode():
-                p = _probs(model_fn, opt, sar, window, tta, autocast_dtype)  # (B, K, win, win)
-            if acc is None:
-                if K is not None and p.shape[1] != K:
-                    raise UserError(f"the model predicts {p.shape[1]} classes but {K} class names were given")
-                K = int(p.shape[1])
-                if K > nodata:
-                    raise UserError(f"a uint8 class map holds at most {nodata} classes, the model predicts {K}")
-                acc = torch.zeros(K, band, cur["panel"].span, dtype=torch.float32, device=dev)
-                st.acc_cols = max(st.acc_cols, acc.shape[2])
-                if prob_out is not None:
-                    open_prob_writer(K)
-            p0 = cur["panel"].p0
-            for i, (_ri, r, c) in enumerate(batch):
-                off, x = r - top, c - p0
-                st.max_open_rows = max(st.max_open_rows, off + window)
-                st.max_open_cols = max(st.max_open_cols, x + window)
-                if off + window > band or x < 0 or x + window > acc.shape[2]:  # never: batching/panel rules
-                    raise RuntimeError("window outside the open band of the panel")
-                w2 = wy[r][:, None] * wx[c][None, :]  # (win, win) separable taper
-                acc[:, off : off + window, x : x + window] += p[i] * w2
-            st.batches += 1
-            st.windows_run += len(batch)
-
-        def start_panel(pn) -> None:
-            """Open a panel: an empty band over its window span, no strips (reads of the last panel are done)."""
-            nonlocal acc, valid_buf
-            for f in futures.values():
-                f.cancel()
-            for f in futures.values():
-                if not f.cancelled():
-                    f.result()  # the previous panel ran all its windows, so normally nothing is left
-            futures.clear()
-            strips.clear()
-            cur["panel"] = pn
-            state["top"] = 0
-            valid_buf = None
-            valid_buf = torch.zeros(band, pn.span, dtype=torch.bool, device=dev)
-            if acc is not None and acc.shape[2] == pn.span:
-                acc.zero_()
-            elif acc is not None:
-                acc = None  # free the previous panel's band before allocating this one
-                acc = torch.zeros(K, band, pn.span, dtype=torch.float32, device=dev)
-                st.acc_cols = max(st.acc_cols, pn.span)
-
-        bar = None
-        if progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           transient=True)
-            task = bar.add_task("windows", total=windows_total)
-            bar.start()
-        try:
-            for pn in panels:  # panels outer, row bands inner: the temp GeoTIFF takes writes in any order
-                start_panel(pn)
-                pending: list[tuple[int, int, int]] = []
-                for ri, r in enumerate(rows):
-                    for c in pn.col_starts:
-                        # a batch spans at most two consecutive window rows: band = window + stride
-                        if pending and (len(pending) >= batch_size or ri > pending[0][0] + 1):
-                            run_batch(pending)
-                            if bar is not None:
-                                bar.advance(task, len(pending))
-                            pending = []
-                        pending.append((ri, r, c))
-                if pending:
-                    run_batch(pending)
-                    if bar is not None:
-                        bar.advance(task, len(pending))
-                flush(Hp)
-        finally:
-            if bar is not None:
-                bar.stop()
-        for w in writers:
-            w.close()
-
-        # ---- validity of the result, then COGs, vectors, renames ------------------------------
-        counts_np = counts.cpu().numpy() if counts is not None else np.zeros(256, dtype=np.int64)
-        n_nodata = int(counts_np[nodata])
-        if n_nodata == H * W:
-            raise UserError("every pixel of the input scene(s) is nodata, so there is nothing to predict")
-        tmp_cog = temp_sibling(out, ".cog.tif")
-        tmp_paths.append(tmp_cog)
-        write_cog(tmp_cls, tmp_cog, overview_resampling=overview_resampling, blocksize=cog_blocksize)
-        tmp_prob_cog = None
-        if prob_writer is not None:
-            tmp_prob_cog = temp_sibling(prob_out, ".cog.tif")
-            tmp_paths.append(tmp_prob_cog)
-            write_cog(tmp_prob, tmp_prob_cog, overview_resampling="average", blocksize=cog_blocksize)
-        vec_summary = None
-        if vec_out is not None:
-            from codemae_cli.infer.vectorize import vectorize_classes
-
-            vec_summary = vectorize_classes(tmp_cog, vec_out, class_names=class_names, min_area=min_area,
-                                            simplify=simplify)
-        os.replace(tmp_cog, out)
-        if tmp_prob_cog is not None:
-            os.replace(tmp_prob_cog, prob_out)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for w in writers:
-            try:
-                w.close()
-            except Exception:  # closing after an error must not hide the error
-                pass
-        for s in [*sources.values(), *reader_sources]:
-            s.close()
-        remove_quietly(*tmp_paths)
-        stack.close()
-
-    seconds = time.perf_counter() - t0
-    names = list(class_names) if class_names else [str(i) for i in range(K or 0)]
-    per_class = {names[i] if i < len(names) else str(i): int(counts_np[i]) for i in range(K or 0)}
+def _summary(req: PredictRequest, grid, counts, k, class_names, layout: WindowGrid, st: PredictStats, tta: bool,
+             seconds: float, vectors) -> dict:
+    names = list(class_names) if class_names else [str(i) for i in range(k or 0)]
+    per_class = {names[i] if i < len(names) else str(i): int(counts[i]) for i in range(k or 0)}
+    h, w = grid.height, grid.width
     return {
-        "path": str(out),
-        "bytes": out.stat().st_size,
-        "width": W,
-        "height": H,
+        "path": str(req.out),
+        "bytes": req.out.stat().st_size,
+        "width": w,
+        "height": h,
         "crs": grid.crs.to_string(),
         "transform": list(grid.transform)[:6],
-        "nodata": nodata,
-        "nodata_pixels": n_nodata,
+        "nodata": req.nodata,
+        "nodata_pixels": int(counts[req.nodata]),
         "pixels_per_class": per_class,
-        "num_classes": K,
-        "inputs": inputs,
-        "window": window,
-        "overlap": ov,
+        "num_classes": k,
+        "inputs": req.inputs,
+        "window": layout.window,
+        "overlap": layout.overlap,
         "windows": st.windows,
         "batches": st.batches,
         "band_rows": st.band_rows,
-        "device": str(dev),
+        "device": str(req.device),
         "tta": tta,
         "seconds": seconds,
-        "mpx_per_s": H * W / 1e6 / max(seconds, 1e-9),
-        "probabilities": str(prob_out) if prob_out is not None else None,
-        "vectors": vec_summary,
+        "mpx_per_s": h * w / 1e6 / max(seconds, 1e-9),
+        "probabilities": str(req.prob_out) if req.prob_out is not None else None,
+        "vectors": vectors,
     }
 
 
-__all__ = ["PANEL_WIDTH", "PROB_SCALE", "PredictStats", "predict_scene"]
+__all__ = ["PANEL_WIDTH", "PROB_SCALE", "PredictRequest", "PredictStats", "ScenePredictor", "check_request",
+           "predict_scene", "publish_outputs", "window_batches", "window_probs"]

@@ -1,0 +1,203 @@
+"""Reading a scene ahead of the model: strips of window rows, normalised, in background threads.
+
+    reader = StripReader(scene, layout, device, readers=2)
+    reader.start_panel(panel)
+    strip = reader.get(ri)          # (C, window, panel span) per modality, ready for the model
+
+A strip is the pixels of one window row (``window`` rows) under a panel's window columns. Reader
+threads read the next strips while the model runs: each thread opens its own GDAL handles
+(datasets must not be shared between threads), reads, pads a scene smaller than a window,
+normalises and zeroes invalid pixels (so no NaN ever enters the model), and the main thread only
+moves the finished strip to the device.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from codemae_cli.errors import UserError
+
+
+@dataclass
+class SceneInputs:
+    """The scene(s) a model reads, on one reference grid, with their normalisation."""
+
+    optical_path: str | Path | None
+    sar_path: str | Path | None
+    sar_scale: str
+    modalities: tuple[str, ...]  # ("optical",), ("sar",) or ("optical", "sar")
+    stats: dict | None = None
+    sources: dict = field(default_factory=dict)  # modality -> source opened by the main thread
+    norm: dict = field(default_factory=dict)  # modality -> (mean, std) as (C, 1, 1) float32
+
+    def open(self) -> None:
+        """Open every source once (the main thread's handles): the grid, band counts, checks."""
+        self.sources = self.open_sources()
+        self.norm = {m: norm_stats(self.stats, m, s.bands) for m, s in self.sources.items()}
+
+    def open_sources(self) -> dict:
+        """Fresh handles on the scene(s); SAR is placed on the optical grid when both are read."""
+        from codemae_cli.infer.sources import OpticalSource, SarSource
+
+        own: dict = {}
+        try:
+            if "optical" in self.modalities:
+                own["optical"] = OpticalSource(self.optical_path)
+            if "sar" in self.modalities:
+                grid = own["optical"].grid if "optical" in own else None
+                own["sar"] = SarSource(self.sar_path, scale=self.sar_scale, ref=grid)
+        except BaseException:
+            for s in own.values():
+                s.close()
+            raise
+        return own
+
+    @property
+    def grid(self):
+        """The reference grid: the optical scene's, or the SAR scene's for SAR-only models."""
+        first = self.sources["optical"] if "optical" in self.sources else self.sources["sar"]
+        return first.grid
+
+    def close(self) -> None:
+        for s in self.sources.values():
+            s.close()
+        self.sources = {}
+
+
+def norm_stats(stats: dict | None, modality: str, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean/std of a modality as (C, 1, 1) float32, checked against the scene's band count."""
+    if stats is None or stats.get(modality) is None:
+        return np.zeros((bands, 1, 1), np.float32), np.ones((bands, 1, 1), np.float32)
+    mean = np.asarray(stats[modality]["mean"], dtype=np.float32).reshape(-1)
+    std = np.asarray(stats[modality]["std"], dtype=np.float32).reshape(-1)
+    if mean.size != bands:
+        name = "SAR" if modality == "sar" else modality
+        raise UserError(f"the {name} scene has {bands} band(s) but the model expects {mean.size}")
+    std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant band must not divide by zero
+    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+
+
+def pad_to(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Reflect-pad the last two axes up to (rows, cols): a scene smaller than a window."""
+    pr, pc = rows - x.shape[-2], cols - x.shape[-1]
+    if pr <= 0 and pc <= 0:
+        return x
+    pad = [(0, 0)] * (x.ndim - 2) + [(0, max(pr, 0)), (0, max(pc, 0))]
+    # numpy's "symmetric" repeats the edge pixel and, unlike "reflect", accepts a 1-pixel axis
+    return np.pad(x, pad, mode="symmetric")
+
+
+@dataclass
+class Strip:
+    """One window row of a panel: model inputs (C, window, span) per modality and validity (window, span)."""
+
+    row: int  # first scene row
+    rows: int  # scene rows read (fewer than the window only for a scene shorter than it)
+    cols: int  # scene columns read
+    x: dict  # modality -> normalised float32 tensor, invalid pixels 0 (the mean)
+    valid: object  # bool tensor
+    placed: bool = False  # its validity has been copied into the accumulator's band
+
+
+class StripReader:
+    """Strips of a panel read ``readers`` window rows ahead of the model, in background threads."""
+
+    def __init__(self, scene: SceneInputs, layout, device, readers: int = 2, instrument=None):
+        self.scene = scene
+        self.layout = layout
+        self.rows = layout.row_starts
+        self.device = device
+        self.instrument = instrument
+        self.n_readers = max(1, min(int(readers), len(self.rows)))
+        self.pool = ThreadPoolExecutor(max_workers=self.n_readers, thread_name_prefix="codemae-read")
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.thread_sources: list = []  # every reader thread's handles, closed at the end
+        self.futures: dict[int, Future] = {}
+        self.strips: dict[int, Strip] = {}
+        self.panel = None
+
+    def start_panel(self, panel) -> None:
+        """Forget the previous panel's strips (its windows are all done) and read this one's."""
+        for f in self.futures.values():
+            f.cancel()
+        for f in self.futures.values():
+            if not f.cancelled():
+                f.result()
+        self.futures.clear()
+        self.strips.clear()
+        self.panel = panel
+
+    def get(self, ri: int) -> Strip:
+        """The strip of window row ``ri`` on the device, keeping every reader busy with the next ones."""
+        if ri in self.strips:
+            return self.strips[ri]
+        for k in range(ri, min(ri + self.n_readers + 1, len(self.rows))):
+            if k not in self.futures and k not in self.strips:
+                self.futures[k] = self.pool.submit(self._load, k, self.panel)
+        s = self.futures.pop(ri).result()
+        if self.instrument is not None:
+            st = self.instrument
+            st.strips_read += 1
+            st.max_strip_rows = max(st.max_strip_rows, s.rows)
+            st.max_strip_cols = max(st.max_strip_cols, s.cols)
+        s.x = {m: _to_device(t, self.device) for m, t in s.x.items()}
+        s.valid = _to_device(s.valid, self.device)
+        self.strips[ri] = s
+        return s
+
+    def drop_before(self, ri: int) -> None:
+        """Free the strips of window rows above ``ri``: no later window reads them."""
+        for k in [k for k in self.strips if k < ri]:
+            del self.strips[k]
+
+    def _sources(self) -> dict:
+        own = getattr(self.local, "sources", None)
+        if own is None:
+            own = self.scene.open_sources()
+            with self.lock:
+                self.thread_sources.extend(own.values())
+            self.local.sources = own
+        return own
+
+    def _load(self, ri: int, panel) -> Strip:
+        """Read, pad, normalise (in a reader thread: numpy and torch release the GIL)."""
+        import torch
+
+        lay = self.layout
+        r, window = self.rows[ri], lay.window
+        n = min(window, lay.height - r)  # fewer rows only when the scene is shorter than a window
+        c0, c1 = panel.p0, min(panel.p1, lay.width)  # p1 > width only for a scene narrower than a window
+        raw: dict = {}
+        valid = np.ones((n, c1 - c0), dtype=bool)
+        for m, src in self._sources().items():
+            data, ok = src.read_strip(r, n, c0, c1)
+            raw[m] = np.ascontiguousarray(pad_to(data.astype(np.float32, copy=False), window, panel.span))
+            valid &= ok
+        ok_t = torch.from_numpy(np.ascontiguousarray(pad_to(valid, window, panel.span)))
+        x = {}
+        for m, data in raw.items():
+            mean, std = self.scene.norm[m]
+            t = (torch.from_numpy(data) - torch.from_numpy(mean)) / torch.from_numpy(std)
+            x[m] = t.masked_fill_(~ok_t, 0.0)  # invalid pixels become the mean: no NaN enters the model
+        return Strip(row=r, rows=n, cols=c1 - c0, x=x, valid=ok_t)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for s in self.thread_sources:
+            s.close()
+        self.thread_sources = []
+
+
+def _to_device(t, device):
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+__all__ = ["SceneInputs", "Strip", "StripReader", "norm_stats", "pad_to"]
