@@ -22,20 +22,12 @@ from codemae_cli.errors import UserError
 MARKER = ".codemae-demo"
 
 
-def sample_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "sample_data" / "spacenet6_rotterdam"
-
-
-def recipes_dir() -> Path:
-    path = Path(__file__).resolve().parents[2] / "recipes"
-    if not (path / "smoke.yaml").is_file():
-        raise UserError("codemae demo needs the repository's recipes/ folder; run it from a source checkout")
-    return path
-
-
 def demo_steps(out: Path, device: str) -> list[tuple[str, list[str]]]:
     """The commands of the demo, in order (also printed in the README)."""
-    s, r = sample_dir(), recipes_dir()
+    from codemae_cli.data.samples import sample_dir
+    from codemae_cli.defaults import packaged_recipes_dir
+
+    s, r = sample_dir(), packaged_recipes_dir()
     optical, sar, labels = s / "rgb_unmasked.tif", s / "sar_masked.tif", s / "water_labels.gpkg"
     data, pre, fin = out / "data", out / "pretrain", out / "finetune"
     dev = [] if device == "cpu" else ["--set", f"run.device={device}", "--set", "run.precision=auto"]

@@ -14,7 +14,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("finetune")
     @cli_command
     def finetune_cmd(
-        recipe: Path = typer.Argument(..., help="Fine-tuning recipe (YAML), e.g. recipes/seg.yaml."),
+        recipe: str = typer.Argument(
+            ..., help="Fine-tuning recipe: a YAML file, or the name of one installed with codemae (seg, cls, "
+            "linprobe; `codemae recipes` lists them)."),
         overrides: Optional[list[str]] = typer.Option(
             None, "--set", "-s", help="Override a recipe value: --set task.inputs=sar (repeatable)."
         ),
@@ -30,13 +32,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from rich.console import Console
 
         from codemae_cli.config import dump_recipe, load_recipe
+        from codemae_cli.defaults import resolve_recipe
+        from codemae_cli.preflight import preflight
         from codemae_cli.tasks.config import FinetuneRecipe
 
-        cfg = load_recipe(recipe, FinetuneRecipe, overrides)
         console = Console()
+        cfg = load_recipe(resolve_recipe(recipe, echo=console.print), FinetuneRecipe, overrides)
         if print_recipe:
             console.print(dump_recipe(cfg), markup=False, highlight=False)
             return
+        preflight(cfg, echo=console.print)
         from codemae_cli.tasks.evaluate import metrics_table
         from codemae_cli.tasks.finetune import run_finetune
 

@@ -26,6 +26,8 @@ def print_summary(summary: dict) -> None:
 
     console = Console()
     total = summary["width"] * summary["height"]
+    for note in summary.get("notes") or []:
+        console.print(f"note: {note}", highlight=False, markup=False)
     console.print(f"[bold]Wrote[/bold] {summary['path']} ({_fmt_bytes(summary['bytes'])}, Cloud-Optimised GeoTIFF)")
     console.print(
         f"  {summary['width']} x {summary['height']} px, CRS {summary['crs']}, nodata {summary['nodata']}, "
@@ -56,14 +58,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             None, help="Scene to predict: the optical scene (the SAR scene for SAR-only checkpoints)."
         ),
         output: Path = typer.Option(..., "--output", "-o", help="Output class map (Cloud-Optimised GeoTIFF)."),
-        checkpoint: Path = typer.Option(
-            ..., "--checkpoint", "-c", help="Fine-tuned checkpoint directory or run directory (uses checkpoints/best)."
+        checkpoint: Optional[Path] = typer.Option(
+            None, "--checkpoint", "-c", help="Fine-tuned checkpoint directory or run directory (uses checkpoints/best; "
+            "default: the latest fine-tuned run under runs/)."
         ),
         sar: Optional[Path] = typer.Option(None, "--sar", help="SAR scene, warped onto the optical grid on the fly."),
         inputs: Optional[str] = typer.Option(
             None, "--inputs", help="optical | sar | both (default: what the checkpoint was fine-tuned on)."
         ),
-        window: Optional[int] = typer.Option(None, "--window", help="Window size in pixels (default: from the checkpoint, at least 256)."),
+        window: Optional[int] = typer.Option(None, "--window", help="Window size in pixels (default: the chip size the checkpoint was fine-tuned on)."),
         overlap: float = typer.Option(0.25, "--overlap", help="Window overlap: a fraction of the window (<1) or pixels."),
         batch_size: int = typer.Option(8, "--batch-size", "-b", help="Windows per forward pass."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -80,6 +83,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Predict a whole scene with a fine-tuned model into a georeferenced Cloud-Optimised GeoTIFF."""
         from codemae_cli.infer.run import predict_from_checkpoint
+
+        if checkpoint is None:
+            import time
+
+            from codemae_cli.defaults import latest_finetuned_run
+
+            found = latest_finetuned_run()
+            checkpoint = found.run_dir
+            typer.echo(f"using the latest fine-tuned run {found.run_dir} ({found.checkpoint.name}, written "
+                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.when))}); -c chooses another")
 
         summary = predict_from_checkpoint(
             checkpoint,

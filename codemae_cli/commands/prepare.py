@@ -73,7 +73,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         manifest: Optional[Path] = typer.Option(
             None, "--manifest", help="CSV or YAML with one scene pair per row (columns optical, sar, labels, scene_id)."
         ),
-        output: Path = typer.Option(..., "--output", "-o", help="Output dataset directory."),
+        output: Path = typer.Option(
+            Path("data"), "--output", "-o",
+            help="Output dataset directory (default: data/, the folder every recipe's data.datasets reads)."),
         tile: int = typer.Option(256, "--tile", help="Chip size in pixels of the reference grid."),
         stride: Optional[int] = typer.Option(None, "--stride", help="Step between chips (default: --tile)."),
         overlap: Optional[int] = typer.Option(None, "--overlap", help="Overlap between chips in pixels (stride = tile - overlap)."),

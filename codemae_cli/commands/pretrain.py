@@ -26,7 +26,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("pretrain")
     @cli_command
     def pretrain_cmd(
-        recipe: Path = typer.Argument(..., help="Pretraining recipe (YAML), e.g. recipes/hr.yaml or recipes/smoke.yaml."),
+        recipe: str = typer.Argument(
+            ..., help="Pretraining recipe: a YAML file, or the name of one installed with codemae (hr, smoke, "
+            "baselines/mae; `codemae recipes` lists them)."),
         overrides: Optional[list[str]] = typer.Option(
             None, "--set", "-s", help="Override a recipe value: --set optim.blr=1e-4 (repeatable)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from checkpoints/last."),
@@ -39,14 +41,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         torchrun --nproc_per_node=8 -m codemae_cli pretrain recipes/hr.yaml
         """
         from codemae_cli.config import dump_recipe
+        from codemae_cli.defaults import resolve_recipe
+        from codemae_cli.preflight import preflight
         from codemae_cli.train.recipe import load_pretrain_recipe
 
-        cfg = load_pretrain_recipe(recipe, overrides)
+        cfg = load_pretrain_recipe(resolve_recipe(recipe, echo=typer.echo), overrides)
         if output_dir is not None:
             cfg.run.output_dir = str(output_dir)
         if print_recipe:
             typer.echo(dump_recipe(cfg))
             return
+        preflight(cfg, echo=typer.echo)
         from codemae_cli.train.pretrain import run_pretrain
 
         run_pretrain(cfg, resume=resume)

@@ -56,9 +56,9 @@ def _preset(meta: dict) -> str:
 
 
 def _default_window(meta: dict, patch: int) -> int:
+    """The chip size the model was fine-tuned on: what it has learnt to see at once."""
     size = meta.get("img_size") or ((meta.get("recipe") or {}).get("model") or {}).get("img_size") or 224
-    size = max(int(size), 256)  # larger windows amortise the overlap; position embeddings interpolate
-    return -(-size // patch) * patch
+    return -(-int(size) // patch) * patch
 
 
 def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], inputs: Optional[str]):
@@ -139,6 +139,13 @@ def predict_from_checkpoint(
                         "model; fine-tune it first with codemae finetune")
     if _task_kind(meta) != "segmentation":
         raise UserError(f"checkpoint '{ckpt}' is a {_task_kind(meta)} model; only segmentation models map scenes")
+    notes = []
+    if (inputs is None and meta.get("inputs") == "both" and scene is not None and sar is None
+            and float(meta.get("modality_dropout") or 0) > 0):
+        # Fine-tuned with modality dropout, the model has learnt to map from optical alone.
+        inputs = "optical"
+        notes.append("no --sar given: predicting from the optical scene alone (the model was fine-tuned with "
+                     "modality dropout); pass --sar SAR_SCENE to use both")
     optical_path, sar_path, use = resolve_scenes(str(meta.get("inputs", "both")), scene, sar, inputs)
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
@@ -159,6 +166,8 @@ def predict_from_checkpoint(
     encoder = getattr(model, "encoder", None)
     patch = int(getattr(encoder, "patch_size", 16) or 16)
     win = int(window) if window is not None else _default_window(meta, patch)
+    if window is None:
+        notes.append(f"window {win} px: the chip size the model was fine-tuned on (--window to change it)")
     if win % patch:
         raise UserError(f"the window ({win} px) must be a multiple of the model's patch size ({patch} px)")
     stats = meta.get("stats") or {}
@@ -205,6 +214,7 @@ def predict_from_checkpoint(
             readers=readers,
         )
     summary["checkpoint"] = str(ckpt)
+    summary["notes"] = notes
     summary["checkpoint_sha256"] = tags["codemae_checkpoint_sha256"]
     summary["model"] = tags["codemae_model"]
     return summary

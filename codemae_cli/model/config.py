@@ -50,7 +50,7 @@ class OKDConfig:
     enabled: bool = True
     teacher: Literal["timm", "file", "ema"] = "ema"
     teacher_model: str = "vit_large_patch16_dinov3.sat493m"
-    teacher_weights: Optional[str] = None  # local .safetensors file (teacher: file)
+    teacher_weights: Optional[str] = None  # local .safetensors file, read only with teacher: file
     teacher_pretrained: bool = False  # teacher: timm -> load the hub weights (needs them cached)
     teacher_bands: Optional[list[int]] = None  # optical band indices fed to the teacher as RGB
     ema_momentum: float = 0.996
@@ -65,8 +65,6 @@ class OKDConfig:
             raise UserError("model.okd.weight must not be negative")
         if self.enabled and self.teacher == "file" and not self.teacher_weights:
             raise UserError("model.okd.teacher is 'file' but model.okd.teacher_weights names no file")
-        if self.teacher_weights and self.teacher != "file":
-            raise UserError("model.okd.teacher_weights is set but model.okd.teacher is not 'file'")
         if self.teacher_bands is not None:
             if not self.teacher_bands or any(b < 0 for b in self.teacher_bands):
                 raise UserError("model.okd.teacher_bands must list non-negative optical band indices")

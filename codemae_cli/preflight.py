@@ -1,0 +1,73 @@
+"""Checks that can fail early, run on the resolved recipe before any data is read or worker
+started: every weights file a recipe names exists (else one sentence naming the file and the
+one ``--set`` that runs without it), and built-in sample datasets are resolved.
+
+    preflight(recipe, echo=print)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+from codemae_cli.errors import UserError
+
+# Weights keys whose file is only read in some set-ups, and the override that runs without the
+# file. Any other string key ending in "weights" is a file read whenever it is set, and
+# `--set KEY=null` runs without it.
+_CONDITIONAL = {
+    "model.okd.teacher_weights": (
+        lambda r: bool(_get(r, "model.okd.enabled")) and _get(r, "model.okd.teacher") == "file",
+        "model.okd.teacher=ema",
+    ),
+}
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _weight_keys(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, path) of every string value whose key ends in 'weights'."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _weight_keys(value, dotted + ".")
+        elif str(key).endswith("weights") and isinstance(value, str) and value.strip():
+            yield dotted, value
+
+
+def check_weight_files(recipe) -> None:
+    """Refuse a recipe whose weights files are missing, naming the file and the way around it."""
+    from codemae_cli.config import to_dict
+
+    tree = to_dict(recipe)
+    for key, value in _weight_keys(tree):
+        used, without = _CONDITIONAL.get(key, (lambda r: True, f"{key}=null"))
+        if not used(tree):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(f"the weights file '{value}' ({key}) does not exist: put it there (or point "
+                            f"--set {key}=PATH at it), or run without it with --set {without}")
+
+
+def preflight(recipe, echo: Optional[Callable[[str], None]] = None) -> None:
+    """Everything a run can check before it starts: weights files, then sample datasets."""
+    check_weight_files(recipe)
+    data = getattr(recipe, "data", None)
+    if data is not None and getattr(data, "datasets", None):
+        from codemae_cli.data.samples import resolve_datasets
+
+        data.datasets = resolve_datasets(list(data.datasets), echo)
+
+
+__all__ = ["check_weight_files", "preflight"]
