@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.cli import cli_command
+from codemae_cli.commands._common import cli_command
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
