@@ -82,4 +82,4 @@ def test_synth_bad_input_one_sentence_nothing_written(tmp_path):
     assert "Traceback" not in res.output and res.output.count("\n") == 1 and not (tmp_path / "s").exists()
     (tmp_path / "f.tif").write_text("a file")
     res = runner.invoke(app, ["synth", "-o", str(tmp_path / "f.tif"), "--size", "16"])
-    assert res.exit_code == 2 and "not a directory" in res.output and res.output.count("\n") == 1, res.output
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output and res.output.count("\n") == 1, res.output

@@ -29,7 +29,7 @@ import numpy as np
 
 from codemae_cli.analysis import metrics as M
 from codemae_cli.errors import UserError
-from codemae_cli.fsutil import staged_directory
+from codemae_cli.fsutil import check_replaceable, guard_outputs, read_json_object, staged_directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +358,22 @@ def _json_clean(obj):
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
+def is_analysis_dir(path: Path) -> bool:
+    """An output folder of run_analyze: its analysis.json lists the checkpoints analysed."""
+    return "checkpoints" in read_json_object(Path(path) / "analysis.json")
+
+
+def _guard_output(out: Path, checkpoints, dataset_dir, overwrite: bool) -> None:
+    """The output may not be, contain or lie inside a checkpoint or the dataset; --overwrite
+    replaces an earlier analysis only."""
+    from codemae_cli.train.checkpoint import resolve_checkpoint
+
+    inputs = [(resolve_checkpoint(c), "the checkpoint") for c in checkpoints]
+    guard_outputs([(out, "the output folder")], [*inputs, (dataset_dir, "the dataset")], folder=True)
+    check_replaceable(out, "the output folder", is_analysis_dir, overwrite=overwrite,
+                      maker="codemae analyze")
+
+
 def run_analyze(
     checkpoints: Sequence[str | Path],
     dataset_dir: str | Path,
@@ -386,9 +402,8 @@ def run_analyze(
     if max_chips < 2:
         raise UserError("max_chips must be at least 2 (paired vs unpaired similarity needs two chips)")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory '{out}' is not empty; pass --overwrite to replace it")
     data = PreparedDataset(dataset_dir)
+    _guard_output(out, checkpoints, dataset_dir, overwrite)
     if not data.meta.get("paired", True):
         raise UserError(f"dataset '{dataset_dir}' is not paired; the cross-modal analyses need co-registered pairs")
     idx = select_chips(data, split, max_chips)

@@ -53,6 +53,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from codemae_cli.tasks.evaluate import evaluate_checkpoint, evaluate_raster, metrics_table, write_json
 
+        if json_out is not None:
+            _guard_json(json_out, checkpoint, data, pred, ref)
         if checkpoint is not None:
             if not data:
                 raise UserError("--checkpoint needs --data: one or more prepared dataset directories with labels")
@@ -73,3 +75,17 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         console.print(metrics_table(metrics, title=title))
         if json_out is not None:
             console.print(f"metrics written to {write_json(metrics, json_out)}")
+
+
+def _guard_json(json_out: Path, checkpoint, data, pred, ref) -> None:
+    """--json may not be, contain or lie inside an input; it replaces only a metrics file."""
+    from codemae_cli.fsutil import check_replaceable, guard_outputs, is_metrics_json, sweep_stale
+    from codemae_cli.train.checkpoint import resolve_checkpoint
+
+    inputs = [(pred, "the predicted raster"), (ref, "the reference")]
+    inputs += [(d, "the prepared dataset") for d in data or []]
+    if checkpoint is not None:
+        inputs += [(resolve_checkpoint(checkpoint), "the checkpoint")]
+    guard_outputs([(json_out, "--json")], inputs)
+    check_replaceable(json_out, "--json", is_metrics_json, maker="codemae evaluate")
+    sweep_stale(json_out)

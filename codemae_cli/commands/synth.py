@@ -29,6 +29,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         nodata_optical: Optional[float] = typer.Option(0, "--nodata-optical", help="Optical nodata value written to the file."),
         no_labels: bool = typer.Option(False, "--no-labels", help="Do not write the label raster."),
         name: str = typer.Option("scene", "--name", help="File name prefix."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Write into a non-empty folder, replacing only scenes synth wrote there."),
     ) -> None:
         """Generate a synthetic optical/SAR pair with land-cover labels (water, vegetation, bare, built-up)."""
         from codemae_cli.data.synth import write_scene_pair
@@ -37,6 +39,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             output, height or size, width or size, seed=seed, optical_bands=optical_bands,
             optical_dtype=optical_dtype, sar_bands=sar_bands, sar_scale=sar_scale, sar_crs=sar_crs,
             sar_res=sar_res, nodata_optical=nodata_optical, labels=not no_labels, res=res, name=name,
+            overwrite=overwrite,
         )
         typer.echo(f"optical: {out['optical']}")
         typer.echo(f"sar:     {out['sar']}")

@@ -36,12 +36,15 @@ Classes (label raster values): 0 water, 1 vegetation, 2 bare/field, 3 built-up.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import check_replaceable, check_writable, is_codemae_raster, sweep_stale, temp_sibling
 
 CLASSES = ["water", "vegetation", "bare", "built-up"]
 WATER, VEGETATION, BARE, BUILT = 0, 1, 2, 3
@@ -317,6 +320,7 @@ def write_scene_pair(
     res: float = 1.0,
     origin: tuple[float, float] = (590000.0, 5760000.0),
     name: str = "scene",
+    overwrite: bool = False,
 ) -> dict:
     """Write ``<name>_optical.tif``, ``<name>_sar.tif`` (and ``<name>_labels.tif``) into ``out_dir``.
 
@@ -326,6 +330,10 @@ def write_scene_pair(
     reflectance scaled to the dtype (uint16: x10000, uint8: x255, float32: as is) and never
     equal ``nodata_optical``; SAR is sigma0 in ``sar_scale`` (linear power, amplitude or dB).
     Returns ``dict(optical=Path, sar=Path, labels=Path | None, classes=list[str])``.
+
+    A folder that is not empty is written into only with ``overwrite``, and then only the
+    scenes synth wrote there before are replaced. The rasters are written beside their final
+    names and renamed at the end, so a failure leaves the folder as it was.
     """
     import rasterio
     from rasterio.crs import CRS
@@ -341,6 +349,8 @@ def write_scene_pair(
         raise UserError(f"optical dtype must be uint8, uint16 or float32, not '{optical_dtype}'")
     if optical_bands < 1 or sar_bands < 1:
         raise UserError("the synthetic scene needs at least one optical and one SAR band")
+    if not res > 0 or (sar_res is not None and not sar_res > 0):
+        raise UserError("the pixel sizes --res and --sar-res must be positive numbers")
     from rasterio.errors import CRSError
 
     try:
@@ -349,10 +359,7 @@ def write_scene_pair(
             s_crs = CRS.from_user_input(sar_crs) if sar_crs else opt_crs
     except CRSError:
         raise UserError(f"'{sar_crs if sar_crs else crs}' is not a CRS that PROJ knows (try e.g. EPSG:32632)") from None
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output '{out}' exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out_dir, "the output folder", folder=True)
     opt_tf = from_origin(origin[0], origin[1], res, res)
     left, top = origin
     right, bottom = left + width * res, top - height * res
@@ -378,6 +385,8 @@ def write_scene_pair(
         "sar": out / f"{name}_sar.tif",
         "labels": out / f"{name}_labels.tif" if labels else None,
     }
+    created = _prepare_folder(out, [p for p in paths.values() if p is not None], overwrite)
+    final, paths = paths, {k: temp_sibling(p) if p is not None else None for k, p in paths.items()}
     opt_profile = dict(driver="GTiff", width=width, height=height, count=optical_bands, dtype=optical_dtype,
                        crs=opt_crs, transform=opt_tf, nodata=nodata_optical, interleave="pixel", **tiled)
     s_tiled = dict(tiled=True, blockxsize=256, blockysize=256) if min(s_h, s_w) >= 256 else {}
@@ -413,8 +422,9 @@ def write_scene_pair(
                         dst_o.write(vals.astype(optical_dtype), window=Window(c, r, w, h))
                         if dst_l is not None:
                             dst_l.write(cls[None], window=Window(c, r, w, h))
+                    dst_o.update_tags(codemae_product="synthetic_optical")
                     if dst_l is not None:
-                        dst_l.update_tags(CLASSES=",".join(CLASSES))
+                        dst_l.update_tags(CLASSES=",".join(CLASSES), codemae_product="synthetic_labels")
                 finally:
                     if dst_l is not None:
                         dst_l.close()
@@ -424,7 +434,7 @@ def write_scene_pair(
             with rasterio.open(paths["sar"], "w", **sar_profile) as dst_s:
                 for k, nm in enumerate(sar_names):
                     dst_s.set_band_description(k + 1, nm)
-                dst_s.update_tags(SAR_SCALE=sar_scale)
+                dst_s.update_tags(SAR_SCALE=sar_scale, codemae_product="synthetic_sar")
                 for r, c, h, w in _windows(s_h, s_w, block):
                     rng = np.random.default_rng([seed, 2, r, c])
                     # SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is
@@ -450,12 +460,37 @@ def write_scene_pair(
                     else:
                         vals = power
                     dst_s.write(vals.astype(np.float32), window=Window(c, r, w, h))
+        for k, p in paths.items():
+            if p is not None:
+                os.replace(p, final[k])
     except BaseException:
         for p in paths.values():
             if p is not None:
                 Path(p).unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
-    return {"optical": paths["optical"], "sar": paths["sar"], "labels": paths["labels"], "classes": list(CLASSES)}
+    return {"optical": final["optical"], "sar": final["sar"], "labels": final["labels"], "classes": list(CLASSES)}
+
+
+def _prepare_folder(out: Path, targets: list[Path], overwrite: bool) -> Optional[Path]:
+    """Refuse a non-empty folder without ``overwrite`` and, with it, any target file that synth
+    did not write; remove killed runs' temporaries; create the folder. Returns the top-most folder
+    created (removed again if the run fails), or None."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"the output folder '{out}' is not empty; pass --overwrite to replace the scenes "
+                            "synth wrote there, or choose an empty folder")
+        for p in targets:
+            check_replaceable(p, "the file", is_codemae_raster, maker="codemae synth")
+    for p in targets:
+        sweep_stale(p)
+    created = out
+    while not created.parent.exists():  # the top-most folder this run creates
+        created = created.parent
+    created = None if created.exists() else created
+    out.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _bilinear_grid(grid: np.ndarray, fr: np.ndarray, fc: np.ndarray) -> np.ndarray:

@@ -11,29 +11,17 @@ output path. Nothing ever appears at the output path before it is complete.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from codemae_cli.errors import UserError
-
-
-def temp_sibling(path: str | Path, suffix: str) -> Path:
-    """A hidden, unique path in the same directory as ``path`` (same filesystem: rename is atomic)."""
-    p = Path(path)
-    return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}{suffix}")
+from codemae_cli.fsutil import check_writable, temp_sibling
 
 
 def check_output_path(path: str | Path, what: str = "output") -> Path:
-    """The output's directory must exist (no silent mkdir of a typo) and the path must not be a directory."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"the directory of the {what} '{p}' does not exist")
-    if p.is_dir():
-        raise UserError(f"the {what} '{p}' is a directory, not a file path")
-    return p
+    """The output's directory must exist (no silent mkdir of a typo) and be writable, and the
+    path must not be a directory."""
+    return check_writable(path, f"the {what}", create_parents=False)
 
 
 def remove_quietly(*paths: Path | None) -> None:

@@ -87,17 +87,28 @@ def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], i
     return scene, sar, use
 
 
-def _check_distinct_outputs(inputs: list, outputs: list) -> None:
-    """Refuse an output path that is an input scene or another output (it would be overwritten)."""
-    seen: list = [(Path(p).resolve(), what) for p, what in inputs if p is not None]
-    for p, what in outputs:
-        if p is None:
-            continue
-        rp = Path(p).resolve()
-        for other, other_what in seen:
-            if rp == other:
-                raise UserError(f"{what} '{p}' is the same file as {other_what}; choose another path")
-        seen.append((rp, what))
+def guard_predict_outputs(ckpt: Path, optical: Optional[str], sar: Optional[str], out,
+                          probabilities: Optional[str], vectorize: Optional[str]) -> None:
+    """No output may be, contain or lie inside an input (scenes, checkpoint); an existing output
+    is replaced only when codemae wrote it; killed runs' temporaries beside the outputs go."""
+    from codemae_cli.fsutil import (
+        check_replaceable,
+        guard_outputs,
+        is_codemae_raster,
+        is_codemae_vectors,
+        sweep_stale,
+    )
+
+    outputs = [(out, "the output", is_codemae_raster), (probabilities, "--probabilities", is_codemae_raster),
+               (vectorize, "--vectorize", is_codemae_vectors)]
+    outputs = [o for o in outputs if o[0] is not None]
+    guard_outputs([(p, what) for p, what, _ in outputs],
+                  [(optical, "the optical scene"), (sar, "the SAR scene"), (ckpt, "the checkpoint")],
+                  create_parents=False)
+    for path, what, ours in outputs:
+        check_replaceable(path, what, ours, maker="codemae predict")
+    for path, _, _ in outputs:
+        sweep_stale(path)
 
 
 def predict_from_checkpoint(
@@ -150,10 +161,7 @@ def predict_from_checkpoint(
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
-    _check_distinct_outputs(
-        [(optical_path, "the optical scene"), (sar_path, "the SAR scene")],
-        [(out, "the output"), (probabilities, "--probabilities"), (vectorize, "--vectorize")],
-    )
+    guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
     names, colors = _classes(meta)
 
     try:

@@ -194,6 +194,18 @@ def _check_dataset_fits(dsets, meta: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # raster vs reference
 # --------------------------------------------------------------------------------------------
+def _check_classes(pred: Path, given: Optional[Sequence[str]], tagged: Optional[list[str]]) -> Optional[list[str]]:
+    """--classes must name the map's classes in its order when the map's tags name them: other
+    names would relabel the classes silently."""
+    if not given:
+        return tagged
+    given = list(given)
+    if tagged and given != tagged:
+        raise UserError(f"--classes names {len(given)} classes ({', '.join(given)}) but '{pred}' was made for "
+                        f"{len(tagged)} ({', '.join(tagged)}); drop --classes or give the map's classes in order")
+    return given
+
+
 def _class_names_from_tags(tags: dict) -> Optional[list[str]]:
     for key in ("classes", "class_names", "CLASSES", "CLASS_NAMES"):
         raw = tags.get(key)
@@ -311,7 +323,7 @@ def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Opti
         data = src.read(band).astype(np.int64)
         valid = src.read_masks(band) > 0
         shape, transform, crs, bounds = data.shape, src.transform, src.crs, tuple(src.bounds)
-        names = list(classes) if classes else _class_names_from_tags(src.tags())
+        names = _check_classes(pred, classes, _class_names_from_tags(src.tags()))
     if not valid.any():
         raise UserError(f"predicted raster '{pred}' holds only nodata")
     nodata_value = -1
@@ -375,9 +387,11 @@ def metrics_table(metrics: dict, title: str = "metrics"):
 
 def write_json(metrics: dict, path) -> Path:
     """Write metrics as JSON atomically (NaN becomes null)."""
+    from codemae_cli.fsutil import temp_sibling
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_sibling(path)
     try:
         tmp.write_text(json.dumps(_jsonable(metrics), indent=2))
         tmp.replace(path)

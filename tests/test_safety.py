@@ -1,0 +1,227 @@
+"""Never destroy what the user has: every command that writes refuses an output that is, contains
+or lies inside one of its inputs, replaces only what codemae wrote, and cleans what killed runs
+left. Each case is typed as a user would: exit code 2, one sentence, no traceback, the inputs
+byte for byte as they were, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from codemae_cli.cli import app
+
+runner = CliRunner()
+
+
+def snapshot(*roots) -> dict:
+    """Every file under ``roots`` (or the file itself) -> its bytes."""
+    out = {}
+    for root in roots:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            out[str(p)] = p.read_bytes()
+    return out
+
+
+def refused(args, match: str) -> str:
+    res = runner.invoke(app, [str(a) for a in args])
+    msg = res.output
+    assert res.exit_code == 2, msg
+    assert "Traceback" not in msg and msg.startswith("Error: "), msg
+    assert msg.strip().count("\n") <= 1, msg  # one sentence (rich may wrap it once)
+    flat = " ".join(msg.split())
+    assert match in flat, flat
+    return flat
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A synthetic scene pair, a tiny testbed dataset, a pretraining run and a fine-tuned run."""
+    import torch
+    from test_predict_cli import _checkpoint as finetuned
+
+    from codemae_cli.analysis.testbed import OPTICAL_BANDS, SAR_BANDS, write_testbed
+    from codemae_cli.config import to_dict
+    from codemae_cli.data.synth import write_scene_pair
+    from codemae_cli.model import ModelConfig, build_model
+    from codemae_cli.train.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("safety")
+    pair = write_scene_pair(d / "scene", 64, 64, seed=3, labels=False, sar_scale="db")
+    data = write_testbed(d / "data", scenes=1, size=64, tile=32, seed=1, write_tifs=False)
+    torch.manual_seed(0)
+    cfg = ModelConfig(preset="tiny", img_size=32, patch_size=8)
+    cfg.okd.enabled = False
+    cfg.ccl.mode = "off"
+    model = build_model(cfg, optical_bands=len(OPTICAL_BANDS), sar_bands=len(SAR_BANDS))
+    meta = {"kind": "pretrain", "step": 0, "epoch": 0, "recipe": {"model": to_dict(cfg)},
+            "bands": {"optical": OPTICAL_BANDS, "sar": SAR_BANDS}, "stats": None}
+    pre = save_checkpoint(d / "pre" / "checkpoints" / "last", model, meta)
+    fin = finetuned(d, "both")
+    return {"dir": d, "pair": pair, "data": Path(data), "pre_run": d / "pre", "pre": pre,
+            "fin_run": fin.parent.parent, "fin": fin}
+
+
+def predict_args(world, out, *extra):
+    p = world["pair"]
+    return ["predict", p["optical"], "--sar", p["sar"], "-c", world["fin_run"], "-o", out, "--window", "32",
+            "--device", "cpu", "-q", *extra]
+
+
+# ----------------------------------------------------------------------------- predict
+def test_predict_never_writes_onto_its_checkpoint_or_a_foreign_file(world, tmp_path):
+    before = snapshot(world["fin_run"], world["dir"] / "scene")
+    refused(predict_args(world, world["fin"] / "model.safetensors"), "lies inside the checkpoint")
+    refused(predict_args(world, tmp_path / "m.tif", "--vectorize", world["fin"] / "meta.json"),
+            "lies inside the checkpoint")
+    refused(predict_args(world, world["pair"]["sar"]), "is the same file as the SAR scene")
+    link = tmp_path / "link.tif"
+    link.symlink_to(world["pair"]["optical"])
+    refused(predict_args(world, link), "is the same file as the optical scene")
+    foreign = tmp_path / "notes.tif"
+    foreign.write_bytes(b"my own file")
+    refused(predict_args(world, foreign), "was not written by codemae predict")
+    assert foreign.read_bytes() == b"my own file"
+    assert snapshot(world["fin_run"], world["dir"] / "scene") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.tif", "notes.tif"]
+
+
+def test_predict_replaces_its_own_output_and_refuses_an_unwritable_one(world, tmp_path):
+    out = tmp_path / "m.tif"
+    for _ in range(2):  # the second run replaces the first run's map: it is codemae's own
+        res = runner.invoke(app, [str(a) for a in predict_args(world, out)])
+        assert res.exit_code == 0, res.output
+    (tmp_path / "file").write_text("x")
+    refused(predict_args(world, tmp_path / "file" / "m.tif"), "is a file, not a folder")
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_evaluate_json_never_overwrites_an_input(world, tmp_path):
+    pred = tmp_path / "pred.tif"
+    res = runner.invoke(app, [str(a) for a in predict_args(world, pred)])
+    assert res.exit_code == 0, res.output
+    ref = tmp_path / "ref.tif"
+    shutil.copy(pred, ref)
+    before = snapshot(tmp_path, world["fin_run"])
+    base = ["evaluate", "--pred", pred, "--ref", ref, "--json"]
+    refused(base + [pred], "is the same file as the predicted raster")
+    refused(base + [ref], "is the same file as the reference")
+    refused(["evaluate", "-c", world["fin_run"], "-d", world["data"], "--json", world["fin"] / "meta.json"],
+            "lies inside the checkpoint")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    refused(base + [notes], "was not written by codemae evaluate")
+    assert snapshot(tmp_path, world["fin_run"]) == {**before, str(notes): b'{"mine": 1}'}
+    out = tmp_path / "m.json"
+    for _ in range(2):  # its own metrics file is replaced
+        res = runner.invoke(app, [str(a) for a in base + [out]])
+        assert res.exit_code == 0, res.output
+
+
+def test_evaluate_classes_must_match_the_maps_classes(world, tmp_path):
+    pred = tmp_path / "pred.tif"
+    assert runner.invoke(app, [str(a) for a in predict_args(world, pred)]).exit_code == 0
+    before = snapshot(tmp_path)
+    refused(["evaluate", "--pred", pred, "--ref", pred, "--classes", "a,b,c"],
+            "--classes names 3 classes (a, b, c) but")
+    refused(["evaluate", "--pred", pred, "--ref", pred, "--classes", "land,water"], "was made for 3")
+    assert snapshot(tmp_path) == before
+    res = runner.invoke(app, ["evaluate", "--pred", str(pred), "--ref", str(pred), "--classes", "water,land,built-up"])
+    assert res.exit_code == 0, res.output
+
+
+# ----------------------------------------------------------------------------- analyze
+def test_analyze_never_deletes_its_run_or_dataset(world, tmp_path):
+    before = snapshot(world["pre_run"], world["data"])
+    base = ["analyze", world["pre_run"], "--data", world["data"], "--device", "cpu", "--overwrite", "-o"]
+    refused(base + [world["pre_run"]], "contains the checkpoint")
+    refused(base + [world["data"]], "is the same file as the dataset")
+    refused(base + [world["data"] / "shards"], "lies inside the dataset")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    refused(base + [mine], "was not written by codemae analyze")
+    refused(base[:-2] + ["-o", mine], "pass --overwrite")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    assert snapshot(world["pre_run"], world["data"]) == before
+
+
+# ----------------------------------------------------------------------------- synth
+def test_synth_refuses_a_non_empty_folder_and_replaces_only_its_own_scenes(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "scene_optical.tif").write_bytes(b"my survey")
+    refused(["synth", "-o", out, "--size", "16"], "is not empty; pass --overwrite")
+    refused(["synth", "-o", out, "--size", "16", "--overwrite"], "was not written by codemae synth")
+    assert [p.name for p in out.iterdir()] == ["scene_optical.tif"]
+    assert (out / "scene_optical.tif").read_bytes() == b"my survey"
+    new = tmp_path / "t"
+    assert runner.invoke(app, ["synth", "-o", str(new), "--size", "16"]).exit_code == 0
+    (new / "readme.txt").write_text("keep me")
+    first = snapshot(new)
+    res = runner.invoke(app, ["synth", "-o", str(new), "--size", "16", "--seed", "4", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert (new / "readme.txt").read_text() == "keep me"
+    assert snapshot(new)[str(new / "scene_optical.tif")] != first[str(new / "scene_optical.tif")]
+    assert sorted(p.name for p in new.iterdir()) == sorted(Path(k).name for k in first)
+
+
+def test_synth_bad_resolution_leaves_no_folder(tmp_path):
+    refused(["synth", "-o", tmp_path / "a" / "b", "--size", "16", "--res", "0"], "must be positive")
+    refused(["synth", "-o", tmp_path / "c", "--size", "16", "--sar-res", "-1"], "must be positive")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the guard itself
+def test_guard_compares_after_resolving_links_and_refuses_unwritable_places(tmp_path):
+    from codemae_cli.errors import UserError
+    from codemae_cli.fsutil import check_distinct, check_writable
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.symlink_to(run)
+    with pytest.raises(UserError, match="contains the run"):
+        check_distinct([(alias, "the output")], [(run / "checkpoints", "the run")])
+    with pytest.raises(UserError, match="lies inside the run"):
+        check_distinct([(alias / "checkpoints" / "x.tif", "the output")], [(run, "the run")])
+    check_distinct([(tmp_path / "other", "the output")], [(run, "the run")])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        check_writable(tmp_path / "f" / "deeper" / "out", "the output", folder=True)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        with pytest.raises(UserError, match="is not writable"):
+            check_writable(ro / "m.tif", "the output")
+
+
+def test_sweep_removes_only_dead_processes_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    from codemae_cli.fsutil import sweep_stale, temp_sibling
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "m.tif"
+    stale = tmp_path / f".m.tif.tmp-{dead.pid}-abcdef.part.tif"
+    stale.write_bytes(b"x")
+    stale_dir = tmp_path / f"m.tif.tmp-{dead.pid}"
+    stale_dir.mkdir()
+    live = temp_sibling(out, ".part.tif")
+    live.write_bytes(b"x")
+    other = tmp_path / ".m.tif.mine"
+    other.write_bytes(b"x")
+    lines = []
+    removed = sweep_stale(out, log=lines.append)
+    assert sorted(removed) == sorted([stale, stale_dir])
+    assert len(lines) == 2 and all("a temporary left by a stopped run" in line for line in lines)
+    assert live.exists() and other.exists()
+    assert len(list(tmp_path.iterdir())) == 2
