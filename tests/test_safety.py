@@ -225,3 +225,54 @@ def test_sweep_removes_only_dead_processes_temporaries(tmp_path):
     assert len(lines) == 2 and all("a temporary left by a stopped run" in line for line in lines)
     assert live.exists() and other.exists()
     assert len(list(tmp_path.iterdir())) == 2
+
+
+# ----------------------------------------------------------------------------- killed runs
+def _kill_when(cmd: list[str], appears, timeout: float = 120.0) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``appears()`` finds its temporary output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "codemae_cli", *cmd], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    try:
+        while not appears():
+            assert proc.poll() is None, "the command ended before it wrote anything temporary"
+            assert time.monotonic() - t0 < timeout
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_killed_predict_and_prepare_leave_nothing_after_the_next_run(world, tmp_path):
+    from codemae_cli.data.synth import write_scene_pair
+
+    big = write_scene_pair(tmp_path / "big", 256, 256, seed=5, labels=False, sar_scale="db")
+    out = tmp_path / "maps" / "m.tif"
+    out.parent.mkdir()
+    cmd = ["predict", str(big["optical"]), "--sar", str(big["sar"]), "-c", str(world["fin_run"]), "-o", str(out),
+           "--window", "32", "--overlap", "16", "--batch-size", "1", "--device", "cpu", "-q"]
+    _kill_when(cmd, lambda: any(".part" in p.name for p in out.parent.iterdir()))
+    assert [p for p in out.parent.iterdir() if ".tmp-" in p.name], "the kill left no temporary to clean"
+    cmd[cmd.index("--overlap") + 1] = "0"
+    res = runner.invoke(app, cmd)
+    assert res.exit_code == 0, res.output
+    assert "a temporary left by a stopped run" in res.output
+    assert [p.name for p in out.parent.iterdir()] == ["m.tif"]
+
+    data = tmp_path / "prepared"
+    cmd = ["prepare", "--optical", str(big["optical"]), "--sar", str(big["sar"]), "--sar-scale", "db",
+           "--tile", "8", "--shard-size", "64", "-o", str(data), "-q"]
+    _kill_when(cmd, lambda: any(".tmp-" in p.name for p in tmp_path.iterdir()))
+    assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    res = runner.invoke(app, cmd + ["--no-quicklook"])
+    assert res.exit_code == 0, res.output
+    assert "a temporary left by a stopped run" in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "maps", "prepared"]

@@ -58,6 +58,7 @@ from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_n
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import check_writable, guard_outputs, read_json_object, sweep_stale
 
 SEGMENT_PX = 2048  # columns read at once: bounds memory by tile x SEGMENT_PX, not the scene
 
@@ -456,16 +457,32 @@ def _make_tasks(plans: list[ScenePlan], target_chips: int) -> list[list[tuple]]:
 
 
 # ----------------------------------------------------------------------------- output
+def _guard_output(out: Path, plans: list[ScenePlan], o: PrepareOptions) -> None:
+    """The dataset folder may not be, contain or lie inside a file prepare reads."""
+    inputs = [(o.manifest, "the manifest")]
+    for p in plans:
+        inputs += [(s.path, f"the optical scene of '{p.scene_id}'") for s in p.optical]
+        inputs += [(s.path, f"the SAR scene of '{p.scene_id}'") for s in p.sar]
+        if p.labels:
+            inputs.append((p.labels["source"], f"the labels of '{p.scene_id}'"))
+    guard_outputs([(out, "the output folder")], inputs, folder=True)
+
+
+def is_prepared_dataset(path: Path) -> bool:
+    """A folder written by prepare: its metadata.json names the codemae-chips format."""
+    return read_json_object(Path(path) / "metadata.json").get("format") == FORMAT
+
+
 def _prepare_out_dir(out: Path, overwrite: bool, resume: bool, fingerprint: str) -> Path:
     if out.exists():
         if not overwrite:
             raise UserError(f"output '{out}' already exists; pass --overwrite to replace it")
         if not out.is_dir():
             raise UserError(f"output '{out}' exists and is not a directory")
-        is_dataset = (out / "metadata.json").is_file()
-        if not is_dataset and any(out.iterdir()):
+        if not is_prepared_dataset(out) and any(out.iterdir()):
             raise UserError(f"refusing to overwrite '{out}': it is not empty and not a prepared dataset")
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out)  # OUT.tmp-PID folders of killed runs (a --resume run's OUT.partial is reused)
     if resume:
         # A fixed name, kept when a --resume run fails or is interrupted.
         tmp = out.parent / f"{out.name}.partial"
@@ -521,7 +538,7 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
     t0 = time.perf_counter()
     stride, fractions = _check_options(o)
     classes = parse_classes(o.classes)
-    out = Path(o.out).expanduser()
+    out = check_writable(o.out, "the output folder", folder=True)
     if out.exists() and not o.overwrite:
         raise UserError(f"output '{out}' already exists; pass --overwrite to replace it")
 
@@ -547,6 +564,7 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
             for ri in range(len(p.rows)) for ci in range(len(p.cols))]
     splits = assign_blocks(keys, fractions, o.seed)
 
+    _guard_output(out, plans, o)
     tmp = _prepare_out_dir(out, o.overwrite, o.resume, _fingerprint(o, plans))
     try:
         results = _run_tasks(plans, splits, o, tmp, has_labels)
