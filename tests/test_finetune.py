@@ -266,3 +266,102 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(water_land, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["best_metrics"]["miou"] == pytest.approx(full["best_metrics"]["miou"])
+
+
+# -- the shared training loop under fine-tuning: finite-loss guard, fp16 scaler, process group --
+
+_POISONED_CLI = '''
+import os
+import sys
+
+from codemae_cli.tasks import evaluate
+
+_loss, _calls = evaluate.task_loss, [0]
+
+
+def poisoned(*args, **kwargs):
+    # one rank only: its third training loss is NaN
+    loss = _loss(*args, **kwargs)
+    _calls[0] += 1
+    return loss * float("nan") if os.environ["RANK"] == "1" and _calls[0] == 3 else loss
+
+
+evaluate.task_loss = poisoned
+from codemae_cli.cli import main  # noqa: E402
+
+sys.argv = ["codemae", *sys.argv[1:]]
+main()
+'''
+
+
+def test_two_gloo_ranks_stop_together_on_one_ranks_nan(water_land, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = _recipe(water_land, tmp_path / "run", inputs="sar")
+    recipe.optim.batch_size = 4  # 2 ranks x 4 chips: 6 steps in the first epoch
+    recipe.run.ckpt_every = 2
+    recipe.run.log_every = 100  # the guard must act at the step-4 checkpoint, not at a log step
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(to_dict(recipe)))
+    (tmp_path / "poisoned_cli.py").write_text(_POISONED_CLI)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "poisoned_cli.py"), "finetune",
+                                       str(tmp_path / "r.yaml")], cwd=root, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=300) for p in procs]
+    text = "".join(o + e for o, e in outs)
+    assert [p.returncode for p in procs] == [2, 2], text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "NaN or infinite at or before step 4" in errors[0], text[-3000:]
+    assert "last good checkpoint" in errors[0] and "Traceback" not in text
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert json.loads((last / "meta.json").read_text())["step"] == 2
+    assert all(torch.isfinite(v).all() for v in load_file(str(last / "model.safetensors")).values())
+
+
+def test_nan_before_any_checkpoint_says_so(water_land, tmp_path, monkeypatch):
+    from codemae_cli.tasks import evaluate
+    from codemae_cli.tasks.finetune import run_finetune
+    from codemae_cli.train.engine import NonFiniteLossError
+
+    monkeypatch.setattr(evaluate, "task_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    recipe = _recipe(water_land, tmp_path / "run", inputs="sar")
+    with pytest.raises(NonFiniteLossError, match="step 1; training stopped and no checkpoint had been written"):
+        run_finetune(recipe)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fp16_on_cpu_uses_a_grad_scaler_and_leaves_the_callers_process_group(water_land, tmp_path, monkeypatch):
+    import torch.distributed as tdist
+
+    from codemae_cli.tasks.finetune import run_finetune
+
+    scaled = []
+    scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, x: scaled.append(self.is_enabled()) or scale(self, x))
+    recipe = _recipe(water_land, tmp_path / "run", inputs="sar")
+    recipe.run.precision = "fp16"
+    recipe.optim.max_steps = 2
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        result = run_finetune(recipe)
+        assert tdist.is_initialized()  # a group the caller made is the caller's to end
+    finally:
+        tdist.destroy_process_group()
+    assert scaled == [True, True]  # one scaled backward per step
+    resume = json.loads((Path(result["run_dir"]) / "checkpoints" / "last" / "resume.json").read_text())
+    assert resume["extra"]["scaler"]["scale"] > 0  # the scaler's state is part of the resume state
+    assert result["steps"] == 2 and 0.0 <= result["best_metrics"]["miou"] <= 1.0

@@ -1,22 +1,23 @@
-"""Fine-tuning and linear probing: one readable training loop on the shared engine pieces.
+"""Fine-tuning and linear probing: the fine-tuning task on the shared loop (:mod:`codemae_cli.train.loop`).
 
     result = run_finetune(load_recipe("recipes/seg.yaml", FinetuneRecipe))
     result["best_metrics"]["miou"]
 
 The same code runs on a CPU, one GPU, or under ``torchrun`` (DDP, gradients synced once per
-optimizer step, bf16 autocast on GPU). Every epoch ends with a validation pass (per-class IoU,
-mIoU, F1, OA; or mAP for multi-label classification), ``checkpoints/last`` (with resume state)
-and, when the chosen metric improved, ``checkpoints/best``.
+optimizer step, bf16 autocast on GPU, fp16 with a GradScaler). Every epoch ends with a validation
+pass (per-class IoU, mIoU, F1, OA; or mAP for multi-label classification), ``checkpoints/last``
+(with resume state) and, when the chosen metric improved, ``checkpoints/best``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 from codemae_cli.errors import UserError
+from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, plan_steps
 
 _SCALAR_KEYS = ("loss", "miou", "mf1", "oa", "macc", "kappa", "top1", "micro_map", "macro_map", "micro_f1",
                 "macro_f1")
@@ -65,245 +66,213 @@ def _check_bands(pre_meta: dict, bands: dict, inputs: str) -> None:
 
 def run_finetune(recipe, resume: bool = False, console=None) -> dict:
     """Train a task model as the recipe says; returns ``dict(run_dir, best_metrics, best_epoch, ...)``."""
-    import torch
+    from codemae_cli.train.distributed import process_group
 
-    from codemae_cli.config import save_recipe, to_dict
-    from codemae_cli.tasks.data import open_datasets, resolve_classes, task_loader, train_loader
-    from codemae_cli.tasks.evaluate import evaluate_model, task_loss
-    from codemae_cli.tasks.metrics import is_better
-    from codemae_cli.tasks.model import find_unused_parameters
-    from codemae_cli.tasks.model_io import (
-        build_task_model,
-        encoder_state_from_checkpoint,
-        load_encoder_weights,
-    )
-    from codemae_cli.train.checkpoint import (
-        has_resume,
-        load_checkpoint,
-        load_resume,
-        read_meta,
-        save_checkpoint,
-        unwrap_model,
-    )
-    from codemae_cli.train.distributed import barrier, cleanup_distributed, init_distributed
-    from codemae_cli.train.engine import FiniteGuard, autocast, resolve_precision, seed_step, set_seed
-    from codemae_cli.train.logging import MetricsLogger, TrainProgress
-    from codemae_cli.train.optim import WarmupCosine, build_optimizer, param_groups, scaled_lr
+    with process_group(recipe.run.device) as dist:
+        return _run(recipe, dist, resume, console)
 
-    t, o, r = recipe.task, recipe.optim, recipe.run
-    dist = init_distributed(r.device)
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    from codemae_cli.train.checkpoint import has_resume
+
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        if not has_resume(ckpt_dir / "last"):
+            raise UserError(f"nothing to resume in '{run_dir}' (no checkpoints/last with resume state)")
+    elif (ckpt_dir / "last").exists() or (ckpt_dir / "best").exists():
+        raise UserError(f"'{run_dir}' already holds a fine-tuning run; pass --resume to continue it or set "
+                        "run.output_dir to a new directory")
+
+
+def _run(recipe, dist, resume: bool, console) -> dict:
+    from codemae_cli.train.engine import resolve_precision, set_seed
+
+    def say(msg: str) -> None:
+        if dist.is_main:
+            (console.print if console is not None else print)(msg)
+
+    run_dir = Path(recipe.run.output_dir)
+    _check_run_dir(run_dir, resume)
+    precision = resolve_precision(dist.device, recipe.run.precision)
+    set_seed(recipe.run.seed, dist.rank)
+    task = FinetuneTask(recipe, dist, say, precision, resume_from=run_dir / "checkpoints" / "last" if resume else None)
+    settings = LoopSettings.from_recipe(recipe, task.plan, precision, unit="chips", description="finetune",
+                                        save_each_epoch=True)
+    loop = TrainLoop(task, settings, dist, run_dir, recipe, say)
+    pos = Position()
+    if resume:
+        pos = loop.resume(run_dir / "checkpoints" / "last")
+        say(f"resuming at epoch {pos.epoch + 1}, step {pos.step}")
+    t0 = time.perf_counter()
     try:
-        device = dist.device
-        precision = resolve_precision(device, r.precision)
+        pos = loop.run(pos)
+    finally:
+        loop.close()
+    elapsed = time.perf_counter() - t0
+    best_metrics = task.best_metrics if task.best_metrics is not None else task.last_metrics
+    say(f"done: {pos.step} steps in {elapsed:.1f} s; best {recipe.task.best_metric} "
+        f"{100 * (task.best_value or float('nan')):.2f} at epoch {task.best_epoch}; run in {run_dir}")
+    return {"run_dir": str(run_dir), "best_metrics": best_metrics, "best_epoch": task.best_epoch,
+            "last_metrics": task.last_metrics, "steps": pos.step, "seconds": elapsed,
+            "load_report": task.report.as_dict() if task.report else None}
 
-        def say(msg: str) -> None:
-            if dist.is_main:
-                (console.print if console is not None else print)(msg)
 
-        run_dir = Path(r.output_dir)
-        ckpt_dir = run_dir / "checkpoints"
-        if resume:
-            if not has_resume(ckpt_dir / "last"):
-                raise UserError(f"nothing to resume in '{run_dir}' (no checkpoints/last with resume state)")
-        elif (ckpt_dir / "last").exists() or (ckpt_dir / "best").exists():
-            raise UserError(f"'{run_dir}' already holds a fine-tuning run; pass --resume to continue it or set "
-                            "run.output_dir to a new directory")
-        set_seed(r.seed, dist.rank)
+class FinetuneTask(TrainTask):
+    """A task model on labelled chips: data, model, optimizer, the step, validation every epoch."""
 
-        # ---- data ------------------------------------------------------------------------
-        dsets = open_datasets(recipe.data.datasets)
-        classes = resolve_classes(dsets, t)
-        names = [c["name"] for c in classes]
-        num_classes = len(classes)
-        train_dl, sampler, chips = train_loader(dsets, recipe, dist.rank, dist.world_size)
-        val_dl = task_loader(dsets, recipe.data.val_split, recipe, rank=dist.rank, world_size=dist.world_size)
-        ds_meta = dsets[0].meta
-        bands = {"optical": _band_names(ds_meta, "optical"), "sar": _band_names(ds_meta, "sar")}
+    def __init__(self, recipe, dist, say, precision: str, resume_from: Optional[Path] = None):
+        self.recipe, self.dist, self.say, self.precision = recipe, dist, say, precision
+        self.best_value = self.best_epoch = self.best_metrics = self.last_metrics = None
+        self._data()
+        self._model(resume_from)
+        self._optimisation()
 
-        # ---- model -----------------------------------------------------------------------
-        if resume:
+    def _data(self) -> None:
+        from codemae_cli.tasks.data import open_datasets, resolve_classes, task_loader, train_loader
+
+        recipe, dist = self.recipe, self.dist
+        self.dsets = open_datasets(recipe.data.datasets)
+        self.classes = resolve_classes(self.dsets, recipe.task)
+        self.names = [c["name"] for c in self.classes]
+        self.loader, self.sampler, self.chips = train_loader(self.dsets, recipe, dist.rank, dist.world_size)
+        self.val_dl = task_loader(self.dsets, recipe.data.val_split, recipe, rank=dist.rank,
+                                  world_size=dist.world_size)
+        ds_meta = self.dsets[0].meta
+        self.bands = {"optical": _band_names(ds_meta, "optical"), "sar": _band_names(ds_meta, "sar")}
+
+    def _model(self, resume_from: Optional[Path]) -> None:
+        """Build the task model, freeze what the inputs never reach, load the pretrained encoder."""
+        import torch
+
+        from codemae_cli.tasks.model import find_unused_parameters
+        from codemae_cli.tasks.model_io import build_task_model
+        from codemae_cli.train.checkpoint import read_meta
+
+        t, dist = self.recipe.task, self.dist
+        if resume_from is not None:
             # The encoder is rebuilt as it was trained; its weights come from checkpoints/last.
-            last_meta = read_meta(ckpt_dir / "last")
+            last_meta = read_meta(resume_from)
             pre_state, pre_meta = None, {"encoder_config": last_meta["encoder_config"]}
+            self.best_metrics = (last_meta.get("best") or {}).get("metrics")
         else:
-            pre_state, pre_meta = _load_pretrained(recipe)
+            pre_state, pre_meta = _load_pretrained(self.recipe)
             if pre_meta is not None:
-                _check_bands(pre_meta, bands, t.inputs)
-        model, enc_cfg = build_task_model(recipe, chips.optical_bands, chips.sar_bands, num_classes, pre_meta)
+                _check_bands(pre_meta, self.bands, t.inputs)
+        model, self.enc_cfg = build_task_model(self.recipe, self.chips.optical_bands, self.chips.sar_bands,
+                                               len(self.classes), pre_meta)
         # What the chosen inputs never touch is frozen: DDP runs without find_unused_parameters.
-        unused = find_unused_parameters(model, chips.optical_bands, chips.sar_bands, 2 * enc_cfg.patch_size)
+        unused = find_unused_parameters(model, self.chips.optical_bands, self.chips.sar_bands,
+                                        2 * self.enc_cfg.patch_size)
         for name, p in model.named_parameters():
             if name in unused:
                 p.requires_grad_(False)
-        report = None
         if pre_state is not None:
-            used = {n[len("encoder."):] for n, p in model.named_parameters()
-                    if n.startswith("encoder.") and n not in unused}
-            if t.linear_probe:  # a frozen encoder has no gradients to tell: go by the input modality
-                other = {"optical": "patch_embed.sar.", "sar": "patch_embed.optical.", "both": None}[t.inputs]
-                used = {k for k in model.encoder.state_dict() if other is None or not k.startswith(other)}
-            report = load_encoder_weights(model.encoder, encoder_state_from_checkpoint(pre_state), used=used,
-                                          source=str(t.pretrained))
-            say(f"pretrained encoder: {report.loaded} tensors loaded from {t.pretrained}; "
-                f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, {len(report.skipped)} skipped"
-                + (f" (missing: {', '.join(report.missing[:6])}{' ...' if len(report.missing) > 6 else ''})"
-                   if report.missing else ""))
-        elif resume:
-            report = _LoadedReport(last_meta.get("load_report"))
+            self.report = self._load_encoder(model, pre_state, unused)
+        elif resume_from is not None:
+            self.report = _LoadedReport(last_meta.get("load_report"))
         else:
-            say(f"encoder: preset '{enc_cfg.preset}' from scratch (random initialisation)")
-        model.to(device)
-        if dist.distributed and device.type == "cuda" and t.linear_probe:
+            self.report = None
+            self.say(f"encoder: preset '{self.enc_cfg.preset}' from scratch (random initialisation)")
+        model.to(dist.device)
+        if dist.distributed and dist.device.type == "cuda" and t.linear_probe:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over all GPUs
+        self.model = model
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in model.parameters())
-        say(f"task model: {t.kind} ({'linear probe' if t.linear_probe else t.head}), inputs {t.inputs}, "
-            f"{num_classes} classes, {n_train / 1e6:.2f} M trainable / {n_total / 1e6:.2f} M parameters")
+        self.say(f"task model: {t.kind} ({'linear probe' if t.linear_probe else t.head}), inputs {t.inputs}, "
+                 f"{len(self.classes)} classes, {n_train / 1e6:.2f} M trainable / {n_total / 1e6:.2f} M parameters")
 
-        # ---- optimisation ----------------------------------------------------------------
+    def _load_encoder(self, model, pre_state: dict, unused: set):
+        from codemae_cli.tasks.model_io import encoder_state_from_checkpoint, load_encoder_weights
+
+        t = self.recipe.task
+        used = {n[len("encoder."):] for n, p in model.named_parameters()
+                if n.startswith("encoder.") and n not in unused}
+        if t.linear_probe:  # a frozen encoder has no gradients to tell: go by the input modality
+            other = {"optical": "patch_embed.sar.", "sar": "patch_embed.optical.", "both": None}[t.inputs]
+            used = {k for k in model.encoder.state_dict() if other is None or not k.startswith(other)}
+        report = load_encoder_weights(model.encoder, encoder_state_from_checkpoint(pre_state), used=used,
+                                      source=str(t.pretrained))
+        missing = report.missing
+        self.say(f"pretrained encoder: {report.loaded} tensors loaded from {t.pretrained}; "
+                 f"{len(missing)} missing, {len(report.unexpected)} unexpected, {len(report.skipped)} skipped"
+                 + (f" (missing: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''})" if missing else ""))
+        return report
+
+    def _optimisation(self) -> None:
+        import torch
+
+        from codemae_cli.train.optim import WarmupCosine, build_optimizer, param_groups, scaled_lr
+
+        o, t, dist = self.recipe.optim, self.recipe.task, self.dist
         lr = scaled_lr(o, dist.world_size)
-        groups = param_groups(model, o.weight_decay)
+        groups = param_groups(self.model, o.weight_decay)
         if o.optimizer == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
+            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
         else:
-            optimizer = build_optimizer(groups, o, lr)
-        steps_per_epoch = max(1, sampler.batches_per_epoch // o.accum_steps)
-        total_steps = o.epochs * steps_per_epoch
-        if o.max_steps is not None:
-            total_steps = min(total_steps, o.max_steps)
-        sched = WarmupCosine(lr, o.min_lr, round(o.warmup_epochs * steps_per_epoch), total_steps)
-        class_weights = (torch.tensor(t.class_weights, dtype=torch.float32, device=device)
-                         if t.class_weights is not None else None)
+            self.optimizer = build_optimizer(groups, o, lr)
+        self.plan = plan_steps(self.sampler.batches_per_epoch, o)
+        self.schedule = WarmupCosine(lr, o.min_lr, self.plan.warmup_steps, self.plan.total_steps)
+        self.class_weights = (torch.tensor(t.class_weights, dtype=torch.float32, device=dist.device)
+                              if t.class_weights is not None else None)
+        chips = o.batch_size * o.accum_steps * dist.world_size
+        self.say(f"lr {lr:.4g}; effective batch {chips} chips ({o.batch_size} x {o.accum_steps} accum x "
+                 f"{dist.world_size} processes); {self.plan.steps_per_epoch} steps per epoch, "
+                 f"{self.plan.total_steps} in all")
 
-        start_epoch, start_batch, step = 0, 0, 0
-        best_value, best_epoch, best_metrics = None, None, None
-        if resume:
-            state, meta = load_checkpoint(ckpt_dir / "last")
-            unwrap_model(model).load_state_dict(state)
-            res = load_resume(ckpt_dir / "last", optimizer=optimizer, restore_rng_state=True)
-            extra = res["extra"]
-            start_epoch, start_batch, step = int(extra["epoch"]), int(extra["batch"]), int(extra["step"])
-            best_value = extra.get("best_value")
-            best_epoch = extra.get("best_epoch")
-            best_metrics = (meta.get("best") or {}).get("metrics")
-            say(f"resuming at epoch {start_epoch + 1}, step {step}")
+    # -- what the loop calls ----------------------------------------------------------------------
+    def step(self, model, batch) -> dict:
+        from codemae_cli.tasks.data import batch_inputs
+        from codemae_cli.tasks.evaluate import task_loss
 
-        train_model = model
-        if r.compile:
-            train_model = torch.compile(train_model)
-        if dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        optical, sar, label = batch_inputs(batch, self.dist.device, self.recipe.task.ignore_index)
+        logits = model(optical=optical, sar=sar)
+        return {"loss": task_loss(logits, label, self.recipe.task, len(self.classes), self.class_weights)}
 
-            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    def resume_extra(self) -> dict:
+        return {"best_value": self.best_value, "best_epoch": self.best_epoch}
 
-        if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, run_dir / "recipe.yaml")
-        logger = MetricsLogger(run_dir, is_main=dist.is_main, tensorboard=r.tensorboard)
-        if resume:
-            logger.truncate_after(step)
+    def load_resume_extra(self, extra: dict) -> None:
+        self.best_value, self.best_epoch = extra.get("best_value"), extra.get("best_epoch")
 
-        def meta_for(epoch: int, batch: int, metrics: dict | None) -> dict:
-            return {
-                "kind": "finetune", "task": t.kind, "multilabel": t.multilabel, "inputs": t.inputs,
-                "classes": classes, "ignore_index": t.ignore_index, "bands": bands,
-                "stats": ds_meta.get("stats"), "img_size": recipe.model.img_size,
-                "patch_size": enc_cfg.patch_size, "preset": enc_cfg.preset, "encoder_config": to_dict(enc_cfg),
-                "modality_dropout": t.modality_dropout, "linear_probe": t.linear_probe,
-                "pretrained": t.pretrained, "load_report": report.as_dict() if report else None,
-                "datasets": [str(d.root) for d in dsets], "recipe": to_dict(recipe),
-                "step": step, "epoch": epoch, "batch": batch, "metrics": metrics or {},
-                "best": {"metric": t.best_metric, "value": best_value, "epoch": best_epoch, "metrics": best_metrics},
-            }
+    def end_epoch(self, loop, pos, epoch: int) -> None:
+        """Validation (per-class IoU, mIoU, F1, OA or mAP), the best checkpoint, the curves."""
+        from codemae_cli.tasks.evaluate import evaluate_model
+        from codemae_cli.tasks.metrics import is_better
 
-        def save(name: str, epoch: int, batch: int, metrics: dict | None, with_resume: bool) -> None:
-            if dist.is_main:
-                extra = {"epoch": epoch, "batch": batch, "step": step, "best_value": best_value,
-                         "best_epoch": best_epoch} if with_resume else None
-                save_checkpoint(ckpt_dir / name, model, meta_for(epoch, batch, metrics),
-                                optimizer=optimizer if with_resume else None, resume_extra=extra)
-            barrier()
+        t = self.recipe.task
+        metrics = evaluate_model(self.model, self.val_dl, t, len(self.classes), self.dist.device, self.precision,
+                                 class_names=self.names, class_weights=self.class_weights)
+        self.last_metrics = _summary(metrics)
+        loop.logger.log(pos.step, _scalars(metrics, self.names) | {"epoch": epoch + 1}, split="val")
+        value = metrics.get(t.best_metric)
+        improved = is_better(t.best_metric, value, self.best_value)
+        if improved:
+            self.best_value, self.best_epoch, self.best_metrics = value, epoch + 1, _summary(metrics)
+        self.say(f"epoch {epoch + 1}/{self.recipe.optim.epochs}  step {pos.step}  val loss {metrics['loss']:.4f}  "
+                 f"{t.best_metric} {100 * value:.2f}" + ("  (best)" if improved else ""))
+        if improved:
+            loop.save("best", pos, with_resume=False)
+        if self.dist.is_main:
+            loop.logger.plot()
+            _plot_val(loop.logger, loop.run_dir / "val_curve.png", t.best_metric)
 
-        # ---- loop ------------------------------------------------------------------------
-        guard = FiniteGuard()
-        last_metrics = None
-        done = step >= total_steps
-        micro = 0
-        t0 = time.perf_counter()
-        items = o.batch_size * o.accum_steps * dist.world_size
-        with TrainProgress(total_steps, items, unit="chips", start=step, enabled=dist.is_main and r.progress,
-                           description="finetune") as bar:
-            for epoch in range(start_epoch, o.epochs):
-                if done:
-                    break
-                sampler.set_epoch(epoch, start_batch=start_batch if epoch == start_epoch else 0)
-                train_model.train()
-                batch_idx = sampler.start_batch
-                for batch in train_dl:
-                    optical, sar, label = _inputs(batch, device, t.ignore_index)
-                    sync = (micro + 1) % o.accum_steps == 0
-                    ctx = train_model.no_sync() if dist.distributed and not sync else contextlib.nullcontext()
-                    seed_step(r.seed, dist.rank, step, micro)  # dropout / modality dropout repeat on resume
-                    with ctx:
-                        with autocast(device, precision):
-                            logits = train_model(optical=optical, sar=sar)
-                        loss = task_loss(logits, label, t, num_classes, class_weights)
-                        guard.update(loss)
-                        (loss / o.accum_steps).backward()
-                    micro += 1
-                    batch_idx += 1
-                    if not sync:
-                        continue
-                    micro = 0
-                    if o.clip_grad:
-                        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], o.clip_grad)
-                    cur_lr = sched.apply(optimizer, step)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if step % r.log_every == 0 or step == total_steps:
-                        guard.check(step)
-                        logger.log(step, {"loss": float(loss.detach()), "lr": cur_lr, "epoch": epoch})
-                    bar.advance(step, f"loss {float(loss.detach()):.4f}" if step % r.log_every == 0 else "")
-                    if step % r.ckpt_every == 0 and batch_idx < sampler.batches_per_epoch:
-                        guard.check(step)
-                        save("last", epoch, batch_idx, last_metrics, with_resume=True)
-                    if r.keep_every and step % r.keep_every == 0:
-                        save(f"step_{step:08d}", epoch, batch_idx, last_metrics, with_resume=True)
-                    if step >= total_steps:
-                        done = True
-                        break
-                guard.check(step)
-                # ---- validation at the end of every epoch (and of a max_steps run) ------------
-                metrics = evaluate_model(model, val_dl, t, num_classes, device, precision, class_names=names,
-                                         class_weights=class_weights)
-                last_metrics = _summary(metrics)
-                logger.log(step, _scalars(metrics, names) | {"epoch": epoch + 1}, split="val")
-                value = metrics.get(t.best_metric)
-                improved = is_better(t.best_metric, value, best_value)
-                if improved:
-                    best_value, best_epoch, best_metrics = value, epoch + 1, _summary(metrics)
-                say(f"epoch {epoch + 1}/{o.epochs}  step {step}  val loss {metrics['loss']:.4f}  "
-                    f"{t.best_metric} {100 * value:.2f}" + ("  (best)" if improved else ""))
-                finished_epoch = not done or batch_idx >= sampler.batches_per_epoch
-                save("last", epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else batch_idx,
-                     last_metrics, with_resume=True)
-                if improved:
-                    save("best", epoch + 1, 0, best_metrics, with_resume=False)
-                if dist.is_main:
-                    logger.plot()
-                    _plot_val(logger, run_dir / "val_curve.png", t.best_metric)
-        logger.close()
-        elapsed = time.perf_counter() - t0
-        if best_metrics is None and last_metrics is not None:
-            best_metrics = last_metrics
-        say(f"done: {step} steps in {elapsed:.1f} s; best {t.best_metric} "
-            f"{100 * (best_value or float('nan')):.2f} at epoch {best_epoch}; run in {run_dir}")
-        return {"run_dir": str(run_dir), "best_metrics": best_metrics, "best_epoch": best_epoch,
-                "last_metrics": last_metrics, "steps": step, "seconds": elapsed,
-                "load_report": report.as_dict() if report else None}
-    finally:
-        cleanup_distributed()
+    def checkpoint_meta(self, name: str, pos) -> dict:
+        from codemae_cli.config import to_dict
+
+        t, recipe, enc = self.recipe.task, self.recipe, self.enc_cfg
+        return {
+            "kind": "finetune", "task": t.kind, "multilabel": t.multilabel, "inputs": t.inputs,
+            "classes": self.classes, "ignore_index": t.ignore_index, "bands": self.bands,
+            "stats": self.dsets[0].meta.get("stats"), "img_size": recipe.model.img_size,
+            "patch_size": enc.patch_size, "preset": enc.preset, "encoder_config": to_dict(enc),
+            "modality_dropout": t.modality_dropout, "linear_probe": t.linear_probe,
+            "pretrained": t.pretrained, "load_report": self.report.as_dict() if self.report else None,
+            "datasets": [str(d.root) for d in self.dsets], "recipe": to_dict(recipe), "batch": pos.batch,
+            "metrics": (self.best_metrics if name == "best" else self.last_metrics) or {},
+            "best": {"metric": t.best_metric, "value": self.best_value, "epoch": self.best_epoch,
+                     "metrics": self.best_metrics},
+        }
 
 
 class _LoadedReport:
@@ -317,12 +286,6 @@ class _LoadedReport:
 
     def __bool__(self):
         return self.data is not None
-
-
-def _inputs(batch, device, ignore_index):
-    from codemae_cli.tasks.data import batch_inputs
-
-    return batch_inputs(batch, device, ignore_index)
 
 
 def _summary(metrics: dict) -> dict:

@@ -11,6 +11,7 @@ One code path for every layout: without those variables the process runs alone; 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -84,6 +85,23 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(device: str = "auto"):
+    """``with process_group(device) as dist:`` joins the torchrun group, and leaves it at the end
+    only if this call created it (a caller that set up its own group keeps it)."""
+    owns = not is_dist()
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if owns:
+            cleanup_distributed()
+        if info.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -121,4 +139,5 @@ __all__ = [
     "cleanup_distributed",
     "init_distributed",
     "is_dist",
+    "process_group",
 ]

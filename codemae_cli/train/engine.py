@@ -1,5 +1,6 @@
-"""Small pieces every training loop needs: precision/autocast, seeding, a NaN/inf guard, and
-deterministic per-step seeding that makes resumed runs repeat the uninterrupted ones.
+"""Small pieces the training loop (:mod:`codemae_cli.train.loop`) needs: precision/autocast,
+seeding, the NaN/inf error, and deterministic per-step seeding that makes resumed runs repeat
+the uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from codemae_cli.train.checkpoint import unwrap_model  # noqa: F401  (re-exporte
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; training stopped before anything was saved."""
+    """The loss became NaN or infinite; training stopped before anything was saved.
+
+    The training loop all-reduces the condition, so every rank raises it at the same point:
+    the command line prints it once (rank 0).
+    """
+
+    all_ranks = True
 
 
 def resolve_precision(device, precision: str = "auto") -> str:
-    """``auto`` -> bf16 on CUDA, fp32 elsewhere; fp16 only on CUDA (bf16 autocast also runs on CPU)."""
+    """``auto`` -> bf16 on CUDA, fp32 elsewhere. bf16 and fp16 autocast also run on CPU (slowly;
+    fp16 trains with a GradScaler wherever it runs, so a CPU run exercises the GPU's fp16 path)."""
     dev_type = getattr(device, "type", str(device).split(":")[0])
     if precision == "auto":
         return "bf16" if dev_type == "cuda" else "fp32"
-    if precision == "fp16" and dev_type != "cuda":
-        raise UserError("run.precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if precision not in ("bf16", "fp16", "fp32"):
         raise UserError(f"run.precision must be auto, bf16, fp16 or fp32, not {precision!r}")
     return precision
@@ -74,42 +80,6 @@ def seed_step(seed: int, rank: int, step: int, micro: int = 0) -> None:
     torch.manual_seed(step_seed(seed, rank, step, micro))
 
 
-def check_finite(loss, step: int, where: str = "") -> None:
-    """Stop with a clear message when ``loss`` is NaN/inf (forces a device sync: call on log steps)."""
-    import math
-
-    value = float(loss.detach().float().item()) if hasattr(loss, "detach") else float(loss)
-    if not math.isfinite(value):
-        extra = f" {where}" if where else ""
-        raise NonFiniteLossError(
-            f"the loss became {value} at step {step}; training stopped and the last good checkpoint"
-            f"{extra} is untouched (lower the learning rate or set optim.clip_grad)")
-
-
-class FiniteGuard:
-    """Accumulate a 'some loss was not finite' flag on the device without syncing every step.
-
-    ``update(loss)`` each micro-step; ``check(step)`` on log steps and before every checkpoint.
-    """
-
-    def __init__(self):
-        self._bad = None
-        self._first = None
-
-    def update(self, loss) -> None:
-        import torch
-
-        bad = ~torch.isfinite(loss.detach())
-        self._bad = bad if self._bad is None else (self._bad | bad)
-
-    def check(self, step: int, where: str = "") -> None:
-        if self._bad is not None and bool(self._bad.item()):
-            extra = f" {where}" if where else ""
-            raise NonFiniteLossError(
-                f"the loss became NaN or infinite at or before step {step}; training stopped and the last "
-                f"good checkpoint{extra} is untouched (lower the learning rate or set optim.clip_grad)")
-
-
 def device_sync(device) -> None:
     import torch
 
@@ -118,10 +88,8 @@ def device_sync(device) -> None:
 
 
 __all__ = [
-    "FiniteGuard",
     "NonFiniteLossError",
     "autocast",
-    "check_finite",
     "device_sync",
     "resolve_precision",
     "seed_step",
