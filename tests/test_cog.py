@@ -8,13 +8,13 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import from_origin
 
+from codemae_cli.data.geo import Grid
 from codemae_cli.errors import UserError
 from codemae_cli.infer.cog import TiledWriter, check_output_path, is_cog, temp_sibling, write_cog
-from codemae_cli.infer.sources import Grid
 
 
 def test_windowed_rows_then_cog(tmp_path):
-    grid = Grid(CRS.from_epsg(32631), from_origin(500000, 5700000, 2, 2), 700, 600)
+    grid = Grid(CRS.from_epsg(32631), from_origin(500000, 5700000, 2, 2), width=600, height=700)
     classes = (np.arange(700)[:, None] // 50 + np.arange(600)[None, :] // 50) % 3
     classes = classes.astype(np.uint8)
     classes[:10, :10] = 255

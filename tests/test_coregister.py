@@ -9,7 +9,8 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
 
-from codemae_cli.data.coregister import Grid, choose_resampling, reference_grid, same_grid_offset
+from codemae_cli.data.coregister import reference_grid
+from codemae_cli.data.geo import Grid, resampling_kernel, same_grid_offset
 from codemae_cli.data.prepare import run_prepare
 from codemae_cli.data.raster import open_source
 from codemae_cli.data.shards import PreparedDataset
@@ -107,9 +108,9 @@ def test_reference_grid_and_same_grid_detection(tmp_path, sample_pair):
     g = reference_grid([rgb])
     assert (g.width, g.height) == (200, 200)
     # The SpaceNet 6 pair differs by ~0.01 px over the scene: treated as the same grid.
-    assert same_grid_offset(sar, g) == (0, 0)
-    assert choose_resampling(sar, g, "sar") == "none"
+    assert same_grid_offset(sar.grid, g) == (0, 0)
+    assert resampling_kernel(sar.grid, g, "sar") == "none"
     g2 = reference_grid([rgb], res=9.0)
-    assert g2.res == (9.0, 9.0) and same_grid_offset(sar, g2) is None
-    assert choose_resampling(sar, g2, "sar") == "average"
-    assert choose_resampling(sar, g2, "label") == "nearest"
+    assert g2.res == (9.0, 9.0) and same_grid_offset(sar.grid, g2) is None
+    assert resampling_kernel(sar.grid, g2, "sar") == "average"
+    assert resampling_kernel(sar.grid, g2, "label") == "nearest"

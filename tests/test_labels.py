@@ -31,7 +31,7 @@ def test_spacenet4_buildings_rasterised_on_the_pan_grid(real_dir):
     inside = gdf.geometry.intersection(tile)
     # Pixel-centre rasterisation: area within a few percent of the polygons' area (0.25 m^2 px).
     assert abs(mask.sum() * 0.25 - inside.union_all().area) / inside.union_all().area < 0.03
-    inv = ~grid.affine
+    inv = ~grid.transform
     for geom in inside:
         if geom.is_empty or geom.area < 10:
             continue

@@ -1,7 +1,7 @@
 """Labels on the chip grid: vector files rasterised, or a label raster warped with nearest.
 
 Vector labels: every feature is burnt with the integer code of its class column value
-(``rasterio.features.rasterize``, pixel centres inside the polygon); pixels covered by no
+(``geo.rasterize_shapes``, pixel centres inside the polygon); pixels covered by no
 feature are class 0 ("background"); later features win where features overlap.
 
 * numeric column: values are the codes (0..254); names from ``--classes`` (one per code)
@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from codemae_cli.data.geo import Grid, rasterize_shapes
 from codemae_cli.errors import UserError
 
 IGNORE = 255
@@ -114,19 +115,13 @@ class VectorLabels:
         gdf = gdf.assign(_code=codes)[["_code", "geometry"]].to_crs(crs_wkt)
         self.gdf = gdf.reset_index(drop=True)
 
-    def rasterize(self, grid, row: int, col: int, height: int, width: int) -> np.ndarray:
+    def rasterize(self, grid: Grid, row: int, col: int, height: int, width: int) -> np.ndarray:
         """uint8 codes on the grid window; 0 where no feature."""
-        from rasterio.features import rasterize
-
         left, bottom, right, top = grid.window_bounds(row, col, height, width)
         hits = self.gdf.sindex.query(_box(left, bottom, right, top), predicate="intersects")
-        out = np.zeros((height, width), dtype=np.uint8)
-        if len(hits) == 0:
-            return out
         sub = self.gdf.iloc[np.sort(hits)]
         shapes = ((geom, int(code)) for geom, code in zip(sub.geometry, sub["_code"], strict=True))
-        return rasterize(shapes, out_shape=(height, width), transform=grid.window_transform(row, col),
-                         fill=0, out=out, dtype=np.uint8)
+        return rasterize_shapes(shapes, grid, row, col, height, width, fill=0, dtype=np.uint8)
 
 
 def _box(*b):

@@ -37,14 +37,8 @@ import numpy as np
 
 from codemae_cli import __version__
 from codemae_cli.data import raster as R
-from codemae_cli.data.coregister import (
-    Grid,
-    choose_resampling,
-    footprint,
-    overlap_window,
-    read_on_grid,
-    reference_grid,
-)
+from codemae_cli.data.coregister import footprint, overlap_window, reference_grid
+from codemae_cli.data.geo import Grid, power_to_db, read_on_grid, read_sar_power, resampling_kernel
 from codemae_cli.data.labels import (
     IGNORE,
     VectorLabels,
@@ -201,7 +195,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
             raise UserError(f"optical raster '{s.path}' holds complex values; is it SAR?")
     nd_opt, nd_sar = R.parse_nodata(o.nodata_optical), R.parse_nodata(o.nodata_sar)
     grid = reference_grid(optical if o.ref == "optical" else sar, o.crs, o.res)
-    polys = [footprint(s, grid.crs_wkt) for s in optical + sar]
+    polys = [footprint(s.grid, grid.crs) for s in optical + sar]
     window, area = overlap_window(grid, polys)
     if window[2] == 0 or window[3] == 0:
         raise UserError(f"scene '{sid}': the optical and SAR rasters do not overlap")
@@ -228,7 +222,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
                 raise UserError(f"label raster '{lp}' must hold class codes")
             labels = {"kind": "raster", "source": str(lp), "raster": src,
                       "nodata": R.effective_nodata(src, (False, None)),
-                      "resampling": "none" if choose_resampling(src, grid, "label") == "none" else "nearest",
+                      "resampling": resampling_kernel(src.grid, grid, "label"),
                       "classes": raster_classes(src.tags, classes)}
         _check_labels_overlap(labels, grid, window, sid)
     return ScenePlan(
@@ -238,8 +232,8 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         optical_nodata=[R.effective_nodata(s, nd_opt) for s in optical],
         sar_nodata=[R.effective_nodata(s, nd_sar) for s in sar],
         sar_scales=[R.detect_sar_scale(s, o.sar_scale) for s in sar],
-        optical_resampling=[choose_resampling(s, grid, "optical") for s in optical],
-        sar_resampling=[choose_resampling(s, grid, "sar") for s in sar],
+        optical_resampling=[resampling_kernel(s.grid, grid, "optical") for s in optical],
+        sar_resampling=[resampling_kernel(s.grid, grid, "sar") for s in sar],
         grid=grid,
         window=window,
         rows=rows,
@@ -257,7 +251,7 @@ def _check_labels_overlap(labels: dict, grid: Grid, window: tuple, sid: str) -> 
     if labels["kind"] == "vector":
         extent = box(*labels["vector"].gdf.total_bounds)
     else:
-        extent = footprint(labels["raster"], grid.crs_wkt)
+        extent = footprint(labels["raster"].grid, grid.crs)
     if not extent.intersects(area):
         raise UserError(f"scene '{sid}': the label file '{labels['source']}' does not overlap the optical/SAR "
                         "overlap (wrong file or wrong CRS?)")
@@ -290,26 +284,30 @@ def _harmonise_vector_classes(plans: list[ScenePlan], o: PrepareOptions, classes
 # ----------------------------------------------------------------------------- chip rows
 def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
     """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
+    import rasterio
+
     grid = plan.grid
     parts = []
     for src, nd, rs in zip(plan.optical, plan.optical_nodata, plan.optical_resampling, strict=True):
-        parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
-                                  prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
+        with rasterio.open(src.path) as ds:
+            parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs,
+                                      prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
     optical = R.invalidate_pixels(np.concatenate(parts, axis=0))
     parts = []
     for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
-        parts.append(read_on_grid(src, grid, row, col0, tile, width, resampling=rs,
-                                  prepare=lambda b, nd=nd, sc=sc: R.to_linear_power(b, sc, nd)))
+        with rasterio.open(src.path) as ds:
+            parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd))
     # Resampled in linear power above; converted to dB exactly once here.
-    sar = R.power_to_db(R.invalidate_pixels(np.concatenate(parts, axis=0)))
+    sar = power_to_db(R.invalidate_pixels(np.concatenate(parts, axis=0)))
     label = None
     if plan.labels is not None:
         if plan.labels["kind"] == "vector":
             label = plan.labels["vector"].rasterize(grid, row, col0, tile, width)
         else:
             lab = plan.labels
-            label = read_on_grid(lab["raster"], grid, row, col0, tile, width, resampling=lab["resampling"],
-                                 prepare=raster_label_prepare(lab["nodata"]), out_dtype=np.uint8, fill=IGNORE)[0]
+            with rasterio.open(lab["raster"].path) as ds:
+                label = read_on_grid(ds, grid, row, col0, tile, width, kernel=lab["resampling"],
+                                     prepare=raster_label_prepare(lab["nodata"]), out_dtype=np.uint8, fill=IGNORE)[0]
     return optical, sar, label
 
 
@@ -759,7 +757,7 @@ def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, out: Path
             "optical": [s.path for s in p.optical],
             "sar": [s.path for s in p.sar],
             "labels": p.labels["source"] if p.labels else None,
-            "grid_transform": list(p.grid.transform),
+            "grid_transform": list(p.grid.transform)[:6],
             "grid_size": [p.grid.height, p.grid.width],
             "window": list(p.window),
             "overlap_area": p.overlap_area,

@@ -6,10 +6,11 @@ Conventions used throughout ``codemae prepare``:
   value (never tested for truthiness) and NaN is always nodata.
 * An optical pixel of one file is invalid when *all* its bands equal the nodata value (a black
   pixel of a legitimate band is not nodata) or any band is not finite.
-* SAR is resampled in linear power and converted to dB once. Values <= 0 in linear power (or
-  amplitude) are nodata. Complex single-look-complex (SLC) input is converted to intensity
-  ``|z|^2`` (uncalibrated: any product-specific scale factor is not applied), which is the
-  linear power the rest of the pipeline expects.
+* SAR is resampled in linear power and converted to dB once (``codemae_cli.data.geo``:
+  ``sar_to_power`` / ``power_to_db``). Values <= 0 in linear power or amplitude are nodata.
+  Complex single-look-complex (SLC) input is converted to intensity ``|z|^2`` (uncalibrated:
+  any product-specific scale factor is not applied), which is the linear power the rest of
+  the pipeline expects.
 * Inputs are read as float32 with NaN marking invalid pixels, so later stages only test NaN.
 """
 
@@ -19,39 +20,22 @@ import glob
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from codemae_cli.data import geo
+from codemae_cli.data.geo import Grid
 from codemae_cli.errors import UserError
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
-SAR_SCALES = ("auto", "linear", "amplitude", "db")
-
-
-class GeoreferencedMixin:
-    """``affine`` and ``crs`` objects from the plain ``transform`` tuple and ``crs_wkt`` string
-    that grids and sources store (plain values keep them picklable for worker processes)."""
-
-    transform: tuple
-    crs_wkt: str
-
-    @property
-    def affine(self):
-        from affine import Affine
-
-        return Affine(*self.transform)
-
-    @property
-    def crs(self):
-        from rasterio.crs import CRS
-
-        return CRS.from_wkt(self.crs_wkt)
+SAR_SCALES = ("auto", *geo.SAR_SCALES)
 
 
 @dataclass
-class RasterSource(GeoreferencedMixin):
+class RasterSource:
     """What prepare needs to know about one input raster (no open handle: picklable)."""
 
     path: str
@@ -65,6 +49,13 @@ class RasterSource(GeoreferencedMixin):
     descriptions: list
     tags: dict = field(default_factory=dict)
 
+    @cached_property
+    def grid(self) -> Grid:
+        return Grid(self.crs_wkt, self.transform, self.width, self.height)
+
+    @property
+    def crs(self):
+        return self.grid.crs
 
     @property
     def is_complex(self) -> bool:
@@ -73,8 +64,7 @@ class RasterSource(GeoreferencedMixin):
     @property
     def pixel_size(self) -> float:
         """Geometric mean pixel size in CRS units (works for rotated transforms)."""
-        a = self.affine
-        return math.sqrt(abs(a.a * a.e - a.b * a.d))
+        return self.grid.pixel_size
 
 
 def expand_inputs(values: list[str] | str | None, role: str) -> list[Path]:
@@ -215,34 +205,6 @@ def detect_sar_scale(src: RasterSource, requested: str) -> str:
     if nodata is not None and not math.isnan(nodata):
         ok &= sample != nodata
     return "db" if (sample[ok] < 0).any() else "linear"
-
-
-def to_linear_power(arr: np.ndarray, scale: str, nodata: Optional[float]) -> np.ndarray:
-    """SAR values of ``scale`` -> float32 linear power, NaN where invalid (nodata, <= 0)."""
-    if scale == "slc":
-        out = arr.real.astype(np.float32) ** 2 + arr.imag.astype(np.float32) ** 2
-    else:
-        out = arr.astype(np.float32, copy=True)
-        if nodata is not None and not math.isnan(nodata):
-            out[arr == nodata] = np.nan
-        if scale == "db":
-            with np.errstate(over="ignore"):
-                np.power(np.float32(10.0), out / np.float32(10.0), out=out)
-        elif scale == "amplitude":
-            np.multiply(out, out, out=out)
-        elif scale != "linear":
-            raise UserError(f"unknown SAR scale '{scale}' (use linear, amplitude or db)")
-    # One pass: NaN, <= 0 and inf all fail the test and become NaN.
-    ok = (out > 0) & (out < np.inf)
-    return np.where(ok, out, np.float32(np.nan)).astype(np.float32, copy=False)
-
-
-def power_to_db(power: np.ndarray) -> np.ndarray:
-    """Linear power -> dB; non-positive or NaN -> NaN."""
-    out = np.full(power.shape, np.nan, dtype=np.float32)
-    np.log10(power, out=out, where=power > 0)
-    out *= np.float32(10.0)
-    return out
 
 
 def optical_to_float(arr: np.ndarray, nodata: Optional[float]) -> np.ndarray:

@@ -228,34 +228,43 @@ def _read_raster(path: Path, what: str):
     return open_raster(path, f"{what} raster")
 
 
-def _reference_on_grid(ref: Path, shape, transform, crs, nodata_value: int, label_column: Optional[str],
-                       class_names: Optional[list[str]], pred_bounds) -> tuple[np.ndarray, Optional[list[str]]]:
-    """The reference as uint8/int labels on the prediction grid; ``nodata_value`` where unknown."""
+def _reference_on_grid(ref: Path, grid, nodata_value: int, label_column: Optional[str],
+                       class_names: Optional[list[str]]) -> tuple[np.ndarray, Optional[list[str]]]:
+    """The reference as int32 labels on the prediction's grid; ``nodata_value`` where unknown.
+
+    A raster reference is read like prepare reads label rasters (directly when on the grid,
+    else nearest resampling); a vector reference is rasterised like prepare's vector labels.
+    """
     if ref.suffix.lower() in VECTOR_SUFFIXES:
-        return _rasterise_reference(ref, shape, transform, crs, nodata_value, label_column, class_names, pred_bounds)
-    from rasterio.enums import Resampling
-    from rasterio.warp import reproject, transform_bounds
+        return _rasterise_reference(ref, grid, nodata_value, label_column, class_names)
+    from rasterio.warp import transform_bounds
+
+    from codemae_cli.data.geo import Grid, read_on_grid, resampling_kernel
 
     with _read_raster(ref, "reference") as src:
         if src.crs is None:
             raise UserError(f"reference raster '{ref}' has no CRS")
-        rb = transform_bounds(src.crs, crs, *src.bounds)
-        if not _overlap(rb, pred_bounds):
+        if not _overlap(transform_bounds(src.crs, grid.crs, *src.bounds), grid.bounds):
             raise UserError(f"reference '{ref}' does not overlap the prediction")
-        data = src.read(1)
-        dst = np.full(shape, nodata_value, dtype=np.int32)
-        src_nodata = src.nodata
-        reproject(source=data.astype(np.int32), destination=dst, src_transform=src.transform, src_crs=src.crs,
-                  dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest,
-                  src_nodata=src_nodata if src_nodata is not None and not math.isnan(src_nodata) else None,
-                  dst_nodata=nodata_value)
+        nodata = src.nodata
+
+        def prepare(block: np.ndarray) -> np.ndarray:
+            out = block.astype(np.int32)
+            if nodata is not None and not math.isnan(nodata):
+                out[block == nodata] = nodata_value
+            return out
+
+        kernel = resampling_kernel(Grid.of(src), grid, "label")
+        dst = read_on_grid(src, grid, 0, 0, grid.height, grid.width, kernel=kernel, prepare=prepare,
+                           out_dtype=np.int32, fill=nodata_value)[0]
         names = _class_names_from_tags(src.tags())
     return dst, names
 
 
-def _rasterise_reference(ref: Path, shape, transform, crs, nodata_value, label_column, class_names, pred_bounds):
+def _rasterise_reference(ref: Path, grid, nodata_value, label_column, class_names):
     import geopandas as gpd
-    from rasterio.features import rasterize
+
+    from codemae_cli.data.geo import rasterize_shapes
 
     if not ref.is_file():
         raise UserError(f"reference vector file '{ref}' does not exist")
@@ -268,8 +277,8 @@ def _rasterise_reference(ref: Path, shape, transform, crs, nodata_value, label_c
         raise UserError(f"reference vector file '{ref}' holds no geometries")
     if gdf.crs is None:
         raise UserError(f"reference vector file '{ref}' has no CRS")
-    gdf = gdf.to_crs(crs)
-    if not _overlap(tuple(gdf.total_bounds), pred_bounds):
+    gdf = gdf.to_crs(grid.crs)
+    if not _overlap(tuple(gdf.total_bounds), grid.bounds):
         raise UserError(f"reference '{ref}' does not overlap the prediction")
     names = None
     if label_column is None:
@@ -299,9 +308,8 @@ def _rasterise_reference(ref: Path, shape, transform, crs, nodata_value, label_c
             values = np.array([lookup[str(v).lower()] for v in col], dtype=np.int32)
         # Pixels outside every polygon are unknown, unless class 0 is a background class.
         fill = nodata_value
-    out = rasterize(((g, int(v)) for g, v in zip(gdf.geometry, values, strict=False)), out_shape=shape, transform=transform,
-                    fill=fill, dtype="int32")
-    return out, names
+    shapes = ((g, int(v)) for g, v in zip(gdf.geometry, values, strict=True))
+    return rasterize_shapes(shapes, grid, fill=fill, dtype=np.int32), names
 
 
 def _overlap(a, b) -> bool:
@@ -311,6 +319,8 @@ def _overlap(a, b) -> bool:
 def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Optional[Sequence[str]] = None,
                     ignore_index: int = 255, band: int = 1) -> dict:
     """Metrics of a predicted class raster against a reference raster or vector file."""
+    from codemae_cli.data.geo import Grid
+
     pred = Path(pred)
     ref = Path(ref)
     with _read_raster(pred, "predicted") as src:
@@ -322,12 +332,12 @@ def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Opti
             raise UserError(f"predicted raster '{pred}' holds floating-point values; evaluate a class map")
         data = src.read(band).astype(np.int64)
         valid = src.read_masks(band) > 0
-        shape, transform, crs, bounds = data.shape, src.transform, src.crs, tuple(src.bounds)
+        grid = Grid.of(src)
         names = _check_classes(pred, classes, _class_names_from_tags(src.tags()))
     if not valid.any():
         raise UserError(f"predicted raster '{pred}' holds only nodata")
     nodata_value = -1
-    reference, ref_names = _reference_on_grid(ref, shape, transform, crs, nodata_value, label_column, names, bounds)
+    reference, ref_names = _reference_on_grid(ref, grid, nodata_value, label_column, names)
     names = names or ref_names
     keep = valid & (reference != nodata_value) & (reference != ignore_index)
     if not keep.any():
