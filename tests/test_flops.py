@@ -37,6 +37,22 @@ def test_pretrain_step_flops_match_flop_counter(over):
     assert analytic == pytest.approx(counted, rel=0.03)
 
 
+@pytest.mark.parametrize("over", [
+    {},  # EMA teacher, conditioned CCL, channel CDR
+    {"ccl": {"mode": "rigid"}, "okd": {"aux_head": False, "sar_side": True}},
+    {"okd": {"enabled": False}, "ccl": {"mode": "off"}, "cdr": {"enabled": False}, "mask_ratio": 0.5},
+])
+def test_itpn_step_flops_match_flop_counter(over):
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {"backbone": "itpn", "preset": "tiny", "img_size": 32, "patch_size": 8,
+                                  "fused_attn": False, **over})
+    model = build_model(cfg, 4, 2)
+    counted = measured(model, torch.randn(3, 4, 32, 32), torch.randn(3, 2, 32, 32))
+    assert pretrain_step_flops(cfg, 4, 2, 3) == pytest.approx(counted, rel=0.03)
+    base = pretrain_step_breakdown(from_dict(ModelConfig, {"backbone": "itpn", "preset": "base"}), 3, 2, 1)
+    assert "neck" in base and base["trunk"] > base["neck"]
+
+
 def test_plain_mae_flops_match_flop_counter_and_reference():
     mae = build_plain_mae("tiny", 3, 32, 8, fused_attn=False)
     counted = measured(mae, torch.randn(2, 3, 32, 32))

@@ -1,7 +1,7 @@
 """Model benchmark: a full CoDe-MAE training step next to a plain MAE of the same size.
 
-    codemae bench model --preset base --batch 128 [--compile] [--device cuda] [--steps N]
-                        [--teacher-model vit_large_patch16_dinov3]
+    codemae bench model --preset base --batch 128 [--backbone itpn] [--compile] [--device cuda]
+                        [--steps N] [--teacher-model vit_large_patch16_dinov3]
 
 Synthetic data already on the device; each step is forward + backward + AdamW step (+ the EMA
 update for EMA teachers). Throughput is turned into TFLOP/s with the analytic FLOP count
@@ -114,8 +114,12 @@ def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, war
                     device: str = "auto", compile: bool = False, img_size: int = 224, patch_size: int = 16,
                     optical_bands: int = 3, sar_bands: int = 2, teacher: str = "timm",
                     teacher_model: str = "vit_large_patch16_dinov3", precision: str = "auto",
-                    fused_attn: bool = True, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+                    fused_attn: bool = True, seed: int = 0, log: Callable[[str], None] = print,
+                    backbone: str = "vit") -> dict:
     """Time CoDe-MAE and the plain MAE baseline (eager, and compiled when ``compile``).
+
+    ``backbone`` picks CoDe-MAE's trunk (vit | itpn); the plain MAE is always the ViT of the same
+    preset name, so an iTPN run compares against a ViT MAE measured in the same run.
 
     Returns {"device", "peak_tflops", "precision", "config", "results": [BenchResult, ...]}.
     """
@@ -142,14 +146,15 @@ def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, war
     name, peak = device_peak(dev)
     okd = OKDConfig(enabled=teacher != "off", teacher="ema" if teacher == "off" else teacher,
                     teacher_model=teacher_model, teacher_pretrained=False)
-    cfg = ModelConfig(preset=preset, img_size=img_size, patch_size=patch_size, fused_attn=fused_attn, okd=okd)
+    cfg = ModelConfig(backbone=backbone, preset=preset, img_size=img_size, patch_size=patch_size,
+                      fused_attn=fused_attn, okd=okd)
     cfg.validate()
     torch.manual_seed(seed)
     gen_inputs = dict(device=dev)
     optical = torch.randn(batch, optical_bands, img_size, img_size, **gen_inputs)
     sar = torch.randn(batch, sar_bands, img_size, img_size, **gen_inputs)
     modes = ["eager", "compiled"] if compile else ["eager"]
-    log(f"device: {name}; precision {precision}; preset {preset}; batch {batch}; img {img_size}/{patch_size}; "
+    log(f"device: {name}; precision {precision}; {backbone} preset {preset}; batch {batch}; img {img_size}/{patch_size}; "
         f"teacher {teacher}{' ' + teacher_model if teacher == 'timm' else ''}")
 
     specs = [
@@ -191,7 +196,7 @@ def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, war
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return {"device": name, "peak_tflops": peak, "precision": precision,
-            "config": dict(preset=preset, batch=batch, steps=steps, warmup=warmup, img_size=img_size,
+            "config": dict(backbone=backbone, preset=preset, batch=batch, steps=steps, warmup=warmup, img_size=img_size,
                            patch_size=patch_size, optical_bands=optical_bands, sar_bands=sar_bands,
                            teacher=teacher, teacher_model=teacher_model if teacher == "timm" else None,
                            fused_attn=fused_attn, torch=torch.__version__),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -22,30 +23,89 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         sar_bands: int = typer.Option(2, "--sar-bands", help="SAR polarisations of the input."),
         img_size: int = typer.Option(224, "--img-size", help="Training crop size in pixels."),
         patch_size: int = typer.Option(16, "--patch-size", help="Patch size in pixels."),
+        backbone: str = typer.Option("vit", "--backbone", help="vit | itpn (the paper's iTPN)."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="Only this preset (default: all)."),
     ) -> None:
-        """Presets with their sizes, parameters (encoder; trainable CoDe-MAE, EMA teacher) and
-        analytic training-step GFLOP per pair (plain MAE: per image)."""
+        """Presets with their sizes, parameters (encoder; iTPN pyramid neck; trainable CoDe-MAE,
+        EMA teacher) and analytic training-step GFLOP per pair (plain MAE: per image)."""
         from rich.console import Console
         from rich.table import Table
 
+        from codemae_cli.model.config import preset_spec
         from codemae_cli.model.summary import preset_table
 
-        rows = preset_table(optical_bands, sar_bands, img_size, patch_size)
-        table = Table(title=f"CoDe-MAE presets ({optical_bands} optical + {sar_bands} SAR bands, "
+        if preset is not None:
+            preset_spec(preset, backbone)  # one sentence for an unknown backbone or preset
+        rows = preset_table(optical_bands, sar_bands, img_size, patch_size, backbone=backbone, preset=preset)
+        table = Table(title=f"CoDe-MAE {backbone} presets ({optical_bands} optical + {sar_bands} SAR bands, "
                             f"{img_size} px, patch {patch_size}, EMA teacher)")
-        for col in ("preset", "width", "depth", "heads", "decoder", "encoder", "CoDe-MAE",
-                    "GFLOP/pair", "MAE GFLOP/img"):
+        cols = ["preset", "width", "depth", "heads", "decoder", "encoder"]
+        cols += ["+ neck"] if backbone == "itpn" else []
+        cols += ["CoDe-MAE", "GFLOP/pair"] + (["MAE GFLOP/img"] if backbone == "vit" else [])
+        for col in cols:
             table.add_column(col, justify="right" if col != "preset" else "left")
         for r in rows:
-            table.add_row(r["preset"], str(r["embed_dim"]), str(r["depth"]), str(r["heads"]), r["decoder"],
-                          f"{r['encoder_params'] / 1e6:.1f} M", f"{r['model_params'] / 1e6:.1f} M",
-                          f"{r['gflop_per_pair']:.1f}", f"{r['mae_gflop_per_image']:.1f}")
+            cells = [r["preset"], str(r["embed_dim"]), str(r["depth"]), str(r["heads"]), r["decoder"],
+                     f"{r['encoder_params'] / 1e6:.1f} M"]
+            if backbone == "itpn":
+                cells.append(f"{(r['encoder_params'] + r['neck_params']) / 1e6:.1f} M")
+            cells += [f"{r['model_params'] / 1e6:.1f} M", f"{r['gflop_per_pair']:.1f}"]
+            if backbone == "vit":
+                cells.append(f"{r['mae_gflop_per_image']:.1f}")
+            table.add_row(*cells)
         Console().print(table)
+
+    @model_app.command("import-weights")
+    @cli_command
+    def import_cmd(
+        weights: Path = typer.Argument(..., help="The published CoDe-MAE iTPN weights (.safetensors or .pth)."),
+        output: Path = typer.Option(..., "--output", "-o",
+                                    help="Run directory to create; the checkpoint goes to OUTPUT/checkpoints/last."),
+        optical_names: Optional[str] = typer.Option(None, "--optical-bands", help="Comma-separated optical band names."),
+        sar_names: Optional[str] = typer.Option(None, "--sar-bands", help="Comma-separated SAR band names."),
+    ) -> None:
+        """Turn the published CoDe-MAE checkpoint (reference `itpn_base_dec512d8b` state dict) into a
+        codemae pretraining checkpoint for `codemae finetune`, `codemae analyze` and linear probing."""
+        from codemae_cli.errors import UserError
+        from codemae_cli.tasks.import_weights import import_reference_checkpoint
+
+        target = output / "checkpoints" / "last"
+        if target.exists():
+            raise UserError(f"'{target}' already exists; choose another --output")
+        if output.resolve() == weights.resolve() or weights.resolve().is_relative_to(output.resolve()):
+            raise UserError("--output must not contain the weights file")
+        def names(text: Optional[str]) -> Optional[list[str]]:
+            return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+        res = import_reference_checkpoint(weights, target, names(optical_names), names(sar_names))
+        typer.echo(f"imported iTPN '{res.preset}' CoDe-MAE ({res.tensors} tensors; {res.optical_bands} optical + "
+                   f"{res.sar_bands} SAR bands, {res.img_size} px, patch {res.patch_size}) -> {res.checkpoint}")
+        if res.dropped:
+            typer.echo(f"not imported: {len(res.dropped)} distillation-head tensors (teacher width unknown to timm)")
+        typer.echo(f"fine-tune with: codemae finetune RECIPE --set task.pretrained={output}")
+
+    @model_app.command("convert")
+    @cli_command
+    def convert_cmd(
+        weights: Path = typer.Argument(..., help="A .pth / .pt / .bin weights file."),
+        output: Path = typer.Option(..., "--output", "-o", help="The .safetensors file to write."),
+    ) -> None:
+        """Convert a torch weights file once to safetensors (read with torch's weights-only loader)."""
+        from codemae_cli.errors import UserError
+        from codemae_cli.model.weights import convert_to_safetensors
+
+        if output.suffix != ".safetensors":
+            raise UserError("--output must end in .safetensors")
+        if output.exists():
+            raise UserError(f"'{output}' already exists; choose another --output")
+        n = convert_to_safetensors(weights, output)
+        typer.echo(f"wrote {n} tensors to {output}")
 
     @bench.command("model")
     @cli_command
     def bench_model_cmd(
-        preset: str = typer.Option("base", "--preset", help="tiny | small | base | large."),
+        preset: str = typer.Option("base", "--preset", help="tiny | small | base | large (iTPN: tiny | base | large)."),
+        backbone: str = typer.Option("vit", "--backbone", help="vit | itpn (the paper's iTPN)."),
         batch: int = typer.Option(128, "--batch", "-b", help="Pairs per step (images per step for the plain MAE)."),
         steps: int = typer.Option(10, "--steps", help="Timed steps per measurement."),
         warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation happens here)."),
@@ -68,18 +128,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import torch
 
         from codemae_cli.bench.model_bench import format_report, run_model_bench
-        from codemae_cli.errors import UserError
-        from codemae_cli.model.config import PRESETS
+        from codemae_cli.model.config import preset_spec
 
-        if preset not in PRESETS:
-            raise UserError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        preset_spec(preset, backbone)  # one sentence for an unknown backbone or preset
         if threads is not None:
             torch.set_num_threads(max(1, threads))
         report = run_model_bench(
             preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, compile=compile,
             img_size=img_size, patch_size=patch_size, optical_bands=optical_bands, sar_bands=sar_bands,
             teacher=teacher, teacher_model=teacher_model, precision=precision, fused_attn=not plain_attn,
-            log=typer.echo,
+            log=typer.echo, backbone=backbone,
         )
         typer.echo("")
         typer.echo(format_report(report))

@@ -12,7 +12,9 @@ Dd decoder width, T teacher width):
     forward_ccl         conditioned cross-attention + InfoNCE  scalar
 
 The decoder-embedding LayerNorm of the reference (LN + Linear) is the trunk's final norm
-(``encoder.norm``), so downstream users of the encoder keep it.
+(``encoder.norm``), so downstream users of the encoder keep it. With the iTPN backbone the
+encoder returns its three pyramid levels instead, and ``decoder_embed`` projects each through
+its own LN + Linear and sums them (``PyramidDecoderEmbed``), as the reference does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from codemae_cli.errors import UserError
 from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embedding
 from codemae_cli.model.config import ModelConfig
 from codemae_cli.model.decoder import MAEDecoder, PatchHeads
-from codemae_cli.model.encoder import CoDeMAEEncoder
+from codemae_cli.model.encoder import EncoderBase, build_trunk
 from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
 from codemae_cli.model.targets import (
@@ -81,14 +83,16 @@ class CoDeMAE(nn.Module):
         self.img_size = cfg.img_size
         self.patch_size = p
         self.bands = {"optical": optical_bands, "sar": sar_bands}
-        self.encoder = CoDeMAEEncoder(
-            optical_bands, sar_bands, img_size=cfg.img_size, patch_size=p, embed_dim=D,
-            depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), mlp_ratio=float(spec["mlp_ratio"]),
-            drop_path=cfg.drop_path, fused_attn=cfg.fused_attn,
-        )
+        self.encoder = build_trunk(cfg, optical_bands, sar_bands)
         grid = self.encoder.grid
-        # Decoder embedding feeding every head (self, cross, OKD, CCL): (2B, n, D) -> (2B, n, Dd).
-        self.decoder_embed = nn.Linear(D, Dd)
+        # Decoder embedding feeding every head (self, cross, OKD, CCL): (2B, n, D) -> (2B, n, Dd),
+        # or, for iTPN, its pyramid levels summed into (2B, n, Dd).
+        if cfg.backbone == "itpn":
+            from codemae_cli.model.itpn import PyramidDecoderEmbed
+
+            self.decoder_embed = PyramidDecoderEmbed(int(spec["fpn_dim"]), Dd, levels=3)
+        else:
+            self.decoder_embed = nn.Linear(D, Dd)
         dec_kw = dict(dim=Dd, depth=int(spec["decoder_depth"]), num_heads=int(spec["decoder_heads"]),
                       grid=grid, mlp_ratio=float(spec["mlp_ratio"]), fused_attn=cfg.fused_attn)
         self.self_decoder = MAEDecoder(**dec_kw)
@@ -131,6 +135,11 @@ class CoDeMAE(nn.Module):
         self.apply(init_weights)
         for dec in self._decoders():
             nn.init.normal_(dec.mask_token, std=0.02)
+        self.init_report = None
+        if cfg.init_weights:
+            from codemae_cli.model.weights import load_init_weights
+
+            self.init_report = load_init_weights(self, cfg.init_weights)
         if cfg.okd.enabled and cfg.okd.teacher == "ema":
             # After initialisation, so the EMA starts as an exact copy of the student.
             self._set_teacher(EMATeacher(self.encoder))
@@ -251,8 +260,9 @@ class CoDeMAE(nn.Module):
     def forward_ccl(self, h_o, h_s, latent, B: int) -> torch.Tensor:
         if self.cfg.ccl.mode == "conditioned":
             return self.ccl(h_o, h_s)
-        # rigid: plain InfoNCE on the mean-pooled encoder tokens themselves
-        return info_nce(pooled_embedding(latent[:B]), pooled_embedding(latent[B:]), self.cfg.ccl.temperature)
+        # rigid: plain InfoNCE on the mean-pooled encoder tokens themselves (iTPN: its stride-16 level)
+        tokens = latent if isinstance(latent, torch.Tensor) else latent[0].flatten(2)  # (2B, n, D | F)
+        return info_nce(pooled_embedding(tokens[:B]), pooled_embedding(tokens[B:]), self.cfg.ccl.temperature)
 
     def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True) -> dict:
         cfg = self.cfg
@@ -267,7 +277,7 @@ class CoDeMAE(nn.Module):
         p = self.patch_size
 
         ids_keep, ids_restore, mask = random_masking(B, N, cfg.mask_ratio, optical.device)
-        latent, aux = self.forward_encoder(optical, sar, ids_keep)  # (2B, n, D)
+        latent, aux = self.forward_encoder(optical, sar, ids_keep)  # (2B, n, D) | iTPN levels
         h = self.decoder_embed(latent)  # (2B, n, Dd)
         h_o, h_s = h[:B], h[B:]
 
@@ -330,14 +340,10 @@ def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAE
         raise UserError(str(err)) from None
 
 
-def build_encoder(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAEEncoder:
-    """The encoder alone (for fine-tuning and analysis): same keys as ``model.encoder``."""
+def build_encoder(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> EncoderBase:
+    """The encoder alone (for fine-tuning and analysis): same keys as ``model.encoder``.
+    ``cfg.init_weights`` is not applied here: the caller loads pretrained weights."""
     cfg.validate()
-    spec = cfg.spec
-    encoder = CoDeMAEEncoder(
-        optical_bands, sar_bands, img_size=cfg.img_size, patch_size=cfg.patch_size,
-        embed_dim=int(spec["embed_dim"]), depth=int(spec["depth"]), num_heads=int(spec["num_heads"]),
-        mlp_ratio=float(spec["mlp_ratio"]), drop_path=cfg.drop_path, fused_attn=cfg.fused_attn,
-    )
+    encoder = build_trunk(cfg, optical_bands, sar_bands)
     encoder.apply(init_weights)
     return encoder

@@ -30,10 +30,30 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 
 
-def preset_spec(name: str) -> dict[str, float]:
-    if name not in PRESETS:
-        raise UserError(f"unknown model preset '{name}'; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+# iTPN presets (HiViT trunk + feature pyramid, the reference's `itpn_base_dec512d8b` and
+# `itpn_large_dec768d8b`): each 16-px patch is embedded as 4 x 4 inner patches of width
+# embed_dim / 4; `mlp_depth` MLP-only blocks (hidden `bridge_mlp_ratio` x width) at strides 4
+# and 8, joined by patch merging; `depth` transformer blocks at stride 16; a pyramid neck of
+# width `fpn_dim` at strides 16 / 8 / 4. `tiny` exists so CPU tests run in seconds.
+ITPN_PRESETS: dict[str, dict[str, float]] = {
+    "tiny": dict(embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0, mlp_depth=1, bridge_mlp_ratio=3.0,
+                 fpn_dim=32, decoder_dim=64, decoder_depth=2, decoder_heads=4),
+    "base": dict(embed_dim=512, depth=24, num_heads=8, mlp_ratio=4.0, mlp_depth=3, bridge_mlp_ratio=3.0,
+                 fpn_dim=256, decoder_dim=512, decoder_depth=8, decoder_heads=16),
+    "large": dict(embed_dim=768, depth=40, num_heads=12, mlp_ratio=4.0, mlp_depth=2, bridge_mlp_ratio=3.0,
+                  fpn_dim=256, decoder_dim=768, decoder_depth=8, decoder_heads=16),
+}
+
+BACKBONES = ("vit", "itpn")
+
+
+def preset_spec(name: str, backbone: str = "vit") -> dict[str, float]:
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown model.backbone '{backbone}'; choose one of {', '.join(BACKBONES)}")
+    table = ITPN_PRESETS if backbone == "itpn" else PRESETS
+    if name not in table:
+        raise UserError(f"unknown preset '{name}' for the {backbone} backbone; choose one of {', '.join(table)}")
+    return table[name]
 
 
 @dataclass
@@ -109,7 +129,12 @@ class CDRConfig:
 
 @dataclass
 class ModelConfig:
+    # vit: plain ViT trunk (timm blocks); itpn: the paper's iTPN (HiViT trunk + feature pyramid).
+    backbone: Literal["vit", "itpn"] = "vit"
     preset: Literal["tiny", "small", "base", "large"] = "base"
+    # Pretrained start for the student encoder: a local weights file (.safetensors, or a .pth
+    # read with torch's weights-only loader): a timm ViT for vit, an iTPN release for itpn.
+    init_weights: Optional[str] = None
     img_size: int = 224
     patch_size: int = 16
     mask_ratio: float = 0.75
@@ -122,7 +147,12 @@ class ModelConfig:
     cdr: CDRConfig = field(default_factory=CDRConfig)
 
     def validate(self) -> None:
-        spec = preset_spec(self.preset)
+        spec = preset_spec(self.preset, self.backbone)
+        if self.backbone == "itpn" and self.patch_size % 4:
+            raise UserError(f"model.patch_size {self.patch_size} must be a multiple of 4 for the iTPN backbone "
+                            "(4 x 4 inner patches per patch)")
+        if self.backbone == "itpn" and int(spec["decoder_dim"]) % 16:
+            raise UserError("the iTPN decoder width must be divisible by 16 (its stride-4 level feeds width / 16)")
         if self.patch_size < 1 or self.img_size < self.patch_size:
             raise UserError("model.patch_size must be at least 1 and no larger than model.img_size")
         if self.img_size % self.patch_size:
@@ -150,11 +180,11 @@ class ModelConfig:
 
     @property
     def spec(self) -> dict[str, float]:
-        return preset_spec(self.preset)
+        return preset_spec(self.preset, self.backbone)
 
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
 
 
-__all__ = ["CCLConfig", "CDRConfig", "ModelConfig", "OKDConfig", "PRESETS", "preset_spec"]
+__all__ = ["BACKBONES", "CCLConfig", "CDRConfig", "ITPN_PRESETS", "ModelConfig", "OKDConfig", "PRESETS", "preset_spec"]

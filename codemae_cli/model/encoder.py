@@ -1,8 +1,13 @@
-"""The CoDe-MAE encoder: one patch embedding per modality, one shared ViT trunk."""
+"""The CoDe-MAE encoders: one patch embedding per modality, one shared trunk.
+
+``CoDeMAEEncoder`` is the plain ViT; ``codemae_cli.model.itpn.ITPNEncoder`` the paper's iTPN.
+Both share :class:`EncoderBase` (input checks, ``forward_features`` over trunk depths);
+:func:`build_trunk` picks one from the recipe's ``model.backbone``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 import torch
@@ -22,40 +27,29 @@ from codemae_cli.model.layers import (
 MODALITIES = ("optical", "sar")
 
 
-class CoDeMAEEncoder(nn.Module):
-    """Per-modality patch embeddings feeding one shared transformer trunk.
+class EncoderBase(nn.Module):
+    """What every backbone shares: band bookkeeping, input checks and dense features from
+    several trunk depths. Subclasses provide ``patch_embed`` (a ModuleDict by modality),
+    ``embed(x, modality)``, ``run_trunk(x, grid, layers, norm) -> {layer: (B, N, D)}``,
+    ``forward_masked`` and ``forward_tokens``."""
 
-    A modality with 0 bands gets no patch embedding (single-modality MAE baselines).
-    Position embeddings are a fixed 2-D sin-cos table for ``img_size``, rebuilt from the sizes
-    rather than stored (a non-persistent buffer), so an encoder built for another crop size
-    loads the same checkpoint; inputs of other sizes resample the table bicubically.
-    """
+    multiscale = False  # True: ``forward_pyramid`` gives maps at several strides
 
-    def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 drop_path: float = 0.0, fused_attn: bool = True):
+    def __init__(self, optical_bands: int, sar_bands: int, img_size: int, patch_size: int, embed_dim: int,
+                 depth: int, num_heads: int):
         super().__init__()
         if optical_bands < 0 or sar_bands < 0 or optical_bands + sar_bands == 0:
             raise UserError("the encoder needs at least one optical or SAR band")
         self.img_size = img_size
         self.patch_size = patch_size
         self.embed_dim = embed_dim
+        self.feature_dim = embed_dim  # width of the maps forward_features returns
         self.depth = depth
         self.num_heads = num_heads
         self.bands = {"optical": optical_bands, "sar": sar_bands}
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.patch_embed = nn.ModuleDict(
-            {m: PatchEmbed(c, embed_dim, patch_size) for m, c in self.bands.items() if c > 0}
-        )
-        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid), persistent=False)  # (1, N, D)
-        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
-        self.blocks = nn.ModuleList(
-            [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
-        )
-        self.norm = norm_layer(embed_dim)
         self.default_layers = evenly_spaced_layers(depth, 4)
 
-    # -- stages -------------------------------------------------------------------------------
     def check_image(self, x: torch.Tensor, modality: str) -> tuple[int, int]:
         if modality not in self.patch_embed:
             raise ModelInputError(f"this encoder has no {modality} input")
@@ -70,6 +64,80 @@ class CoDeMAEEncoder(nn.Module):
             raise ModelInputError(f"{modality} input size {H}x{W} is not divisible by the patch size {p}")
         return H // p, W // p
 
+    def input_groups(self, optical: Optional[torch.Tensor], sar: Optional[torch.Tensor]
+                     ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], tuple[int, int]]]:
+        """The given modalities as groups that run as one batch, with their patch grid:
+        co-registered pairs share the grid and run together (one trunk pass)."""
+        inputs = [(m, x) for m, x in (("optical", optical), ("sar", sar)) if x is not None]
+        if not inputs:
+            raise ModelInputError("the encoder needs an optical or a SAR input")
+        grids = {m: self.check_image(x, m) for m, x in inputs}
+        batches = {m: x.shape[0] for m, x in inputs}
+        if len(inputs) == 2 and len(set(grids.values())) == 1 and len(set(batches.values())) == 1:
+            yield inputs, grids[inputs[0][0]]
+            return
+        for m, x in inputs:
+            yield [(m, x)], grids[m]
+
+    def forward_features(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
+                         layers: Optional[Sequence[int]] = None, norm: bool = True) -> dict[str, list[torch.Tensor]]:
+        """Dense features of the given modalities from several trunk depths.
+
+        Returns {"optical": [(B, D, H/p, W/p), ...], "sar": [...]} (only the modalities given),
+        one map per entry of ``layers`` (block indices, default ``default_layers``). ``norm``
+        applies the trunk's final LayerNorm to every map (timm's forward_intermediates style)
+        where the backbone has one.
+        """
+        layers = tuple(self.default_layers if layers is None else layers)
+        if not layers:
+            raise ModelInputError("forward_features needs at least one layer index")
+        for i in layers:
+            if not -self.depth <= i < self.depth:
+                raise ModelInputError(f"layer index {i} is outside the encoder's {self.depth} blocks")
+        layers = tuple(i % self.depth for i in layers)
+        out: dict[str, list[torch.Tensor]] = {}
+        for group, (h, w) in self.input_groups(optical, sar):
+            x = torch.cat([self.embed(img, m) for m, img in group], dim=0)  # (M*B, N, ...)
+            feats = self.run_trunk(x, (h, w), layers, norm)  # layer -> (M*B, N, D)
+            start = 0
+            for m, img in group:
+                B = img.shape[0]
+                out[m] = [
+                    feats[i][start : start + B].transpose(1, 2).reshape(B, self.embed_dim, h, w)
+                    for i in layers
+                ]  # (B, D, h, w) per layer
+                start += B
+        return out
+
+    def forward(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
+                layers: Optional[Sequence[int]] = None) -> dict[str, list[torch.Tensor]]:
+        return self.forward_features(optical=optical, sar=sar, layers=layers)
+
+
+class CoDeMAEEncoder(EncoderBase):
+    """Per-modality patch embeddings feeding one shared transformer trunk (plain ViT).
+
+    A modality with 0 bands gets no patch embedding (single-modality MAE baselines).
+    Position embeddings are a fixed 2-D sin-cos table for ``img_size``, rebuilt from the sizes
+    rather than stored (a non-persistent buffer), so an encoder built for another crop size
+    loads the same checkpoint; inputs of other sizes resample the table bicubically.
+    """
+
+    def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, fused_attn: bool = True):
+        super().__init__(optical_bands, sar_bands, img_size, patch_size, embed_dim, depth, num_heads)
+        self.patch_embed = nn.ModuleDict(
+            {m: PatchEmbed(c, embed_dim, patch_size) for m, c in self.bands.items() if c > 0}
+        )
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, *self.grid), persistent=False)  # (1, N, D)
+        dpr = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+    # -- stages -------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """Patch tokens with positions: (B, C, H, W) -> (B, N, D)."""
         grid = self.check_image(x, modality)
@@ -94,6 +162,14 @@ class CoDeMAEEncoder(nn.Module):
                 aux = x
         return self.norm(x), aux
 
+    def run_trunk(self, x: torch.Tensor, grid: tuple[int, int], layers: Sequence[int], norm: bool) -> dict:
+        feats = {}
+        for i, blk in enumerate(self.blocks[: max(layers) + 1]):
+            x = blk(x)
+            if i in layers:
+                feats[i] = self.norm(x) if norm else x
+        return feats
+
     def forward_tokens(self, x: torch.Tensor, modality: str) -> torch.Tensor:
         """All patch tokens of one modality through the trunk: (B, C, H, W) -> (B, N, D), normed."""
         x = self.embed(x, modality)
@@ -101,52 +177,16 @@ class CoDeMAEEncoder(nn.Module):
             x = blk(x)
         return self.norm(x)
 
-    def forward_features(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
-                         layers: Optional[Sequence[int]] = None, norm: bool = True) -> dict[str, list[torch.Tensor]]:
-        """Dense features of the given modalities from several trunk depths.
 
-        Returns {"optical": [(B, D, H/p, W/p), ...], "sar": [...]} (only the modalities given),
-        one map per entry of ``layers`` (block indices, default ``default_layers``). ``norm``
-        applies the trunk's final LayerNorm to every map (timm's forward_intermediates style).
-        """
-        layers = tuple(self.default_layers if layers is None else layers)
-        if not layers:
-            raise ModelInputError("forward_features needs at least one layer index")
-        for i in layers:
-            if not -self.depth <= i < self.depth:
-                raise ModelInputError(f"layer index {i} is outside the encoder's {self.depth} blocks")
-        layers = tuple(i % self.depth for i in layers)
-        inputs = [(m, x) for m, x in (("optical", optical), ("sar", sar)) if x is not None]
-        if not inputs:
-            raise ModelInputError("forward_features needs an optical or a SAR input")
-        grids = {m: self.check_image(x, m) for m, x in inputs}
-        batches = {m: x.shape[0] for m, x in inputs}
-        # Co-registered pairs share the grid: run them as one batch (one trunk pass).
-        if len(inputs) == 2 and len(set(grids.values())) == 1 and len(set(batches.values())) == 1:
-            groups = [inputs]
-        else:
-            groups = [[item] for item in inputs]
-        out: dict[str, list[torch.Tensor]] = {}
-        last = max(layers)
-        for group in groups:
-            x = torch.cat([self.embed(img, m) for m, img in group], dim=0)  # (M*B, N, D)
-            feats = {}
-            for i, blk in enumerate(self.blocks[: last + 1]):
-                x = blk(x)
-                if i in layers:
-                    feats[i] = self.norm(x) if norm else x
-            start = 0
-            for m, img in group:
-                B = img.shape[0]
-                h, w = grids[m]
-                out[m] = [
-                    feats[i][start : start + B].transpose(1, 2).reshape(B, self.embed_dim, h, w)
-                    for i in layers
-                ]  # (B, D, h, w) per layer
-                start += B
-        return out
+def build_trunk(cfg, optical_bands: int, sar_bands: int) -> EncoderBase:
+    """The encoder ``cfg.backbone`` names, sized by ``cfg.preset`` (random weights)."""
+    spec = cfg.spec
+    common = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=int(spec["embed_dim"]),
+                  depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), mlp_ratio=float(spec["mlp_ratio"]),
+                  drop_path=cfg.drop_path, fused_attn=cfg.fused_attn)
+    if cfg.backbone == "itpn":
+        from codemae_cli.model.itpn import ITPNEncoder
 
-    def forward(self, optical: Optional[torch.Tensor] = None, sar: Optional[torch.Tensor] = None,
-                layers: Optional[Sequence[int]] = None) -> dict[str, list[torch.Tensor]]:
-        return self.forward_features(optical=optical, sar=sar, layers=layers)
-
+        return ITPNEncoder(optical_bands, sar_bands, mlp_depth=int(spec["mlp_depth"]),
+                           bridge_mlp_ratio=float(spec["bridge_mlp_ratio"]), fpn_dim=int(spec["fpn_dim"]), **common)
+    return CoDeMAEEncoder(optical_bands, sar_bands, **common)

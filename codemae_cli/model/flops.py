@@ -27,6 +27,45 @@ def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
     return float(linear + attention)
 
 
+def mlp_block_flops(tokens: int, dim: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of one attention-free (MLP-only) block on ``tokens`` tokens."""
+    return float(2 * tokens * 2 * dim * int(dim * mlp_ratio))
+
+
+def itpn_trunk_flops(spec: dict, n: int) -> float:
+    """Forward FLOPs of the iTPN trunk for one image with ``n`` patches: the MLP stages on 16 and
+    4 inner tokens per patch, the two patch merges and the transformer blocks (no neck)."""
+    D, r, br = int(spec["embed_dim"]), float(spec["mlp_ratio"]), float(spec["bridge_mlp_ratio"])
+    d4, d8, md = D // 4, D // 2, int(spec["mlp_depth"])
+    early = md * (mlp_block_flops(16 * n, d4, br) + mlp_block_flops(4 * n, d8, br))
+    merges = 2 * 4 * n * (4 * d4) * (2 * d4) + 2 * n * (4 * d8) * (2 * d8)
+    return float(early + merges + int(spec["depth"]) * block_flops(n, D, r))
+
+
+def itpn_neck_flops(spec: dict, n: int) -> float:
+    """Forward FLOPs of the iTPN pyramid neck for one image with ``n`` patches."""
+    D, F, r = int(spec["embed_dim"]), int(spec["fpn_dim"]), float(spec["mlp_ratio"])
+    d4, d8 = D // 4, D // 2
+    align = (2 * n * D * F if D != F else 0) + 2 * 4 * n * d8 * F + 2 * 16 * n * d4 * F
+    split = 2 * n * D * 4 * F + 2 * 4 * n * F * 4 * F
+    mlps = mlp_block_flops(4 * n, F, r) + mlp_block_flops(16 * n, F, r) + mlp_block_flops(21 * n, F, r)
+    return float(align + split + mlps)
+
+
+def patch_embed_flops(cfg: ModelConfig, bands: int, tokens: int) -> float:
+    """Forward FLOPs of one image's patch embedding (``tokens`` patches): iTPN projects to D/4."""
+    D = int(cfg.spec["embed_dim"])
+    return float(2 * tokens * bands * cfg.patch_size ** 2 * (D // 4 if cfg.backbone == "itpn" else D))
+
+
+def trunk_flops(cfg: ModelConfig, n: int) -> float:
+    """Forward FLOPs of the trunk (no patch embedding, no neck) for one image of ``n`` patches."""
+    spec = cfg.spec
+    if cfg.backbone == "itpn":
+        return itpn_trunk_flops(spec, n)
+    return float(int(spec["depth"]) * block_flops(n, int(spec["embed_dim"]), float(spec["mlp_ratio"])))
+
+
 @functools.lru_cache(maxsize=16)
 def timm_teacher_shape(name: str) -> dict:
     """Shape facts of a timm ViT teacher, read from an instance on the meta device (no memory,
@@ -56,11 +95,9 @@ def teacher_forward_flops(cfg: ModelConfig, optical_bands: int, batch: int) -> f
     okd = cfg.okd
     if not okd.enabled:
         return 0.0
-    spec = preset_spec(cfg.preset)
     if okd.teacher == "ema":
-        D, N = int(spec["embed_dim"]), cfg.grid ** 2
-        embed = 2 * N * optical_bands * cfg.patch_size ** 2 * D
-        return float(batch * (embed + int(spec["depth"]) * block_flops(N, D, float(spec["mlp_ratio"]))))
+        N = cfg.grid ** 2
+        return float(batch * (patch_embed_flops(cfg, optical_bands, N) + trunk_flops(cfg, N)))
     t = timm_teacher_shape(okd.teacher_model)
     grid = cfg.img_size // t["patch"]
     Nt = grid * grid
@@ -72,7 +109,7 @@ def teacher_forward_flops(cfg: ModelConfig, optical_bands: int, batch: int) -> f
 
 def teacher_dim(cfg: ModelConfig) -> int:
     if cfg.okd.teacher == "ema":
-        return int(preset_spec(cfg.preset)["embed_dim"])
+        return int(cfg.spec["embed_dim"])
     return timm_teacher_shape(cfg.okd.teacher_model)["dim"]
 
 
@@ -82,9 +119,10 @@ def pretrain_step_breakdown(cfg: ModelConfig, optical_bands: int, sar_bands: int
 
     ``world_size`` only enlarges the InfoNCE logits (negatives gathered from all ranks).
     """
-    spec = preset_spec(cfg.preset)
-    D, L = int(spec["embed_dim"]), int(spec["depth"])
+    spec = cfg.spec
+    D = int(spec["embed_dim"])
     Dd, Ld = int(spec["decoder_dim"]), int(spec["decoder_depth"])
+    itpn = cfg.backbone == "itpn"
     r = float(spec["mlp_ratio"])
     p = cfg.patch_size
     N = cfg.grid ** 2
@@ -93,9 +131,14 @@ def pretrain_step_breakdown(cfg: ModelConfig, optical_bands: int, sar_bands: int
     fwd: dict[str, float] = {}
     out: dict[str, float] = {}
 
-    out["patch_embed"] = 2.0 * (2 * B * N * (optical_bands + sar_bands) * p * p * D)  # fwd + weight grad
-    fwd["trunk"] = 2 * B * L * block_flops(n, D, r)
-    fwd["decoder_embed"] = 2 * B * 2 * n * D * Dd
+    # fwd + weight grad; iTPN embeds all patches, then drops the masked ones (as the reference)
+    out["patch_embed"] = 2.0 * B * (patch_embed_flops(cfg, optical_bands, N) + patch_embed_flops(cfg, sar_bands, N))
+    fwd["trunk"] = 2 * B * trunk_flops(cfg, n)
+    if itpn:
+        fwd["neck"] = 2 * B * itpn_neck_flops(spec, n)
+        fwd["decoder_embed"] = 2 * B * 3 * 2 * n * int(spec["fpn_dim"]) * Dd  # 3 levels, Dd per patch each
+    else:
+        fwd["decoder_embed"] = 2 * B * 2 * n * D * Dd
     fwd["self_decoder"] = 2 * B * Ld * block_flops(N, Dd, r) + 2 * B * N * Dd * (optical_bands + sar_bands) * p * p
     if cfg.cdr.enabled:
         k_sar = target_dim(cfg.cdr.degradation, sar_bands, p)
@@ -111,7 +154,7 @@ def pretrain_step_breakdown(cfg: ModelConfig, optical_bands: int, sar_bands: int
         fwd["okd"] = okd
         out["teacher"] = teacher_forward_flops(cfg, optical_bands, B)
     if cfg.ccl.mode != "off":
-        d = Dd if cfg.ccl.mode == "conditioned" else D
+        d = Dd if cfg.ccl.mode == "conditioned" else (int(spec["fpn_dim"]) if itpn else D)
         ccl = 2 * (2 * B * (world_size * B) * d)  # two logit matrices
         if cfg.ccl.mode == "conditioned":
             ccl += 2 * B * (8 * n * Dd * Dd + 4 * n * n * Dd)  # q, kv, proj + attention, per direction
@@ -148,5 +191,5 @@ def mae_step_flops(preset: str, in_chans: int, batch: int, img_size: int = 224, 
     return float(2 * embed + 3 * fwd)
 
 
-__all__ = ["block_flops", "mae_step_flops", "pretrain_step_breakdown", "pretrain_step_flops",
+__all__ = ["block_flops", "itpn_neck_flops", "itpn_trunk_flops", "mae_step_flops", "mlp_block_flops", "pretrain_step_breakdown", "pretrain_step_flops",
            "teacher_forward_flops"]

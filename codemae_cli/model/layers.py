@@ -89,8 +89,10 @@ class CrossAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.fused_attn = fused_attn
-        self.norm_q = norm_layer(dim)
-        self.norm_kv = norm_layer(dim)
+        # torch's default eps (1e-5), unlike every other LayerNorm here (1e-6): the reference
+        # builds these two with plain nn.LayerNorm, and imported weights were trained with it.
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)

@@ -6,7 +6,9 @@ at the patch stride (a plain ViT has one scale), and return logits. Segmentation
 
 The pyramid heads first turn the single-scale ViT maps into strides p/4, p/2, p, 2p with
 transposed convolutions and a max-pool (the "simple feature pyramid" of ViTDet and the MAE /
-BEiT segmentation code). Norm layers are per-pixel LayerNorm over channels (``LayerNorm2d``):
+BEiT segmentation code). An iTPN encoder brings its own pyramid (strides p/4, p/2, p from its
+neck, 2p pooled), so the head takes those maps as they are (``multiscale_input``): boundaries
+come from real stride-4 features instead of upsampled 16-px tokens. Norm layers are per-pixel LayerNorm over channels (``LayerNorm2d``):
 independent of the batch (tiny per-GPU batches, no SyncBatchNorm under DDP) and, unlike
 GroupNorm/InstanceNorm, they do not subtract a chip's spatial mean, so a chip that is all water
 still looks different from a chip that is all land.
@@ -73,12 +75,13 @@ class PyramidSegHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, num_classes: int, neck_dim: int = 256, kind: str = "upernet",
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, multiscale_input: bool = False):
         super().__init__()
         if kind not in ("upernet", "fpn"):
             raise ValueError(f"unknown pyramid head '{kind}'")
         self.kind = kind
-        self.pyramid = SimplePyramid(in_dim)
+        self.multiscale_input = multiscale_input
+        self.pyramid = None if multiscale_input else SimplePyramid(in_dim)
         n_lat = 3 if kind == "upernet" else 4  # UPerNet's top level goes through the PPM instead
         self.lateral = nn.ModuleList(ConvNormAct(in_dim, neck_dim, 1) for _ in range(n_lat))
         self.ppm = PPM(in_dim, neck_dim) if kind == "upernet" else None
@@ -90,7 +93,7 @@ class PyramidSegHead(nn.Module):
     def forward(self, feats: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         if len(feats) != 4:
             raise ValueError(f"the {self.kind} head needs features from 4 encoder depths, got {len(feats)}")
-        levels = self.pyramid(feats)  # strides p/4, p/2, p, 2p
+        levels = feats if self.pyramid is None else self.pyramid(feats)  # strides p/4, p/2, p, 2p
         if self.ppm is not None:
             lat = [conv(x) for conv, x in zip(self.lateral, levels[:3], strict=False)] + [self.ppm(levels[3])]
         else:
@@ -150,14 +153,15 @@ class LinearClsHead(nn.Module):
         return self.classifier(self.norm(feats[-1].mean(dim=(2, 3))))  # (B, K)
 
 
-def build_head(kind: str, head: str, in_dim: int, num_classes: int, neck_dim: int = 256) -> nn.Module:
+def build_head(kind: str, head: str, in_dim: int, num_classes: int, neck_dim: int = 256,
+               multiscale_input: bool = False) -> nn.Module:
     """The head for a task kind ("segmentation": upernet | fpn | linear; "classification":
-    pool | linear)."""
+    pool | linear). ``multiscale_input``: the pyramid heads get maps at strides p/4 .. 2p."""
     if kind == "segmentation":
         if head == "linear":
             return LinearSegHead(in_dim, num_classes)
         if head in ("upernet", "fpn"):
-            return PyramidSegHead(in_dim, num_classes, neck_dim=neck_dim, kind=head)
+            return PyramidSegHead(in_dim, num_classes, neck_dim=neck_dim, kind=head, multiscale_input=multiscale_input)
         raise ValueError(f"segmentation has no '{head}' head (upernet, fpn or linear)")
     if kind == "classification":
         if head == "linear":

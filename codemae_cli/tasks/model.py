@@ -76,7 +76,11 @@ class TaskModel(nn.Module):
         self.layers = tuple(int(i) for i in (layers if layers is not None else default_layers(encoder)))
         self.modality_dropout = float(modality_dropout)
         self.freeze_encoder = bool(freeze_encoder)
-        self.fusion = ModalityFusion(encoder.embed_dim, len(self.layers), fusion) if inputs == "both" else None
+        # An encoder with its own pyramid (iTPN) feeds a pyramid head its multi-stride maps.
+        self.pyramid = bool(getattr(encoder, "multiscale", False)) and getattr(head, "multiscale_input", False)
+        dim = encoder.pyramid_dim if self.pyramid else getattr(encoder, "feature_dim", encoder.embed_dim)
+        levels = 4 if self.pyramid else len(self.layers)
+        self.fusion = ModalityFusion(dim, levels, fusion) if inputs == "both" else None
         if self.freeze_encoder:
             self.encoder.requires_grad_(False)
 
@@ -107,14 +111,17 @@ class TaskModel(nn.Module):
         return keep_opt, keep_sar
 
     def forward_features(self, optical=None, sar=None) -> list[torch.Tensor]:
-        """Fused maps at the chosen depths: [(B, D, H/p, W/p), ...]."""
+        """Fused maps at the chosen depths [(B, D, H/p, W/p), ...], or the encoder's pyramid."""
         self._check_inputs(optical, sar)
         if self.inputs == "optical":
             sar = None
         elif self.inputs == "sar":
             optical = None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            feats = self.encoder.forward_features(optical=optical, sar=sar, layers=self.layers)
+            if self.pyramid:
+                feats = self.encoder.forward_pyramid(optical=optical, sar=sar)  # strides p/4 .. 2p
+            else:
+                feats = self.encoder.forward_features(optical=optical, sar=sar, layers=self.layers)
         if self.fusion is None:
             return feats["optical" if self.inputs == "optical" else "sar"]
         x = optical if optical is not None else sar

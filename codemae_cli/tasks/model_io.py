@@ -68,6 +68,7 @@ def encoder_config(recipe, pretrain_meta: Optional[dict] = None):
     data["img_size"] = m.img_size
     data["drop_path"] = m.drop_path
     data["fused_attn"] = m.fused_attn
+    data["init_weights"] = None  # the pretrained checkpoint's weights replace any initialisation
     cfg = from_dict(ModelConfig, data, "model")
     if m.img_size % cfg.patch_size:
         raise UserError(f"model.img_size {m.img_size} is not a multiple of the patch size {cfg.patch_size}")
@@ -132,7 +133,9 @@ def build_task_model(recipe, optical_bands: int, sar_bands: int, num_classes: in
     depth = int(encoder.depth)
     if any(not 0 <= i < depth for i in layers):
         raise UserError(f"task.layers must be block indices in 0..{depth - 1} for preset '{cfg.preset}'")
-    head = build_head(t.kind, t.head, encoder.embed_dim, num_classes, neck_dim=t.neck_dim)
+    pyramid = bool(getattr(encoder, "multiscale", False)) and t.kind == "segmentation" and t.head in ("upernet", "fpn")
+    in_dim = encoder.pyramid_dim if pyramid else encoder.feature_dim
+    head = build_head(t.kind, t.head, in_dim, num_classes, neck_dim=t.neck_dim, multiscale_input=pyramid)
     model = TaskModel(encoder, head, inputs=t.inputs, fusion=t.fusion, layers=layers,
                       modality_dropout=t.modality_dropout, freeze_encoder=t.linear_probe, task=t.kind)
     return model, cfg
