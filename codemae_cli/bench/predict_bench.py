@@ -1,12 +1,17 @@
-"""``codemae bench predict``: end-to-end whole-scene prediction against a model-only loop.
+"""``codemae bench predict``: end-to-end whole-scene prediction against a model-only loop and
+the loop a user writes by hand.
 
 For each scene size a fresh subprocess (so its peak RSS is its own) generates a 3-band uint8
 optical scene with windowed writes, builds a randomly initialised segmentation model, and then
-1. model-only: the same windows as the scene, as random tensors already on the device, through
-   the model + softmax (the ceiling for end-to-end throughput);
-2. end-to-end: ``predict_scene`` on the generated scene to a COG (reads, normalisation, blending,
-   windowed writes, COG copy).
-Both are reported in scene Mpx/s, with their ratio and the subprocess's peak RSS, which must not
+runs three contenders over the same windows with the same model and batch, ``--repeat`` times
+interleaved (medians reported, so a busy machine slows all three alike):
+1. model-only: the windows as random tensors already on the device, through the model + softmax
+   (the ceiling for end-to-end throughput);
+2. hand-written loop: read a batch of windows, normalise, model + softmax, ``argmax``, write each
+   window into a tiled GeoTIFF (no blending, no overviews, no COG);
+3. end-to-end: ``predict_scene`` on the generated scene to a COG (reads, normalisation, tapered
+   blending, class map, windowed writes, COG copy with overviews).
+All are reported in scene Mpx/s, with their ratios and the subprocess's peak RSS, which must not
 grow with the scene when memory is bounded by a band of rows.
 """
 
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +85,109 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+@dataclass
+class BenchSetup:
+    """One scene, one model, the settings shared by the three contenders."""
+
+    scene: Path
+    workdir: Path
+    model_fn: object
+    device: object
+    window: int
+    overlap: int
+    batch_size: int
+    autocast_dtype: object
+    panel_width: int
+    mean: np.ndarray  # (C, 1, 1) float32, the normalisation the stats below describe
+    std: np.ndarray
+
+    @property
+    def stats(self) -> dict:
+        return {"optical": {"mean": self.mean.ravel().tolist(), "std": self.std.ravel().tolist()}}
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def model_only(b: BenchSetup, n_windows: int) -> float:
+    """Seconds for the scene's windows as random tensors already on the device: model + softmax."""
+    import torch
+
+    from codemae_cli.infer.predict import window_probs
+
+    x = torch.randn(b.batch_size, BENCH_BANDS, b.window, b.window, device=b.device)
+    with torch.inference_mode():
+        b.sync()
+        t = time.perf_counter()
+        done = 0
+        while done < n_windows:
+            k = min(b.batch_size, n_windows - done)
+            p = window_probs(b.model_fn, x[:k], None, b.window, False, b.autocast_dtype)
+            done += k
+        p.sum().item()  # forces completion of queued kernels on any device
+        b.sync()
+    return time.perf_counter() - t
+
+
+def plain_loop(b: BenchSetup, out: Path) -> float:
+    """Seconds for the loop a user writes by hand: read a batch of windows, normalise, model + softmax,
+    ``argmax``, write each window (tiled, uncompressed GeoTIFF; overlaps overwritten, no blending,
+    no overviews). Same model, windows and batch as the other two contenders."""
+    import rasterio
+    import torch
+    from rasterio.windows import Window
+
+    from codemae_cli.infer.predict import window_probs
+    from codemae_cli.infer.windows import WindowGrid
+
+    w = b.window
+    t = time.perf_counter()
+    with rasterio.open(b.scene) as src:
+        grid = WindowGrid(src.height, src.width, w, b.overlap)
+        starts = [(r, c) for r in grid.row_starts for c in grid.col_starts]
+        profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
+                       transform=src.transform, tiled=True, blockxsize=256, blockysize=256)
+        with rasterio.open(out, "w", **profile) as dst:
+            for i in range(0, len(starts), b.batch_size):
+                chunk = starts[i : i + b.batch_size]
+                x = np.stack([src.read(window=Window(c, r, w, w), boundless=True) for r, c in chunk])
+                x = torch.from_numpy((x.astype(np.float32) - b.mean) / b.std).to(b.device)
+                with torch.inference_mode():
+                    p = window_probs(b.model_fn, x, None, w, False, b.autocast_dtype)
+                cls = p.argmax(1).to(torch.uint8).cpu().numpy()
+                for (r, c), k in zip(chunk, cls, strict=True):
+                    h, wd = min(w, src.height - r), min(w, src.width - c)
+                    dst.write(k[:h, :wd], 1, window=Window(c, r, wd, h))
+    b.sync()
+    return time.perf_counter() - t
+
+
+def end_to_end(b: BenchSetup, out: Path, instrument) -> tuple[float, dict]:
+    """Seconds for ``predict_scene`` to a COG (reads, blending, class map, writes, overviews)."""
+    from codemae_cli.infer.predict import predict_scene
+
+    summary = predict_scene(b.model_fn, b.scene, None, out, window=b.window, overlap=b.overlap,
+                            batch_size=b.batch_size, stats=b.stats, inputs="optical", device=b.device,
+                            progress=False, panel_width=b.panel_width, instrument=instrument)
+    b.sync()
+    return summary["seconds"], summary
+
+
 def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batch_size: int, workdir: Path,
-              compile: bool = False, head: str = "linear", panel_width: int | None = None) -> dict:
-    """One scene size, in this process: model-only loop, then end-to-end predict.
+              compile: bool = False, head: str = "linear", panel_width: int | None = None,
+              repeat: int = 1) -> dict:
+    """One scene size, in this process: model-only, the hand-written loop and end-to-end predict,
+    ``repeat`` times interleaved (medians reported, so a busy machine slows all three alike).
 
     ``panel_width``: predict's output columns per vertical panel (None: predict's default).
     """
     import torch
 
     from codemae_cli.device import resolve_device
-    from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, predict_scene, window_probs
+    from codemae_cli.infer.predict import PANEL_WIDTH, PredictStats, window_probs
     from codemae_cli.infer.windows import WindowGrid, resolve_overlap
 
     dev = resolve_device(device)
@@ -99,42 +198,25 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
     model, model_name = build_bench_model(preset, BENCH_BANDS, BENCH_CLASSES, window, head)
     model = model.to(dev)
     fn = torch.compile(model) if compile else model
-    autocast_dtype = torch.bfloat16 if dev.type == "cuda" else None
-
-    def model_fn(o, s):
-        return fn(optical=o, sar=s)
-
     ov = resolve_overlap(window, overlap)
+    b = BenchSetup(scene, workdir, lambda o, s: fn(optical=o, sar=s), dev, window, ov, batch_size,
+                   torch.bfloat16 if dev.type == "cuda" else None, PANEL_WIDTH if panel_width is None else panel_width,
+                   np.full((BENCH_BANDS, 1, 1), 100.0, np.float32), np.full((BENCH_BANDS, 1, 1), 50.0, np.float32))
     n_windows = len(WindowGrid(size, size, window, ov))
-    x = torch.randn(batch_size, BENCH_BANDS, window, window, device=dev)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
     with torch.inference_mode():
         for _ in range(2):  # warm-up (allocator, cuDNN/compile)
-            window_probs(model_fn, x, None, window, False, autocast_dtype)
-        sync()
-        t = time.perf_counter()
-        done = 0
-        while done < n_windows:
-            b = min(batch_size, n_windows - done)
-            p = window_probs(model_fn, x[:b], None, window, False, autocast_dtype)
-            done += b
-        p.sum().item()  # forces completion of queued kernels on any device
-        sync()
-        model_s = time.perf_counter() - t
-
-    stats = {"optical": {"mean": [100.0] * BENCH_BANDS, "std": [50.0] * BENCH_BANDS}}
-    out = workdir / f"pred_{size}.tif"
-    pst = PredictStats()
-    pw = PANEL_WIDTH if panel_width is None else panel_width
-    summary = predict_scene(model_fn, scene, None, out, window=window, overlap=ov, batch_size=batch_size,
-                            stats=stats, inputs="optical", device=dev, progress=False, panel_width=pw,
-                            instrument=pst)
-    sync()
-    e2e_s = summary["seconds"]
+            window_probs(b.model_fn, torch.randn(batch_size, BENCH_BANDS, window, window, device=dev), None,
+                         window, False, b.autocast_dtype)
+    out, plain_out = workdir / f"pred_{size}.tif", workdir / f"plain_{size}.tif"
+    times: dict[str, list[float]] = {"model": [], "plain": [], "e2e": []}
+    for _ in range(max(1, repeat)):
+        times["model"].append(model_only(b, n_windows))
+        times["plain"].append(plain_loop(b, plain_out))
+        pst = PredictStats()
+        e2e_s, summary = end_to_end(b, out, pst)
+        times["e2e"].append(e2e_s)
+        out.unlink(missing_ok=True)
+    model_s, plain_s, e2e_s = (float(np.median(times[k])) for k in ("model", "plain", "e2e"))
     mpx = size * size / 1e6
     result = {
         "size": size,
@@ -144,14 +226,20 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
         "overlap": ov,
         "batch_size": batch_size,
         "windows": n_windows,
+        "repeat": max(1, repeat),
         "generate_s": gen_s,
         "model_only_s": model_s,
+        "plain_loop_s": plain_s,
         "end_to_end_s": e2e_s,
         "model_only_mpx_s": mpx / model_s,
+        "plain_loop_mpx_s": mpx / plain_s,
         "end_to_end_mpx_s": mpx / e2e_s,
         "ratio": model_s / e2e_s,
+        "plain_ratio": model_s / plain_s,
+        "e2e_vs_plain": plain_s / e2e_s,
+        "times_s": times,
         "band_rows": summary["band_rows"],
-        "panel_width": pw,
+        "panel_width": b.panel_width,
         "panels": len(pst.panels),
         "acc_cols": pst.acc_cols,
         "windows_run": pst.windows_run,
@@ -159,19 +247,22 @@ def bench_one(size: int, *, preset: str, device: str, window: int, overlap, batc
         "peak_rss_mb": _peak_rss_mb(),
         "threads": torch.get_num_threads(),
     }
-    for p in (scene, out):
+    for p in (scene, out, plain_out):
         p.unlink(missing_ok=True)
     return result
 
 
 def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "auto", window: int = 512,
                       overlap=0.125, batch_size: int = 8, workdir: Path | None = None,
-                      compile: bool = False, head: str = "linear", panel_width: int | None = None) -> list[dict]:
+                      compile: bool = False, head: str = "linear", panel_width: int | None = None,
+                      repeat: int = 1) -> list[dict]:
     """Run each size in its own subprocess (its own peak RSS) and collect the results."""
     if not sizes or any(s < 1 for s in sizes):
         raise UserError("--size needs at least one positive scene size")
     if window < 16 or window % 16:
         raise UserError("--window must be a positive multiple of 16 pixels")
+    if repeat < 1:
+        raise UserError("--repeat must be at least 1")
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="codemae-bench-predict-")) if own_tmp else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -186,7 +277,7 @@ def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "
                                 f"{free / 1e9:.1f} GB are free; pass a smaller --size or another --workdir")
             args = dict(size=size, preset=preset, device=device, window=window, overlap=overlap,
                         batch_size=batch_size, workdir=str(root), compile=compile, head=head,
-                        panel_width=panel_width)
+                        panel_width=panel_width, repeat=repeat)
             proc = subprocess.run([sys.executable, "-m", "codemae_cli.bench.predict_bench", json.dumps(args)],
                                   capture_output=True, text=True, env=dict(os.environ))
             lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
@@ -208,18 +299,22 @@ def print_results(results: list[dict]) -> None:
     if results:
         r0 = results[0]
         console.print(f"model: {r0['model']} on {r0['device']} ({r0['threads']} CPU threads), window {r0['window']} px, "
-                      f"overlap {r0['overlap']} px, batch {r0['batch_size']}")
+                      f"overlap {r0['overlap']} px, batch {r0['batch_size']}, median of {r0['repeat']} interleaved run(s)")
     table = Table(title="codemae bench predict", show_edge=False)
-    for col in ("scene", "windows", "model-only Mpx/s", "end-to-end Mpx/s", "e2e / model", "peak RSS",
-                "band rows", "e2e s"):
+    for col in ("scene", "windows", "model-only", "hand loop", "end-to-end", "e2e/model", "e2e/loop", "RSS MB"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(f"{r['size']} x {r['size']}", str(r["windows"]), f"{r['model_only_mpx_s']:.3f}",
-                      f"{r['end_to_end_mpx_s']:.3f}", f"{100 * r['ratio']:.1f} %", f"{r['peak_rss_mb']:.0f} MB",
-                      str(r["band_rows"]), f"{r['end_to_end_s']:.1f}")
+        table.add_row(f"{r['size']}^2", str(r["windows"]), f"{r['model_only_mpx_s']:.3f}", f"{r['plain_loop_mpx_s']:.3f}",
+                      f"{r['end_to_end_mpx_s']:.3f}", f"{100 * r['ratio']:.1f}%", f"{r['e2e_vs_plain']:.2f}x",
+                      f"{r['peak_rss_mb']:.0f}")
     console.print(table)
-    console.print("Mpx/s are scene megapixels per second; model-only runs the same windows as random tensors "
-                  "already on the device, so it is the ceiling for end-to-end throughput.")
+    for r in results:
+        console.print(f"{r['size']} x {r['size']}: end-to-end {100 * r['ratio']:.1f} % of model-only, "
+                      f"{r['e2e_vs_plain']:.2f}x the hand-written loop ({100 * r['plain_ratio']:.1f} % of model-only); "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    console.print("Rates in scene Mpx/s. model-only: the same windows as random tensors already on the device (the "
+                  "ceiling); hand loop: read, run and write window by window (argmax, no blending, plain GeoTIFF); "
+                  "end-to-end: predict to a COG with blending and overviews.")
 
 
 def _worker(argv: list[str]) -> None:
@@ -228,7 +323,7 @@ def _worker(argv: list[str]) -> None:
         res = bench_one(args["size"], preset=args["preset"], device=args["device"], window=args["window"],
                         overlap=args["overlap"], batch_size=args["batch_size"], workdir=Path(args["workdir"]),
                         compile=args.get("compile", False), head=args.get("head", "linear"),
-                        panel_width=args.get("panel_width"))
+                        panel_width=args.get("panel_width"), repeat=args.get("repeat", 1))
     except UserError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)

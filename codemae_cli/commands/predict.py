@@ -129,8 +129,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the scenes are generated (default: a temp dir)."),
         head: str = typer.Option("linear", "--head", help="Segmentation head: linear | upernet | fpn."),
         compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+        repeat: int = typer.Option(1, "--repeat", help="Interleaved repetitions of the three contenders (medians)."),
     ) -> None:
-        """End-to-end predict Mpx/s against a model-only loop, and peak RSS per scene size."""
+        """End-to-end predict Mpx/s against a model-only loop and a hand-written loop, and peak RSS per scene size."""
         from codemae_cli.bench.predict_bench import print_results, run_predict_bench
         from codemae_cli.errors import UserError
 
@@ -139,5 +140,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         except ValueError:
             raise UserError(f"--size must be comma-separated integers, not '{size}'") from None
         results = run_predict_bench(sizes, preset=preset, device=device, window=window, overlap=overlap,
-                                    batch_size=batch_size, workdir=workdir, compile=compile, head=head)
+                                    batch_size=batch_size, workdir=workdir, compile=compile, head=head,
+                                    repeat=repeat)
         print_results(results)

@@ -164,7 +164,7 @@ def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype)
         if dims:
             p = p.flip(dims)
         total = p if total is None else total + p
-    return total / len(flips)
+    return total / len(flips) if len(flips) > 1 else total
 
 
 @dataclass(frozen=True)
