@@ -8,9 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from fakes import make_synthetic_dataset
 
-from codemae_cli.bench.loader_bench import make_synthetic_dataset
 from codemae_cli.data.dataset import PairedBatchSampler, PairedChips, build_loader
+from codemae_cli.data.shards import PreparedDataset
 from codemae_cli.errors import UserError
 
 
@@ -23,7 +24,8 @@ def _set_stats(root, mean_o, std_o, mean_s, std_s):
 @pytest.fixture(scope="module")
 def pattern_ds(tmp_path_factory):
     """Optical, SAR and label all carry the same 8x8-block pattern; stats are identity."""
-    root = make_synthetic_dataset(tmp_path_factory.mktemp("ds") / "pattern", n_chips=6, tile=48, labels=True)
+    root = make_synthetic_dataset(tmp_path_factory.mktemp("ds") / "pattern", n_chips=6, tile=48, labels=True,
+                                  optical_dtype="uint16")
     i, j = np.mgrid[0:48, 0:48]
     pattern = ((i // 8) * 13 + (j // 8) * 3 + 1).astype(np.float32)
     opt = np.load(root / "shards" / "optical_00000.npy", mmap_mode="r+")
@@ -237,3 +239,38 @@ def test_bench_loader_cli(tmp_path):
     assert res.exit_code == 2 and "--workers" in res.output
     res = runner.invoke(app, ["bench", "loader", "--dataset", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_uint16_dataset_round_trips_to_the_same_normalised_values(tmp_path):
+    """prepare keeps uint16 optical as uint16; the loader gives exactly the z-scores of the
+    source values under the train split's stats, 0 and invalid at nodata (as float32 shards did)."""
+    from rasters import write_raster
+
+    from codemae_cli.data.prepare import run_prepare
+
+    rng = np.random.default_rng(4)
+    opt = rng.integers(1, 12000, (4, 64, 64)).astype(np.uint16)
+    opt[:, :, :5] = 0  # nodata columns
+    sar = rng.uniform(-25, 0, (2, 64, 64)).astype(np.float32)
+    o = write_raster(tmp_path / "o.tif", opt, nodata=0)
+    s = write_raster(tmp_path / "s.tif", sar)
+    run_prepare(out=str(tmp_path / "d"), optical=[o], sar=[s], tile=32, split="1,0,0", sar_scale="db",
+                quicklook=False)
+    assert np.load(tmp_path / "d" / "shards" / "optical_00000.npy", mmap_mode="r").dtype == np.uint16
+    chips = PairedChips([tmp_path / "d"], "train", img_size=32, train=False)
+    src = chips.sources[0]
+    ref = opt.astype(np.float64)
+    ref[:, opt.min(0) == 0] = np.nan  # nodata pixels (every band 0)
+    mean = np.nanmean(ref.reshape(4, -1), 1).astype(np.float32)
+    std = np.nanstd(ref.reshape(4, -1), 1).astype(np.float32)
+    np.testing.assert_allclose(src.mean[:4], mean, rtol=1e-6)
+    np.testing.assert_allclose(1 / src.inv_std[:4], std, rtol=1e-5)
+    index = PreparedDataset(tmp_path / "d").index
+    for i in range(len(chips)):
+        item = chips[i]
+        r, c = int(index.iloc[int(src.rows[i])]["row"]), int(index.iloc[int(src.rows[i])]["col"])
+        win = opt[:, r:r + 32, c:c + 32].astype(np.float32)
+        valid = win.min(0) > 0
+        z = (win - src.mean[:4, None, None]) * src.inv_std[:4, None, None]  # the float32 path of v1
+        np.testing.assert_array_equal(item["optical"].numpy(), np.where(valid, z, np.float32(0)))
+        np.testing.assert_array_equal(item["valid"].numpy(), valid)

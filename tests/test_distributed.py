@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import torch
+from fakes import make_synthetic_dataset
 from safetensors.torch import load_file
-
-from codemae_cli.bench.loader_bench import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

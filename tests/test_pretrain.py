@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fakes import make_synthetic_dataset
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from codemae_cli.bench.loader_bench import make_synthetic_dataset
 from codemae_cli.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,10 +75,9 @@ def _checkpoint_name(ckpt: Path) -> str:
 
 def _normalise(x: np.ndarray, stats: dict) -> np.ndarray:
     """(C, H, W) in stored units -> per-band z-scores with NaN (nodata) set to 0 (the mean)."""
-    mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
-    z = (x - mean) / np.maximum(std, 1e-6)
-    return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    from codemae_cli.data.stats import BandNorm
+
+    return BandNorm.from_stats(stats).apply(x)
 
 
 def select_chips(dataset, split: str, max_chips: int) -> np.ndarray:

@@ -43,7 +43,6 @@ sun shadows, and draws each parcel's SAR backscatter independently of its optica
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,26 +329,19 @@ def write_testbed(
     Scene ``k`` uses seed ``seed * 1000 + k``; scene origins are spread apart so footprints
     never overlap. Written to a temporary sibling and renamed at the end.
     """
-    import datetime
-
-    import geopandas as gpd
     from shapely.geometry import box
 
-    from codemae_cli import __version__
-    from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
+    from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
 
     if size < tile:
         raise ValueError(f"scenes of {size} px are smaller than one {tile}-px chip")
     out = Path(out_dir)
-    crs = "EPSG:32631"
+    layout = ShardLayout.for_source("float32", tile=tile, optical_bands=len(OPTICAL_BANDS),
+                                    sar_bands=len(SAR_BANDS), labels=True)
     with staged_directory(out) as tmp:
-        (tmp / "shards").mkdir()
-        writer = ShardWriter(tmp / "shards", tile=tile, optical_bands=4, sar_bands=2, labels=True,
-                             shard_size=4096, prefix="part")
-        rows, manifest = [], []
+        writer = ShardWriter(tmp / "shards", layout, shard_size=4096, prefix="part")
+        rows, geoms, manifest = [], [], []
         n = size // tile
-        sums = {"optical": np.zeros((2, 4)), "sar": np.zeros((2, 2))}
-        count = 0
         for k in range(scenes):
             scene = generate_scene(size, size, seed=seed * 1000 + k, gsd=gsd, looks=looks)
             origin = (500000.0 + k * (size * gsd + 1000.0), 5750000.0)
@@ -360,53 +352,32 @@ def write_testbed(
             for r in range(n):
                 for c in range(n):
                     win = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
-                    opt = scene.optical[(slice(None),) + win]
-                    sar = scene.sar[(slice(None),) + win]
-                    lab = scene.labels[win]
-                    part, offset = writer.write(opt, sar, lab)
                     split = _split_of(c, n, val_fraction, test_fraction)
-                    if split == "train":
-                        for m, x in (("optical", opt), ("sar", sar)):
-                            flat = x.reshape(x.shape[0], -1).astype(np.float64)
-                            sums[m][0] += flat.sum(1)
-                            sums[m][1] += (flat * flat).sum(1)
-                        count += tile * tile
+                    part, offset = writer.write(scene.optical[(slice(None),) + win], scene.sar[(slice(None),) + win],
+                                                scene.labels[win], train=split == "train")
                     x0, y0 = origin[0] + c * tile * gsd, origin[1] - r * tile * gsd
                     rows.append({
                         "chip_id": f"{scene_id}_r{r * tile:05d}_c{c * tile:05d}",
                         "scene_id": scene_id, "optical_src": f"{scene_id}_optical.tif", "sar_src": f"{scene_id}_sar.tif",
                         "row": r * tile, "col": c * tile, "valid_optical": 1.0, "valid_sar": 1.0, "valid_joint": 1.0,
                         "split": split, "shard": part, "offset": offset,
-                        "geometry": box(x0, y0 - tile * gsd, x0 + tile * gsd, y0),
                     })
+                    geoms.append(box(x0, y0 - tile * gsd, x0 + tile * gsd, y0))
         parts = writer.close()
-        for i, part in enumerate(parts):
-            for m, p in part["files"].items():
-                Path(p).rename(tmp / "shards" / shard_name(m, i))
-        gpd.GeoDataFrame(rows, geometry="geometry", crs=crs).to_file(tmp / "index.gpkg", layer="chips", driver="GPKG")
-        stats = {}
-        for m, (s1, s2) in sums.items():
-            mean = s1 / max(count, 1)
-            std = np.sqrt(np.maximum(s2 / max(count, 1) - mean * mean, 1e-12))
-            stats[m] = {"mean": mean.tolist(), "std": std.tolist()}
-        splits = {s: sum(1 for row in rows if row["split"] == s) for s in ("train", "val", "test")}
         from pyproj import CRS
 
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "codemae_version": __version__,
-            "tile": tile, "stride": tile, "crs": CRS.from_user_input(crs).to_wkt(), "res": [gsd, gsd],
-            "ref": "optical", "paired": True,
-            "optical": {"bands": list(OPTICAL_BANDS), "count": 4, "source_dtype": "float32", "nodata": None},
-            "sar": {"bands": list(SAR_BANDS), "count": 2, "scale": "db", "input_scale": "db"},
+        crs = CRS.from_user_input("EPSG:32631").to_wkt()
+        finish_dataset(tmp, layout, parts, rows, geoms, crs, writer.stats, {
+            "stride": tile, "crs": crs, "res": [gsd, gsd], "ref": "optical", "paired": True,
+            "optical": {"bands": list(OPTICAL_BANDS), "source_dtype": "float32", "nodata": None},
+            "sar": {"bands": list(SAR_BANDS), "scale": "db", "input_scale": "db"},
             "labels": {"source": "codemae testbed", "classes": {str(k): v for k, v in CLASSES.items()},
                        "ignore_index": 255},
-            "stats": stats, "splits": splits,
             "scenes": manifest or [{"scene_id": f"scene{k:03d}"} for k in range(scenes)],
-            "dropped": {}, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "dropped": {},
             "testbed": {"scenes": scenes, "size": size, "seed": seed, "gsd": gsd, "looks": looks,
                         "generator": "codemae_cli.analysis.testbed.generate_scene"},
-        }
-        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2))
+        })
     return out
 
 

@@ -10,10 +10,8 @@ the augmentation pipeline is compared against.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,97 +19,33 @@ import numpy as np
 from codemae_cli.errors import UserError
 
 
-def make_synthetic_dataset(root, n_chips: int = 64, tile: int = 256, optical_bands: int = 3,
-                           sar_bands: int = 2, labels: bool = False, paired: bool = True,
-                           n_val: int = 0, seed: int = 0, nodata_fraction: float = 0.0,
-                           shard_size: int = 1024) -> Path:
-    """Write a random dataset in the ``codemae prepare`` format (docs/architecture.md, 1).
-
-    Optical chips look like 8-bit reflectance, SAR like dB backscatter; ``nodata_fraction`` of
-    each chip's rows are NaN in the SAR. Stats are computed from the train chips. For tests and
-    benchmarks only: the chips have no real content.
-    """
-    import geopandas as gpd
+def write_bench_dataset(root, n_chips: int = 256, tile: int = 256, optical_dtype: str = "uint8",
+                        seed: int = 0) -> Path:
+    """A prepared dataset of random chips (3 optical bands that look like 8-bit imagery, 2 SAR
+    bands in dB) written by the format's one writer, all in the train split."""
     from shapely.geometry import box
 
-    from codemae_cli import __version__
-    from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
+    from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
 
     root = Path(root)
-    (root / "shards").mkdir(parents=True, exist_ok=True)
+    layout = ShardLayout.for_source(optical_dtype, tile=tile, optical_bands=3, sar_bands=2, labels=False)
+    writer = ShardWriter(root / "shards", layout, shard_size=256)
     rng = np.random.default_rng(seed)
-    writer = ShardWriter(root / "shards", tile=tile, optical_bands=optical_bands, sar_bands=sar_bands,
-                         labels=labels, shard_size=shard_size, prefix="part")
-    rows = []
-    res = 4.5
-    per_row = max(1, int(np.ceil(np.sqrt(n_chips))))
-    opt_sum = np.zeros(optical_bands)
-    opt_sq = np.zeros(optical_bands)
-    sar_sum = np.zeros(sar_bands)
-    sar_sq = np.zeros(sar_bands)
-    opt_n = 0
-    sar_n = np.zeros(sar_bands)
     yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32) / tile
+    rows, geoms = [], []
     for i in range(n_chips):
-        split = "val" if i >= n_chips - n_val else "train"
-        # Smooth structure plus noise so crops of different chips differ visibly.
-        phase = rng.uniform(0, 6.28, size=3)
-        base = np.sin(6 * xx + phase[0]) * np.cos(5 * yy + phase[1])
-        opt = np.stack([80 + 60 * base + rng.normal(0, 10, (tile, tile)) + 20 * b for b in range(optical_bands)])
-        sar = np.stack([-12 + 4 * base + rng.normal(0, 2, (tile, tile)) - 5 * b for b in range(sar_bands)])
-        opt = opt.astype(np.float32)
-        sar = sar.astype(np.float32)
-        if nodata_fraction > 0:
-            sar[:, : int(tile * nodata_fraction)] = np.nan
-        lab = (base > 0).astype(np.uint8) if labels else None
-        if labels:
-            lab[:2] = 255
-        part, offset = writer.write(opt, sar, lab)
-        r, c = divmod(i, per_row)
-        x0, y0 = 500000 + c * tile * res, 5750000 - r * tile * res
-        rows.append({"chip_id": f"synth_{i:05d}", "geometry": box(x0, y0 - tile * res, x0 + tile * res, y0),
-                     "scene_id": "synth", "optical_src": "synthetic", "sar_src": "synthetic",
-                     "row": r * tile, "col": c * tile, "valid_optical": 1.0,
-                     "valid_sar": float(np.isfinite(sar).all(0).mean()), "valid_joint": float(np.isfinite(sar).all(0).mean()),
-                     "split": split, "shard": part, "offset": offset})
-        if split == "train":
-            opt_sum += opt.reshape(optical_bands, -1).sum(1)
-            opt_sq += (opt.astype(np.float64) ** 2).reshape(optical_bands, -1).sum(1)
-            opt_n += tile * tile
-            s = sar.reshape(sar_bands, -1)
-            ok = np.isfinite(s)
-            sar_sum += np.where(ok, s, 0).sum(1)
-            sar_sq += np.where(ok, s.astype(np.float64) ** 2, 0).sum(1)
-            sar_n += ok.sum(1)
-    parts = writer.close()
-    for k, part in enumerate(parts):
-        for modality, path in part["files"].items():
-            Path(path).rename(root / "shards" / shard_name(modality, k))
-    opt_mean = opt_sum / max(opt_n, 1)
-    sar_mean = sar_sum / np.maximum(sar_n, 1)
-    stats = {
-        "optical": {"mean": opt_mean.tolist(), "std": np.sqrt(np.maximum(opt_sq / max(opt_n, 1) - opt_mean**2, 1e-12)).tolist()},
-        "sar": {"mean": sar_mean.tolist(), "std": np.sqrt(np.maximum(sar_sq / np.maximum(sar_n, 1) - sar_mean**2, 1e-12)).tolist()},
-    }
-    crs = "EPSG:32631"
-    gdf = gpd.GeoDataFrame(rows, geometry="geometry", crs=crs)
-    gdf.to_file(root / "index.gpkg", layer="chips", driver="GPKG")
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "codemae_version": __version__,
-        "tile": tile, "stride": tile, "crs": gdf.crs.to_wkt(), "res": [res, res], "ref": "optical",
-        "paired": paired,
-        "optical": {"bands": [f"B{b + 1}" for b in range(optical_bands)], "count": optical_bands,
-                    "source_dtype": "uint8", "nodata": None},
-        "sar": {"bands": ["VV", "VH", "HH", "HV"][:sar_bands] if sar_bands <= 4 else [f"S{b + 1}" for b in range(sar_bands)],
-                "count": sar_bands, "scale": "db", "input_scale": "db"},
-        "labels": {"source": "synthetic", "classes": {"0": "background", "1": "foreground"}, "ignore_index": 255}
-        if labels else None,
-        "stats": stats,
-        "splits": {"train": n_chips - n_val, "val": n_val, "test": 0},
-        "scenes": [{"scene_id": "synth", "optical": "synthetic", "sar": "synthetic", "labels": None}],
-        "dropped": {}, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "synthetic": True,
-    }
-    (root / "metadata.json").write_text(json.dumps(meta, indent=2))
+        base = np.sin(6 * xx + rng.uniform(0, 6.28)) * np.cos(5 * yy + rng.uniform(0, 6.28))
+        opt = np.clip(np.rint(np.stack([80 + 20 * b + 60 * base + rng.normal(0, 10, base.shape) for b in range(3)])),
+                      0, 255).astype(np.float32)
+        sar = np.stack([-12 - 5 * b + 4 * base + rng.normal(0, 2, base.shape) for b in range(2)]).astype(np.float32)
+        part, offset = writer.write(opt, sar, train=True)
+        rows.append({"chip_id": f"bench_{i:05d}", "row": 0, "col": i * tile, "valid_optical": 1.0, "valid_sar": 1.0,
+                     "valid_joint": 1.0, "split": "train", "shard": part, "offset": offset})
+        geoms.append(box(i * tile, 0, (i + 1) * tile, tile))
+    finish_dataset(root, layout, writer.close(), rows, geoms, "EPSG:32631", writer.stats, {
+        "stride": tile, "res": [1.0, 1.0], "paired": True,
+        "optical": {"bands": ["B1", "B2", "B3"], "source_dtype": optical_dtype, "nodata": None},
+        "sar": {"bands": ["VV", "VH"], "input_scale": "db"}, "labels": None, "synthetic": True})
     return root
 
 
@@ -223,7 +157,7 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
     if dataset is None:
         tmp = tempfile.TemporaryDirectory(prefix="codemae-loader-bench-")
         echo(f"writing a synthetic dataset of {chips} chips ({tile} px, 3 optical + 2 SAR bands) to {tmp.name} ...")
-        root = make_synthetic_dataset(Path(tmp.name) / "data", n_chips=chips, tile=tile, shard_size=256)
+        root = write_bench_dataset(Path(tmp.name) / "data", n_chips=chips, tile=tile)
     else:
         root = Path(dataset)
     try:
@@ -262,4 +196,4 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
             tmp.cleanup()
 
 
-__all__ = ["make_synthetic_dataset", "run_loader_bench"]
+__all__ = ["run_loader_bench", "write_bench_dataset"]

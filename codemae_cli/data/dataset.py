@@ -25,9 +25,11 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from codemae_cli.data.stats import BandNorm
 from codemae_cli.errors import UserError
 
 IGNORE_INDEX = 255
@@ -101,31 +103,45 @@ class _Source:
         index = ds.index
         self.shard = index["shard"].to_numpy(dtype=np.int64)[rows]
         self.offset = index["offset"].to_numpy(dtype=np.int64)[rows]
+        # Chips valid everywhere in both modalities (most of them) skip every nodata test.
+        self.whole = self._whole(index, rows)
+        self.layout = ds.layout
         stats = meta.get("stats") or {}
         try:
-            mean = list(stats["optical"]["mean"]) + list(stats["sar"]["mean"])
-            std = list(stats["optical"]["std"]) + list(stats["sar"]["std"])
-        except (KeyError, TypeError):
+            norm = BandNorm.from_stats(stats["optical"]).concat(BandNorm.from_stats(stats["sar"]))
+        except (KeyError, TypeError, ValueError):
             raise UserError(f"dataset '{self.root}' has no per-band stats in metadata.json; re-run `codemae prepare`") from None
         self.n_opt = int(meta["optical"]["count"])
         self.n_sar = int(meta["sar"]["count"])
-        if len(mean) != self.n_opt + self.n_sar or len(std) != len(mean):
+        if norm.bands != self.n_opt + self.n_sar:
             raise UserError(f"dataset '{self.root}' stats do not match its band counts")
-        std = np.asarray(std, dtype=np.float32)
-        # A constant band (std 0) would divide by zero; it carries no signal, so scale by 1.
-        std = np.where(np.isfinite(std) & (std > 0), std, 1.0).astype(np.float32)
-        self.mean = np.asarray(mean, dtype=np.float32)
-        self.inv_std = (1.0 / std).astype(np.float32)
+        self.mean = norm.mean
+        self.inv_std = norm.scale
         self.with_labels = with_labels
         if with_labels and not meta.get("labels"):
             raise UserError(f"dataset '{self.root}' has no labels (prepare it with --labels)")
         self._maps: dict = {}
         self._pid = os.getpid()
 
+    @staticmethod
+    def _whole(index, rows: np.ndarray) -> np.ndarray:
+        if "valid_optical" not in index or "valid_sar" not in index:
+            return np.zeros(len(rows), dtype=bool)
+        return ((index["valid_optical"].to_numpy(dtype=np.float64) >= 1.0)
+                & (index["valid_sar"].to_numpy(dtype=np.float64) >= 1.0))[rows]
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+    def optical_invalid(self, k: int, off: int, rows: slice, cols: slice) -> np.ndarray | None:
+        """(h, w) bool, True where the optical crop is nodata, from the packed validity bits
+        (integer shards); None for float shards, whose nodata is NaN."""
+        if not self.layout.optical_mask:
+            return None
+        bits = np.unpackbits(self.array("optical_valid", k)[off, rows], axis=-1, count=self.tile)
+        return bits[:, cols] == 0
 
     def array(self, modality: str, k: int) -> np.ndarray:
         from codemae_cli.data.shards import shard_name
@@ -141,6 +157,16 @@ class _Source:
                 raise UserError(f"shard '{path}' is missing or corrupt; re-run `codemae prepare`") from None
             self._maps[(modality, k)] = arr
         return arr
+
+
+class _Window(NamedTuple):
+    dataset: int
+    src: _Source
+    shard: int
+    offset: int
+    box: tuple[int, int, int, int]  # top, left, h, w
+    flip: bool
+    whole: bool  # valid everywhere in both modalities (from the index)
 
 
 class PairedChips:
@@ -268,8 +294,8 @@ class PairedChips:
             return self._raw_batch(parsed)
         return self._loader_batch(parsed)
 
-    def _window(self, index: int, sample_seed: int):
-        """(dataset number, source, shard, row, (top, left, h, w), flip) of one sample."""
+    def _window(self, index: int, sample_seed: int) -> _Window:
+        """Where one sample comes from and how it is cropped and flipped."""
         d, p = self.locate(index)
         src = self.sources[d]
         tile = src.tile
@@ -280,7 +306,7 @@ class PairedChips:
             flip = self.hflip and bool(rng.random() < 0.5)
         else:
             top, left, h, w = 0, 0, tile, tile
-        return d, src, int(src.shard[p]), int(src.offset[p]), (top, left, h, w), flip
+        return _Window(d, src, int(src.shard[p]), int(src.offset[p]), (top, left, h, w), flip, bool(src.whole[p]))
 
     def _scratch(self, name: str, n: int, dtype) -> np.ndarray:
         """A per-process reusable flat buffer of at least ``n`` items (fresh pages are costly)."""
@@ -309,7 +335,7 @@ class PairedChips:
         meta = np.empty((3, B), dtype=np.int64)  # dataset, paired, index
         res = None
         for j, (index, sample_seed) in enumerate(parsed):
-            d, src, k, off, (top, left, h, w), flip = self._window(index, sample_seed)
+            d, src, k, off, (top, left, h, w), flip, whole = self._window(index, sample_seed)
             meta[:, j] = (d, src.paired, index)
             rows = slice(top, top + h)
             # The flip is folded into the copy out of the memory map (a negative-stride read), so
@@ -320,11 +346,13 @@ class PairedChips:
             np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
             np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
             np.multiply(x, src.inv_std[:, None, None], out=x)
-            # One read-only pass answers "any nodata?" (NaN/inf propagate into the sum); the mask
-            # is only built for chips that have some.
-            has_nodata = not np.isfinite(x.sum(dtype=np.float32))
+            # The index says which chips have nodata at all; masks are built only for those.
+            has_nodata = not whole
             if has_nodata:
-                bad = ~np.isfinite(x)
+                bad = ~np.isfinite(x)                                                     # NaN: float shards
+                bad_opt = src.optical_invalid(k, off, rows, cols)                         # integer shards
+                if bad_opt is not None:
+                    bad[:co] |= bad_opt
                 v = ~(bad[:co].any(0) | bad[co:].any(0))                                  # (h, w)
                 x[bad] = 0.0
             t = torch.from_numpy(x)
@@ -398,11 +426,15 @@ class PairedChips:
         flips = np.empty(B, dtype=bool)
         meta = np.empty((3, B), dtype=np.int64)
         for j, (index, sample_seed) in enumerate(parsed):
-            d, src, k, off, (top, left, h, w), flip = self._window(index, sample_seed)
+            d, src, k, off, (top, left, h, w), flip, whole = self._window(index, sample_seed)
             meta[:, j] = (d, src.paired, index)
             box[j] = (left, top, left + w, top + h)
             flips[j] = flip
             np.copyto(opt_np[j], src.array("optical", k)[off], casting="same_kind")
+            if not whole:  # integer shards: nodata from the validity bits, as NaN for DeviceAugment
+                bad_opt = src.optical_invalid(k, off, slice(None), slice(None))
+                if bad_opt is not None:
+                    opt_np[j][:, bad_opt] = np.nan
             np.copyto(sar_np[j], src.array("sar", k)[off], casting="same_kind")
             if lab_np is not None:
                 np.copyto(lab_np[j], src.array("label", k)[off], casting="unsafe")

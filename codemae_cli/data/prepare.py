@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +47,7 @@ from codemae_cli.data.labels import (
     raster_label_prepare,
 )
 from codemae_cli.data.manifest import SceneSpec, read_manifest
-from codemae_cli.data.shards import FORMAT, FORMAT_VERSION, ShardWriter, shard_name
+from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
@@ -313,10 +312,7 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
 
 def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: int, min_valid: float,
                   block: int, writer: ShardWriter, on_row: Optional[Callable[[int], None]] = None) -> dict:
-    """Cut, filter, write and accumulate the chips of some chip rows of one scene."""
-    n_opt = sum(s.count for s in plan.optical)
-    n_sar = sum(s.count for s in plan.sar)
-    stats = {"optical": RunningStats(n_opt), "sar": RunningStats(n_sar)}
+    """Cut, filter and write the chips of some chip rows of one scene (the writer keeps the stats)."""
     rows_out, dropped, label_values = [], Counter(), set()
     area = float(tile * tile)
     # Chips of a row are read in segments of about SEGMENT_PX columns, so memory is bounded
@@ -346,10 +342,7 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
                 chip_s = sar[:, :, sl]
                 chip_l = label[:, sl] if label is not None else None
                 split = splits[(plan.scene_id, *block_key(ri, ci, block))]
-                part, offset = writer.write(chip_o, chip_s, chip_l)
-                if split == "train":
-                    stats["optical"].update(chip_o)
-                    stats["sar"].update(chip_s)
+                part, offset = writer.write(chip_o, chip_s, chip_l, train=split == "train")
                 if chip_l is not None:
                     label_values.update(np.flatnonzero(np.bincount(chip_l.ravel(), minlength=256)).tolist())
                 rows_out.append({
@@ -360,7 +353,7 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
             if on_row is not None:
                 on_row(len(seg))
         _release_memory()
-    return {"rows": rows_out, "stats": stats, "dropped": dropped, "label_values": label_values}
+    return {"rows": rows_out, "dropped": dropped, "label_values": label_values}
 
 
 def _worker_task(args: tuple, on_row: Optional[Callable[[int], None]] = None) -> dict:
@@ -369,11 +362,9 @@ def _worker_task(args: tuple, on_row: Optional[Callable[[int], None]] = None) ->
     With ``done`` set, the finished result is also saved as JSON (written to a temp name,
     then renamed) so ``--resume`` can skip the task next time.
     """
-    units, splits, tile, min_valid, block, shards_dir, prefix, shard_size, has_labels, done = args
-    first = units[0][0]
-    writer = ShardWriter(shards_dir, tile=tile, optical_bands=sum(s.count for s in first.optical),
-                         sar_bands=sum(s.count for s in first.sar), labels=has_labels,
-                         shard_size=shard_size, prefix=prefix)
+    units, splits, layout, min_valid, block, shards_dir, prefix, shard_size, done = args
+    tile = layout.tile
+    writer = ShardWriter(shards_dir, layout, shard_size=shard_size, prefix=prefix)
     merged: Optional[dict] = None
     try:
         for plan, row_indices in units:
@@ -384,13 +375,12 @@ def _worker_task(args: tuple, on_row: Optional[Callable[[int], None]] = None) ->
                 merged["rows"] += res["rows"]
                 merged["dropped"].update(res["dropped"])
                 merged["label_values"] |= res["label_values"]
-                for m in ("optical", "sar"):
-                    merged["stats"][m].merge(res["stats"][m])
     except BaseException:
         writer.abort()
         raise
     assert merged is not None
     merged["parts"] = writer.close()
+    merged["stats"] = writer.stats
     if done:
         _save_task(merged, Path(done))
     return merged
@@ -565,8 +555,9 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
     _guard_output(out, plans, o)
     tmp = _prepare_out_dir(out, o.overwrite, o.resume, _fingerprint(o, plans))
     try:
-        results = _run_tasks(plans, splits, o, tmp, has_labels)
-        summary = _finish(plans, results, o, stride, tmp, out, has_labels, classes)
+        layout = _layout(plans, o.tile, has_labels)
+        results = _run_tasks(plans, splits, o, tmp, layout)
+        summary = _finish(plans, results, o, stride, tmp, layout, classes)
     except UserError:
         shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
         raise
@@ -586,7 +577,7 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
     return summary
 
 
-def _run_tasks(plans, splits, o: PrepareOptions, tmp: Path, has_labels: bool) -> list[dict]:
+def _run_tasks(plans, splits, o: PrepareOptions, tmp: Path, layout: ShardLayout) -> list[dict]:
     shards_dir = tmp / "shards"
     total = sum(len(p.rows) * len(p.cols) for p in plans)
     target = o.shard_size
@@ -616,8 +607,8 @@ def _run_tasks(plans, splits, o: PrepareOptions, tmp: Path, has_labels: bool) ->
         if results[k] is None:
             for stale in shards_dir.glob(f"{prefix}_*.npy"):  # an interrupted attempt
                 stale.unlink()
-            todo.append((k, (units, splits, o.tile, o.min_valid, o.block, str(shards_dir), prefix, o.shard_size,
-                             has_labels, str(done) if done else None)))
+            todo.append((k, (units, splits, layout, o.min_valid, o.block, str(shards_dir), prefix, o.shard_size,
+                             str(done) if done else None)))
 
     def chips_of(units):
         return sum(len(idx) * len(plan.cols) for plan, idx in units)
@@ -661,115 +652,111 @@ class _Null:
         return False
 
 
-def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, out: Path, has_labels: bool, classes) -> dict:
-    import geopandas as gpd
+def _layout(plans: list[ScenePlan], tile: int, has_labels: bool) -> ShardLayout:
+    """Shard dtypes: integer optical in its source dtype when every optical input shares it."""
+    dtypes = {s.dtype for p in plans for s in p.optical}
+    return ShardLayout.for_source(dtypes.pop() if len(dtypes) == 1 else "float32", tile=tile,
+                                  optical_bands=sum(s.count for s in plans[0].optical),
+                                  sar_bands=sum(s.count for s in plans[0].sar), labels=has_labels)
+
+
+@dataclass
+class _Merged:
+    """The workers' results joined: shard parts in order, index rows and their footprints."""
+
+    parts: list
+    chips: list
+    geometries: list
+    stats: dict
+    dropped: Counter
+    label_values: set
+
+
+def _merge_results(plans: list[ScenePlan], results: list[dict], tile: int) -> _Merged:
+    """Every task's shard parts in task order; index rows pointing into that list."""
     from shapely.geometry import box
 
-    # Renumber shard parts (per writer, in task order) to the final consecutive numbering.
-    part_map: dict[tuple[int, int], int] = {}
-    seen_writers = set()
-    k = 0
-    for res in results:
-        w = res["writer"]
-        if w in seen_writers:
-            continue
-        seen_writers.add(w)
-        for pi, part in enumerate(res["parts"]):
-            if part["count"] == 0:
-                for p in part["files"].values():
-                    Path(p).unlink(missing_ok=True)
-                continue
-            for modality, path in part["files"].items():
-                Path(path).rename(tmp / "shards" / shard_name(modality, k))
-            part_map[(w, pi)] = k
-            k += 1
     plan_by_id = {p.scene_id: p for p in plans}
-    records, geoms = [], []
-    stats = {"optical": None, "sar": None}
-    dropped, label_values = Counter(), set()
+    m = _Merged(parts=[], chips=[], geometries=[], stats={}, dropped=Counter(), label_values=set())
     for res in results:
-        dropped.update(res["dropped"])
-        label_values |= res["label_values"]
-        for m in stats:
-            stats[m] = res["stats"][m] if stats[m] is None else stats[m].merge(res["stats"][m])
+        base = len(m.parts)
+        m.parts += res["parts"]
+        m.dropped.update(res["dropped"])
+        m.label_values |= res["label_values"]
+        for mod, st in res["stats"].items():
+            m.stats[mod] = st if mod not in m.stats else m.stats[mod].merge(st)
         for r in res["rows"]:
             plan = plan_by_id[r["scene_id"]]
-            geoms.append(box(*plan.grid.window_bounds(r["row"], r["col"], o.tile, o.tile)))
-            records.append({
+            m.geometries.append(box(*plan.grid.window_bounds(r["row"], r["col"], tile, tile)))
+            m.chips.append({
                 "chip_id": f"{r['scene_id']}_r{r['row']:06d}_c{r['col']:06d}",
                 "scene_id": r["scene_id"],
                 "optical_src": ";".join(s.path for s in plan.optical),
                 "sar_src": ";".join(s.path for s in plan.sar),
                 "row": r["row"], "col": r["col"],
                 "valid_optical": r["valid_optical"], "valid_sar": r["valid_sar"], "valid_joint": r["valid_joint"],
-                "split": r["split"], "shard": part_map[(res["writer"], r["part"])], "offset": r["offset"],
+                "split": r["split"], "shard": base + r["part"], "offset": r["offset"],
             })
-    if not records:
-        reasons = ", ".join(f"{v} {k}" for k, v in sorted(dropped.items())) or "none"
-        raise UserError(
-            f"no chip has at least {o.min_valid:.0%} pixels valid in both optical and SAR (dropped: {reasons}); "
-            "check the nodata values or lower --min-valid"
-        )
-    index = gpd.GeoDataFrame(records, geometry=geoms, crs=plans[0].grid.crs_wkt)
-    index.to_file(tmp / "index.gpkg", layer="chips", driver="GPKG")
-    split_counts = {s: int((index["split"] == s).sum()) for s in ("train", "val", "test")}
+    return m
 
-    st = {}
-    for m in ("optical", "sar"):
-        r = stats[m].result()
-        st[m] = {"mean": [_nan_to_none(v) for v in r["mean"]], "std": [_nan_to_none(v) for v in r["std"]]}
-    if split_counts["train"] == 0:
-        st = {m: {"mean": [None] * len(st[m]["mean"]), "std": [None] * len(st[m]["std"])} for m in st}
 
-    label_meta = None
-    if has_labels:
-        first = plans[0].labels
-        if first["kind"] == "vector":
-            table = first["vector"].classes
+def _label_meta(plans: list[ScenePlan], classes, label_values: set) -> Optional[dict]:
+    """metadata.json "labels": the class table (from the vector file, the raster's tags,
+    --classes, or the codes seen) and where the labels came from."""
+    first = plans[0].labels
+    if first is None:
+        return None
+    if first["kind"] == "vector":
+        table = first["vector"].classes
+    else:
+        names = first.get("classes") or classes
+        if names:
+            table = {str(k): n for k, n in enumerate(names)}
         else:
-            names = first.get("classes") or classes
-            if names:
-                table = {str(k): n for k, n in enumerate(names)}
-            else:
-                table = {str(v): f"class_{v}" for v in sorted(label_values - {IGNORE})}
-        label_meta = {
-            "source": ";".join(p.labels["source"] for p in plans),
-            "kind": first["kind"],
-            "column": first["vector"].column if first["kind"] == "vector" else None,
-            "classes": table,
-            "ignore_index": IGNORE,
-        }
+            table = {str(v): f"class_{v}" for v in sorted(label_values - {IGNORE})}
+    return {
+        "source": ";".join(p.labels["source"] for p in plans),
+        "kind": first["kind"],
+        "column": first["vector"].column if first["kind"] == "vector" else None,
+        "classes": table,
+        "ignore_index": IGNORE,
+    }
+
+
+def _scene_meta(p: ScenePlan, chips: int) -> dict:
+    return {
+        "scene_id": p.scene_id,
+        "optical": [s.path for s in p.optical],
+        "sar": [s.path for s in p.sar],
+        "labels": p.labels["source"] if p.labels else None,
+        "grid_transform": list(p.grid.transform)[:6],
+        "grid_size": [p.grid.height, p.grid.width],
+        "window": list(p.window),
+        "overlap_area": p.overlap_area,
+        "sar_input_scale": p.sar_scales,
+        "resampling": {"optical": p.optical_resampling, "sar": p.sar_resampling},
+        "chips": chips,
+    }
+
+
+def _warp_notes(p: ScenePlan) -> list[str]:
+    """One line per input: read on the grid, or warped from which CRS/resolution with what."""
+    notes = [_source_note(s, rs, p.grid) for s, rs in zip(p.optical, p.optical_resampling, strict=True)]
+    notes += [_source_note(s, rs, p.grid) + (f" (input {sc}, resampled in linear power)" if rs != "none" else f" (input {sc})")
+              for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales, strict=True)]
+    if p.labels is not None:
+        notes.append(f"{Path(p.labels['source']).name}: " + (
+            "rasterised onto the grid" if p.labels["kind"] == "vector" else f"label raster, {p.labels['resampling']}"))
+    return notes
+
+
+def _dataset_meta(plans: list[ScenePlan], o: PrepareOptions, stride: int, merged: _Merged, label_meta) -> dict:
+    """prepare's own metadata.json keys (the format keys and stats come from finish_dataset)."""
     g = plans[0].grid
     scales = sorted({s for p in plans for s in p.sar_scales})
-    scenes_meta = []
-    warped = []
-    for p in plans:
-        n_kept = int((index["scene_id"] == p.scene_id).sum())
-        notes = [_source_note(s, rs, p.grid) for s, rs in zip(p.optical, p.optical_resampling, strict=True)]
-        notes += [_source_note(s, rs, p.grid) + (f" (input {sc}, resampled in linear power)" if rs != "none" else f" (input {sc})")
-                  for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales, strict=True)]
-        if p.labels is not None:
-            notes.append(f"{Path(p.labels['source']).name}: " + (
-                "rasterised onto the grid" if p.labels["kind"] == "vector" else f"label raster, {p.labels['resampling']}"))
-        warped.append({"scene_id": p.scene_id, "notes": notes})
-        scenes_meta.append({
-            "scene_id": p.scene_id,
-            "optical": [s.path for s in p.optical],
-            "sar": [s.path for s in p.sar],
-            "labels": p.labels["source"] if p.labels else None,
-            "grid_transform": list(p.grid.transform)[:6],
-            "grid_size": [p.grid.height, p.grid.width],
-            "window": list(p.window),
-            "overlap_area": p.overlap_area,
-            "sar_input_scale": p.sar_scales,
-            "resampling": {"optical": p.optical_resampling, "sar": p.sar_resampling},
-            "chips": n_kept,
-        })
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "codemae_version": __version__,
-        "tile": o.tile,
+    per_scene = Counter(c["scene_id"] for c in merged.chips)
+    nd = plans[0].optical_nodata[0]
+    return {
         "stride": stride,
         "crs": g.crs_wkt,
         "crs_name": _crs_name(g.crs),
@@ -778,45 +765,55 @@ def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, out: Path
         "paired": True,
         "optical": {
             "bands": R.band_names(plans[0].optical, "B"),
-            "count": sum(s.count for s in plans[0].optical),
             "source_dtype": plans[0].optical[0].dtype,
-            "nodata": _nan_to_none(plans[0].optical_nodata[0]) if plans[0].optical_nodata[0] is not None else None,
+            "nodata": _nan_to_none(nd) if nd is not None else None,
         },
         "sar": {
             "bands": R.band_names(plans[0].sar, "P"),
-            "count": sum(s.count for s in plans[0].sar),
             "scale": "db",
             "input_scale": scales[0] if len(scales) == 1 else "mixed",
         },
         "labels": label_meta,
-        "stats": st,
-        "splits": split_counts,
         "split_fractions": list(parse_split(o.split)),
         "split_block": o.block,
         "seed": o.seed,
         "min_valid": o.min_valid,
-        "scenes": scenes_meta,
-        "dropped": dict(sorted(dropped.items())),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "scenes": [_scene_meta(p, per_scene[p.scene_id]) for p in plans],
+        "dropped": dict(sorted(merged.dropped.items())),
     }
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
+
+
+def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, layout: ShardLayout, classes) -> dict:
+    """Join the tasks' results into the dataset (shards numbered, index, metadata, quick-look)
+    and return the summary."""
+    merged = _merge_results(plans, results, o.tile)
+    if not merged.chips:
+        reasons = ", ".join(f"{v} {k}" for k, v in sorted(merged.dropped.items())) or "none"
+        raise UserError(
+            f"no chip has at least {o.min_valid:.0%} pixels valid in both optical and SAR (dropped: {reasons}); "
+            "check the nodata values or lower --min-valid"
+        )
+    label_meta = _label_meta(plans, classes, merged.label_values)
+    meta = finish_dataset(tmp, layout, merged.parts, merged.chips, merged.geometries, plans[0].grid.crs_wkt,
+                          merged.stats, _dataset_meta(plans, o, stride, merged, label_meta))
     ql = None
     if o.quicklook:
         from codemae_cli.data.quicklook import write_quicklook
 
         ql = write_quicklook(tmp, tmp / "quicklook.png")
+    g = plans[0].grid
     return {
-        "chips": len(index),
-        "splits": split_counts,
-        "dropped": dict(sorted(dropped.items())),
-        "candidates": len(index) + sum(dropped.values()),
+        "chips": len(merged.chips),
+        "splits": meta["splits"],
+        "dropped": meta["dropped"],
+        "candidates": len(merged.chips) + sum(merged.dropped.values()),
         "scenes": len(plans),
         "overlap_area": sum(p.overlap_area for p in plans),
         "crs": _crs_name(g.crs),
         "res": [g.res[0], g.res[1]],
-        "warped": warped,
-        "shards": k,
-        "stats": st,
+        "warped": [{"scene_id": p.scene_id, "notes": _warp_notes(p)} for p in plans],
+        "shards": meta["n_shards"],
+        "stats": meta["stats"],
         "labels": label_meta,
         "paths": {
             "metadata": str(tmp / "metadata.json"),

@@ -1,32 +1,45 @@
-"""Memory-mappable chip shards: the streaming writer used by ``prepare`` and the reader used by
+"""Memory-mappable chip shards: the ONE writer of the prepared-dataset format (used by
+``prepare``, the analysis testbed, the loader bench and the test fakes) and the reader used by
 everything downstream (``PreparedDataset``).
 
-Layout (docs/architecture.md section 1)::
+Layout (docs/architecture.md section 1), format version 2::
 
     OUT/metadata.json
-    OUT/index.gpkg                 layer "chips": one row per chip, with `shard` and `offset`
-    OUT/shards/optical_00000.npy   float32 (n, C_opt, T, T), NaN = nodata
-    OUT/shards/sar_00000.npy       float32 (n, C_sar, T, T), dB, NaN = nodata
-    OUT/shards/label_00000.npy     uint8 (n, T, T), 255 = ignore      (only with labels)
+    OUT/index.gpkg                      layer "chips": one row per chip, with `shard` and `offset`
+    OUT/shards/optical_00000.npy        source dtype (uint8/uint16/int8/int16) or float32 (n, C_opt, T, T)
+    OUT/shards/optical_valid_00000.npy  uint8 (n, T, ceil(T/8)): packed validity bits (integer optical only)
+    OUT/shards/sar_00000.npy            float16 (n, C_sar, T, T), dB, NaN = nodata
+    OUT/shards/label_00000.npy          uint8 (n, T, T), 255 = ignore      (only with labels)
 
+Float optical keeps NaN = nodata. Version 1 datasets (float32 optical and SAR) still load.
 Shards are plain uncompressed ``.npy`` files so a reader maps them with
 ``np.load(mmap_mode="r")`` and a chip costs one page-cache copy, not a GeoTIFF decode.
+
+Writing a dataset: a :class:`ShardLayout` (dtypes), one or more :class:`ShardWriter` (shard
+parts; encodes chips and accumulates the train split's stats on the stored values), then
+:func:`finish_dataset` (numbers the parts, writes index.gpkg and metadata.json).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
 
 FORMAT = "codemae-chips"
-FORMAT_VERSION = 1
-MODALITIES = ("optical", "sar", "label")
+FORMAT_VERSION = 2
+MODALITIES = ("optical", "optical_valid", "sar", "label")
+# Integer optical kept as is: every value of these fits float32 exactly and costs <= 2 bytes.
+INTEGER_OPTICAL = ("uint8", "int8", "uint16", "int16")
+SAR_DTYPE = "float16"  # dB; rounding error <= 2**-6 dB below 64 dB (docs/architecture.md s.1)
 # Fixed header size: the header is written once with a placeholder count and rewritten with the
 # final count, so it must not change length. 128 bytes holds any 4-D shape of realistic size.
 _HEADER_BYTES = 128
@@ -85,37 +98,86 @@ class NpyStreamWriter:
         self.path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Shapes and dtypes of a dataset's shards (recorded in metadata.json as ``"shards"``)."""
+
+    tile: int
+    optical_bands: int
+    sar_bands: int
+    labels: bool
+    optical_dtype: str = "float32"
+    sar_dtype: str = SAR_DTYPE
+
+    @classmethod
+    def for_source(cls, source_dtype: str, **kwargs) -> ShardLayout:
+        """The layout that keeps integer optical in its source dtype (else float32)."""
+        dt = str(np.dtype(source_dtype)) if source_dtype else "float32"
+        return cls(optical_dtype=dt if dt in INTEGER_OPTICAL else "float32", **kwargs)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> ShardLayout:
+        """The layout of a dataset's metadata; version 1 datasets are float32 throughout."""
+        sh = meta.get("shards") or {}
+        return cls(tile=int(meta["tile"]), optical_bands=int(meta.get("optical", {}).get("count", 0)),
+                   sar_bands=int(meta.get("sar", {}).get("count", 0)), labels=meta.get("labels") is not None,
+                   optical_dtype=sh.get("optical", "float32"), sar_dtype=sh.get("sar", "float32"))
+
+    @property
+    def optical_mask(self) -> bool:
+        """Integer optical cannot hold NaN: its nodata lives in a packed validity mask."""
+        return self.optical_dtype in INTEGER_OPTICAL
+
+    def arrays(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        t = self.tile
+        out = {"optical": (np.dtype(self.optical_dtype), (self.optical_bands, t, t))}
+        if self.optical_mask:
+            out["optical_valid"] = (np.dtype(np.uint8), (t, (t + 7) // 8))
+        out["sar"] = (np.dtype(self.sar_dtype), (self.sar_bands, t, t))
+        if self.labels:
+            out["label"] = (np.dtype(np.uint8), (t, t))
+        return out
+
+    def to_meta(self) -> dict:
+        return {m: str(dt) if m != "optical_valid" else "packbits" for m, (dt, _) in self.arrays().items()}
+
+    def encode_optical(self, chip: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """float32 (C, T, T) with NaN nodata -> (stored array, valid (T, T) bool or None).
+
+        Integer dtypes: rounded and clipped to the dtype's range (a no-op for integer sources
+        read on the grid; resampled values lose < 0.5 of a digital number), nodata -> 0.
+        """
+        if not self.optical_mask:
+            return np.asarray(chip, dtype=self.optical_dtype), None
+        valid = ~np.isnan(chip).any(axis=0)
+        info = np.iinfo(self.optical_dtype)
+        q = np.clip(np.rint(chip), info.min, info.max)
+        if not valid.all():
+            q[:, ~valid] = 0
+        return q.astype(self.optical_dtype), valid
+
+
 class ShardWriter:
     """Write chips of all modalities into parallel shards of at most ``shard_size`` chips.
 
-    ``prefix`` tags the files so several worker processes can write into the same directory;
-    ``prepare`` renames the parts to the final ``<modality>_<k:05d>.npy`` numbering.
+    ``write`` takes float32 optical (NaN = nodata), float32 SAR in dB (NaN = nodata) and
+    uint8 labels, encodes them as ``layout`` says and, for ``train=True`` chips, adds the
+    STORED values to :attr:`stats` (so stats and reads agree exactly). ``prefix`` tags the
+    files so several worker processes can write into the same directory;
+    :func:`finish_dataset` renames the parts to the final ``<modality>_<k:05d>.npy`` numbering.
     ``write`` returns ``(part, offset)`` where ``part`` is the index of this writer's part.
     """
 
-    def __init__(
-        self,
-        directory: str | Path,
-        *,
-        tile: int,
-        optical_bands: int,
-        sar_bands: int,
-        labels: bool,
-        shard_size: int = 1024,
-        prefix: str = "part",
-    ):
+    def __init__(self, directory: str | Path, layout: ShardLayout, *, shard_size: int = 1024,
+                 prefix: str = "part"):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.tile = int(tile)
-        self.shapes = {
-            "optical": (np.float32, (optical_bands, tile, tile)),
-            "sar": (np.float32, (sar_bands, tile, tile)),
-        }
-        if labels:
-            self.shapes["label"] = (np.uint8, (tile, tile))
+        self.layout = layout
+        self.shapes = layout.arrays()
         self.shard_size = max(1, int(shard_size))
         self.prefix = prefix
         self.parts: list[dict] = []  # [{"files": {modality: path}, "count": n}]
+        self.stats = {"optical": RunningStats(layout.optical_bands), "sar": RunningStats(layout.sar_bands)}
         self._writers: Optional[dict[str, NpyStreamWriter]] = None
 
     def _open_part(self) -> None:
@@ -130,17 +192,25 @@ class ShardWriter:
                 w.close()
             self._writers = None
 
-    def write(self, optical: np.ndarray, sar: np.ndarray, label: Optional[np.ndarray] = None) -> tuple[int, int]:
+    def write(self, optical: np.ndarray, sar: np.ndarray, label: Optional[np.ndarray] = None, *,
+              train: bool = False) -> tuple[int, int]:
         if self._writers is None or self.parts[-1]["count"] >= self.shard_size:
             self._close_part()
             self._open_part()
         assert self._writers is not None
-        self._writers["optical"].append(optical)
-        self._writers["sar"].append(sar)
+        opt, valid = self.layout.encode_optical(optical)
+        sar_q = np.asarray(sar, dtype=self.layout.sar_dtype)
+        self._writers["optical"].append(opt)
+        if valid is not None:
+            self._writers["optical_valid"].append(np.packbits(valid, axis=-1))
+        self._writers["sar"].append(sar_q)
         if "label" in self._writers:
             if label is None:
                 raise ValueError("this writer stores labels: pass one per chip")
             self._writers["label"].append(label)
+        if train:
+            self.stats["optical"].update(opt, valid)
+            self.stats["sar"].update(sar_q)
         part = len(self.parts) - 1
         offset = self.parts[part]["count"]
         self.parts[part]["count"] += 1
@@ -160,11 +230,64 @@ class ShardWriter:
                 Path(p).unlink(missing_ok=True)
 
 
-class PreparedDataset:
-    """Read a directory written by ``codemae prepare``.
+def number_parts(shards_dir: Path, parts: list[dict]) -> list[Optional[int]]:
+    """Rename shard parts (in list order) to ``<modality>_<k:05d>.npy``; empty parts are
+    deleted. Returns the final shard number of each part (None for the deleted)."""
+    numbers: list[Optional[int]] = []
+    k = 0
+    for part in parts:
+        if part["count"] == 0:
+            for p in part["files"].values():
+                Path(p).unlink(missing_ok=True)
+            numbers.append(None)
+            continue
+        for modality, path in part["files"].items():
+            Path(path).rename(Path(shards_dir) / shard_name(modality, k))
+        numbers.append(k)
+        k += 1
+    return numbers
 
-    ``read(i)`` returns float32 copies (optical, sar) and a uint8 label copy so callers may
-    modify them or hand them to ``torch.from_numpy``. Shards are opened lazily with
+
+def finish_dataset(root: str | Path, layout: ShardLayout, parts: list[dict], chips: list[dict], geometries: list,
+                   crs, stats: dict[str, RunningStats], meta: dict) -> dict:
+    """The last step of every writer of the format: number the shards, write the index and
+    metadata.json. Returns the metadata written.
+
+    ``parts``: every writer's parts in order; ``chips``: index rows whose ``shard`` is a
+    position in ``parts`` and ``offset`` the row inside it (rewritten to final numbers);
+    ``stats``: the merged train-split stats; ``meta``: the writer's own metadata keys (bands,
+    labels, scenes, ...), stored after the format keys.
+    """
+    import geopandas as gpd
+
+    root = Path(root)
+    numbers = number_parts(root / "shards", parts)
+    rows = [{**c, "shard": numbers[c["shard"]]} for c in chips]
+    index = gpd.GeoDataFrame(rows, geometry=list(geometries), crs=crs)
+    index.to_file(root / "index.gpkg", layer="chips", driver="GPKG")
+    splits = {s: int((index["split"] == s).sum()) for s in ("train", "val", "test")}
+    n_shards = sum(n is not None for n in numbers)
+    if splits["train"]:
+        st = {m: stats[m].to_meta() for m in ("optical", "sar")}
+    else:
+        st = {m: {"mean": [None] * len(stats[m].mean), "std": [None] * len(stats[m].mean)} for m in ("optical", "sar")}
+    from codemae_cli import __version__
+
+    out = {"format": FORMAT, "format_version": FORMAT_VERSION, "codemae_version": __version__,
+           "tile": layout.tile, "shards": layout.to_meta(), "n_shards": n_shards, **meta,
+           "stats": st, "splits": splits}
+    out.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    out["optical"] = {**meta.get("optical", {}), "count": layout.optical_bands}
+    out["sar"] = {"scale": "db", **meta.get("sar", {}), "count": layout.sar_bands}
+    (root / "metadata.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+class PreparedDataset:
+    """Read a directory written by ``codemae prepare`` (format version 1 or 2).
+
+    ``read(i)`` returns float32 copies (optical, sar; NaN = nodata whatever the stored dtype)
+    and a uint8 label copy so callers may modify them or hand them to ``torch.from_numpy``. Shards are opened lazily with
     ``np.load(mmap_mode="r")`` and cached per process: a DataLoader worker forked after a read
     reopens its own maps instead of sharing file positions or handles with the parent.
     """
@@ -188,6 +311,7 @@ class PreparedDataset:
             )
         import geopandas as gpd
 
+        self.layout = ShardLayout.from_meta(self.meta)
         self.index = gpd.read_file(index_path, layer="chips")
         # Plain numpy columns: indexing a GeoDataFrame per sample is far slower than the read.
         self._shard = self.index["shard"].to_numpy(dtype=np.int64)
@@ -240,16 +364,24 @@ class PreparedDataset:
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self._split == split)
 
-    def read(self, i: int) -> dict:
+    def read(self, i: int, rows: slice = slice(None), cols: slice = slice(None)) -> dict:
+        """Chip ``i`` (or the ``rows``/``cols`` slices of it, steps allowed: a decimated read
+        touches only the rows it samples) decoded to float32 with NaN = nodata."""
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"chip {i} out of range 0..{len(self) - 1}")
         k, off = int(self._shard[i]), int(self._offset[i])
-        out = {
-            "optical": np.array(self._map("optical", k)[off], dtype=np.float32),
-            "sar": np.array(self._map("sar", k)[off], dtype=np.float32),
-            "label": np.array(self._map("label", k)[off], dtype=np.uint8) if self.has_labels else None,
+        valid = None
+        if self.layout.optical_mask:
+            bits = self._map("optical_valid", k)[off, rows]
+            valid = np.unpackbits(bits, axis=-1, count=self.layout.tile)[:, cols]
+        optical = np.array(self._map("optical", k)[off, :, rows, cols], dtype=np.float32)
+        if valid is not None:
+            optical[:, valid == 0] = np.nan
+        return {
+            "optical": optical,
+            "sar": np.array(self._map("sar", k)[off, :, rows, cols], dtype=np.float32),
+            "label": np.array(self._map("label", k)[off, rows, cols], dtype=np.uint8) if self.has_labels else None,
             "chip_id": str(self._chip_id[i]),
             "split": str(self._split[i]),
         }
-        return out

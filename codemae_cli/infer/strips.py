@@ -71,15 +71,13 @@ class SceneInputs:
 
 def norm_stats(stats: dict | None, modality: str, bands: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean/std of a modality as (C, 1, 1) float32, checked against the scene's band count."""
-    if stats is None or stats.get(modality) is None:
-        return np.zeros((bands, 1, 1), np.float32), np.ones((bands, 1, 1), np.float32)
-    mean = np.asarray(stats[modality]["mean"], dtype=np.float32).reshape(-1)
-    std = np.asarray(stats[modality]["std"], dtype=np.float32).reshape(-1)
-    if mean.size != bands:
+    from codemae_cli.data.stats import BandNorm
+
+    norm = BandNorm.from_stats(stats.get(modality) if stats else None, bands)
+    if norm.bands != bands:
         name = "SAR" if modality == "sar" else modality
-        raise UserError(f"the {name} scene has {bands} band(s) but the model expects {mean.size}")
-    std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant band must not divide by zero
-    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+        raise UserError(f"the {name} scene has {bands} band(s) but the model expects {norm.bands}")
+    return norm.mean.reshape(-1, 1, 1), norm.std.reshape(-1, 1, 1)
 
 
 def pad_to(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
