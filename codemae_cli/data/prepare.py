@@ -47,7 +47,7 @@ from codemae_cli.data.labels import (
     raster_label_prepare,
 )
 from codemae_cli.data.manifest import SceneSpec, read_manifest
-from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
+from codemae_cli.data.shards import FORMAT, ShardLayout, ShardWriter, finish_dataset
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
