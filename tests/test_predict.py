@@ -505,7 +505,7 @@ def _reference_class_map(model, rgb, sar, stats, window, overlap):
     through the model one by one, probabilities times the separable taper summed into scene-sized
     arrays, divided by the summed weights, arg-max, nodata where any input band is invalid.
     Returns the class map and the margin between the two most probable classes."""
-    from codemae_cli.infer.sources import OpticalSource, grid_of
+    from codemae_cli.infer.sources import OpticalSource
     from codemae_cli.infer.windows import WindowGrid
 
     o = OpticalSource(rgb)
@@ -513,7 +513,7 @@ def _reference_class_map(model, rgb, sar, stats, window, overlap):
     try:
         opt, ok_o = o.read_strip(0, o.grid.height)
         sar_db, ok_s = s.read_strip(0, o.grid.height)
-        grid = grid_of(o.ds)
+        grid = o.grid
     finally:
         o.close()
         s.close()
