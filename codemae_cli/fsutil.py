@@ -149,6 +149,24 @@ def guard_outputs(outputs: Iterable, inputs: Iterable = (), *, folder: bool = Fa
         check_writable(out.path, out.what, folder=folder, create_parents=create_parents)
 
 
+def is_run_dir(path: PathLike) -> bool:
+    """A pretraining or fine-tuning run folder: its recipe, metrics log or checkpoints."""
+    p = Path(path)
+    return any((p / name).exists() for name in ("recipe.yaml", "metrics.jsonl", "checkpoints"))
+
+
+def guard_run_dir(run_dir: PathLike, inputs: Iterable = ()) -> Path:
+    """The run folder of pretrain / finetune: not an input, not inside one, not containing one;
+    a folder or creatable; if it is not empty, a codemae run (whose own rules decide between a
+    new run and ``--resume``)."""
+    p = Path(run_dir).expanduser()
+    guard_outputs([(p, "the run folder")], inputs, folder=True)
+    if p.is_dir() and any(p.iterdir()) and not is_run_dir(p):
+        raise UserError(f"the run folder '{p}' is not empty and holds no codemae run; "
+                        "choose a new or empty folder (run.output_dir or --output-dir)")
+    return p
+
+
 # ----------------------------------------------------------------------------- recognising our outputs
 def read_json_object(path: PathLike) -> dict:
     """A JSON object from ``path``, or ``{}`` when it is missing, unreadable or not an object."""

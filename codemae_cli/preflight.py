@@ -48,6 +48,7 @@ def _weight_keys(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 def check_weight_files(recipe) -> None:
     """Refuse a recipe whose weights files are missing, naming the file and the way around it."""
     from codemae_cli.config import to_dict
+    from codemae_cli.fsutil import check_safetensors
 
     tree = to_dict(recipe)
     for key, value in _weight_keys(tree):
@@ -58,6 +59,7 @@ def check_weight_files(recipe) -> None:
         if not path.is_file():
             raise UserError(f"the weights file '{value}' ({key}) does not exist: put it there (or point "
                             f"--set {key}=PATH at it), or run without it with --set {without}")
+        check_safetensors(path, f"the weights file ({key})")
 
 
 def preflight(recipe, echo: Optional[Callable[[str], None]] = None) -> None:

@@ -149,7 +149,10 @@ def test_every_weights_file_is_checked_before_work(tmp_path):
 
     with pytest.raises(UserError, match=r"'w/init.safetensors' \(model.init_weights\).*--set model.init_weights=null"):
         check_weight_files(Rec({"init_weights": "w/init.safetensors"}))
-    (tmp_path / "init.safetensors").write_bytes(b"x")
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(1, np.float32)}, str(tmp_path / "init.safetensors"))
     check_weight_files(Rec({"init_weights": str(tmp_path / "init.safetensors")}))
 
 

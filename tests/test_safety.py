@@ -276,3 +276,29 @@ def test_killed_predict_and_prepare_leave_nothing_after_the_next_run(world, tmp_
     assert res.exit_code == 0, res.output
     assert "a temporary left by a stopped run" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "maps", "prepared"]
+
+
+# ----------------------------------------------------------------------------- pretrain / finetune
+def test_run_folders_never_swallow_inputs_or_foreign_folders(world, tmp_path):
+    import torch
+
+    before = snapshot(world["data"], world["pre_run"])
+    base = ["pretrain", "smoke", "--set", f"data.datasets=[{world['data']}]", "-o"]
+    (tmp_path / "file").write_text("x")
+    refused(base + [tmp_path / "file"], "the run folder")
+    refused(base + [tmp_path / "file"], "is a file, not a folder")
+    refused(base + [world["data"]], "is the same file as the dataset")
+    refused(base + [world["data"] / "runs"], "lies inside the dataset")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused(base + [mine], "holds no codemae run")
+    pickle = tmp_path / "teacher.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    refused(base + [tmp_path / "run", "--set", "model.okd.teacher=file", "--set",
+                    f"model.okd.teacher_weights={pickle}"], "is not a safetensors file")
+    refused(["finetune", "seg", "--set", f"data.datasets=[{world['data']}]", "--set",
+             f"task.pretrained={world['pre_run']}", "--set", f"run.output_dir={world['pre_run']}"],
+            "contains the pretrained checkpoint")
+    assert snapshot(world["data"], world["pre_run"]) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "teacher.safetensors"]

@@ -33,6 +33,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from codemae_cli.config import dump_recipe, load_recipe
         from codemae_cli.defaults import resolve_recipe
+        from codemae_cli.fsutil import guard_run_dir
         from codemae_cli.preflight import preflight
         from codemae_cli.tasks.config import FinetuneRecipe
 
@@ -42,6 +43,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             console.print(dump_recipe(cfg), markup=False, highlight=False)
             return
         preflight(cfg, echo=console.print)
+        guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
+                                           (pretrained_checkpoint(cfg), "the pretrained checkpoint")])
         from codemae_cli.tasks.evaluate import metrics_table
         from codemae_cli.tasks.finetune import run_finetune
 
@@ -49,3 +52,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if result.get("best_metrics"):
             console.print(metrics_table(result["best_metrics"], title=f"best validation (epoch {result['best_epoch']})"))
         console.print(f"checkpoints: {Path(result['run_dir']) / 'checkpoints'}")
+
+
+def pretrained_checkpoint(cfg):
+    """The checkpoint folder fine-tuning reads (None from scratch or when it is not set)."""
+    if cfg.task.from_scratch or not cfg.task.pretrained:
+        return None
+    from codemae_cli.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(cfg.task.pretrained)

@@ -42,6 +42,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """
         from codemae_cli.config import dump_recipe
         from codemae_cli.defaults import resolve_recipe
+        from codemae_cli.fsutil import guard_run_dir
         from codemae_cli.preflight import preflight
         from codemae_cli.train.recipe import load_pretrain_recipe
 
@@ -52,6 +53,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             typer.echo(dump_recipe(cfg))
             return
         preflight(cfg, echo=typer.echo)
+        guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
+                                           (cfg.model.okd.teacher_weights, "the teacher weights")])
         from codemae_cli.train.pretrain import run_pretrain
 
         run_pretrain(cfg, resume=resume)
