@@ -29,7 +29,7 @@ from codemae_cli.data.geo import (
 )
 from codemae_cli.data.prepare import run_prepare
 from codemae_cli.data.shards import PreparedDataset
-from codemae_cli.infer.sources import SarSource
+from codemae_cli.infer.sources import OpticalSource, SarSource
 from tests.rasters import write_raster
 
 LEFT, TOP, N = 600000.0, 5750000.0, 64  # optical: 64 x 64 px of 1 m in EPSG:32631
@@ -40,6 +40,8 @@ def _sar_scene(tmp_path, case: str):
     """(optical path, SAR path, SAR scale, expected kernel) for one co-registration case."""
     rng = np.random.default_rng(1)
     opt = rng.integers(50, 200, (3, N, N)).astype(np.uint16)
+    opt[:, 40:44, 3:9] = 0  # nodata
+    opt[1, 50:53, 30:36] = 0  # one band only: a legitimate 0
     optical = write_raster(tmp_path / "opt.tif", opt, crs="EPSG:32631", nodata=0, origin=(LEFT, TOP))
     if case == "on_grid":  # dB on the optical grid, with a nodata hole
         sar = (rng.normal(-12, 3, (1, N, N))).astype(np.float32)
@@ -65,13 +67,17 @@ def _prepared(tmp_path, optical, sar, scale):
     return PreparedDataset(tmp_path / "out")
 
 
-def _assert_chips_equal(ds: PreparedDataset, sar_on_grid: np.ndarray) -> None:
-    """Every chip's SAR equals ``sar_on_grid`` (C, H, W, dB, NaN nodata) at its pixels."""
+def _assert_chips_equal(ds: PreparedDataset, on_grid: np.ndarray, modality: str = "sar", where=None) -> None:
+    """Every chip of ``modality`` equals ``on_grid`` (C, H, W, NaN nodata) at its pixels
+    (only at the pixels ``where`` is True, when given)."""
     assert len(ds) >= 4
     for i in range(len(ds)):
         r, c = int(ds.index.iloc[i]["row"]), int(ds.index.iloc[i]["col"])
-        chip = ds.read(i)["sar"]
-        seen = sar_on_grid[:, r: r + TILE, c: c + TILE]
+        chip = ds.read(i)[modality]
+        seen = on_grid[:, r: r + TILE, c: c + TILE]
+        if where is not None:
+            keep = where[r: r + TILE, c: c + TILE]
+            chip, seen = chip[:, keep], seen[:, keep]
         assert np.array_equal(np.isnan(chip), np.isnan(seen)), f"nodata differs in chip {i}"
         np.testing.assert_allclose(seen, chip, atol=2.0**-6, equal_nan=True)  # chips hold float16 dB
 
@@ -118,7 +124,26 @@ def test_model_input_at_predict_is_the_training_sar(tmp_path, case):
                   sar_scale=scale, num_classes=2)
     x = seen[0][0]  # one window covers the scene
     db = np.where(x == 0.0, np.nan, x + mean)
-    _assert_chips_equal(ds, db)
+    # where the optical is nodata, predict hides the SAR too (bi-modal pixels are valid jointly)
+    src = OpticalSource(optical)
+    try:
+        optical_valid = src.read_strip(0, N)[1]
+    finally:
+        src.close()
+    _assert_chips_equal(ds, db, where=optical_valid)
+
+
+def test_predict_reads_the_training_optical(tmp_path):
+    """Optical nodata follows prepare's rule at predict: all bands at nodata (a 0 in one band is valid)."""
+    optical, sar, scale, _ = _sar_scene(tmp_path, "on_grid")
+    ds = _prepared(tmp_path, optical, sar, scale)
+    src = OpticalSource(optical)
+    try:
+        seen, valid = src.read_strip(0, N)
+    finally:
+        src.close()
+    assert not valid[40:44, 3:9].any() and valid[50:53, 30:36].all()
+    _assert_chips_equal(ds, seen, "optical")
 
 
 def test_shipped_sample_is_on_one_grid_for_prepare_and_predict(sample_pair, tmp_path):

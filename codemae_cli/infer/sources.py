@@ -3,7 +3,8 @@
 ``read_strip(row, nrows, col0, col1)`` returns the float32 pixels ``(C, nrows, col1 - col0)`` of a
 band of rows of the reference grid (columns ``[col0, col1)``, the full width by default) plus a
 validity mask ``(nrows, col1 - col0)`` (False where any band is nodata or NaN). The
-reference grid is the optical scene's (or the SAR scene's for SAR-only models).
+reference grid is the optical scene's (or the SAR scene's for SAR-only models). Optical pixels
+are read and judged valid by the rule ``prepare`` uses (:func:`codemae_cli.data.raster.optical_to_float`).
 
 SAR is read exactly as ``prepare`` reads it for training, by the same functions of
 :mod:`codemae_cli.data.geo`: the same "same grid" test, resampling policy (average for SAR
@@ -20,7 +21,8 @@ from typing import Literal
 
 import numpy as np
 
-from codemae_cli.data.geo import Grid, read_sar_db, resampling_kernel
+from codemae_cli.data.geo import Grid, read_on_grid, read_sar_db, resampling_kernel
+from codemae_cli.data.raster import optical_to_float
 from codemae_cli.errors import UserError
 
 SarScale = Literal["db", "linear", "amplitude"]
@@ -41,16 +43,12 @@ def open_scene(path: str | Path, what: str):
     return ds
 
 
-def _valid_from_masks(masks: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """All bands valid: GDAL's per-band masks (nodata value, internal mask, alpha) and finite values."""
-    valid = np.all(masks > 0, axis=0)
-    if np.issubdtype(data.dtype, np.floating) or np.iscomplexobj(data):
-        valid &= np.all(np.isfinite(data), axis=0)
-    return valid
-
-
 class OpticalSource:
-    """Strips of an optical scene on its own grid, as float32 in the file's units."""
+    """Strips of an optical scene on its own grid, as float32 in the file's units (NaN: nodata).
+
+    Read as ``prepare`` reads optical rasters: a pixel is nodata when every band equals the
+    file's nodata value, any band is not finite, or the file's internal mask says so.
+    """
 
     kind = "optical"
 
@@ -61,13 +59,11 @@ class OpticalSource:
         self.bands = self.ds.count
 
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from rasterio.windows import Window
-
         col0, col1 = _cols(self.grid, col0, col1)
-        win = Window(col0, row, col1 - col0, nrows)
-        data = self.ds.read(window=win)
-        valid = _valid_from_masks(self.ds.read_masks(window=win), data)
-        return data.astype(np.float32, copy=False), valid
+        nodata = self.ds.nodata
+        data = read_on_grid(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel="none",
+                            prepare=lambda block: optical_to_float(block, nodata))
+        return data, np.all(np.isfinite(data), axis=0)
 
     def close(self) -> None:
         self.ds.close()
