@@ -18,7 +18,6 @@ from rasterio.warp import transform as warp_transform
 
 from codemae_cli.data import geo
 from codemae_cli.data.geo import (
-    WARP_BLOCK,
     Grid,
     rasterize_shapes,
     read_on_grid,
@@ -189,20 +188,30 @@ def test_sar_scale_rules():
     np.testing.assert_allclose(sar_to_power(z, "db", None)[0, 0], [25.0, np.nan])  # SLC: |z|^2 whatever the scale
 
 
-def test_resampling_policy_and_block_invariance(tmp_path):
-    """Average below 1/1.5 grid pixel per source pixel, bilinear above; a warped pixel does not
-    depend on the window asking for it."""
-    grid = Grid("EPSG:32631", from_origin(LEFT, TOP, 1.0, 1.0), WARP_BLOCK + 100, 40)
+def test_resampling_policy():
+    """Average below 1/1.5 grid pixel per source pixel, bilinear above, nearest for labels."""
+    grid = Grid("EPSG:32631", from_origin(LEFT, TOP, 1.0, 1.0), 100, 40)
     for res, kernel in ((0.6, "average"), (0.7, "bilinear"), (1.7, "bilinear")):
         src = Grid("EPSG:32631", from_origin(LEFT + 0.3, TOP - 0.2, res, res), 10, 10)
         assert resampling_kernel(src, grid, "sar") == kernel
         assert resampling_kernel(src, grid, "label") == "nearest"
         assert warp_scale(src, grid) == pytest.approx(res)
+    shifted = Grid("EPSG:32631", from_origin(LEFT - 3.0, TOP + 2.0, 1.0, 1.0), 10, 10)
+    assert same_grid_offset(shifted, grid) == (2, 3) and resampling_kernel(shifted, grid, "sar") == "none"
+
+
+@pytest.mark.parametrize("kernel", ["average", "bilinear"])
+def test_a_warped_pixel_does_not_depend_on_the_window(tmp_path, monkeypatch, kernel):
+    """Lon/lat SAR onto a UTM grid: any window's pixels equal the whole grid's, to the bit."""
+    monkeypatch.setattr(geo, "WARP_BLOCK", 24)
     optical, sar, _, _ = _sar_scene(tmp_path, "finer")
+    with rasterio.open(optical) as o:
+        grid = Grid.of(o)
     with rasterio.open(sar) as s:
-        whole = read_on_grid(s, grid, 0, 0, 40, grid.width, kernel="average", prepare=lambda b: b.astype(np.float32))
-        part = read_on_grid(s, grid, 7, WARP_BLOCK - 30, 21, 77, kernel="average", prepare=lambda b: b.astype(np.float32))
-    np.testing.assert_array_equal(part, whole[:, 7:28, WARP_BLOCK - 30: WARP_BLOCK + 47])
+        whole = read_on_grid(s, grid, 0, 0, N, N, kernel=kernel, prepare=lambda b: b.astype(np.float32))
+        part = read_on_grid(s, grid, 7, 19, 21, 37, kernel=kernel, prepare=lambda b: b.astype(np.float32))
+    assert np.isfinite(whole).mean() > 0.9
+    np.testing.assert_array_equal(part, whole[:, 7:28, 19:56])
 
 
 def test_one_rasteriser_for_prepare_and_evaluate():
