@@ -244,3 +244,51 @@ def test_reference_import_refuses_other_files(tmp_path):
     with pytest.raises(UserError, match="not a CoDe-MAE iTPN checkpoint"):
         import_reference_checkpoint(tmp_path / "x.safetensors", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# -- pretraining run, resume and downstream on iTPN -----------------------------------------------
+def test_itpn_pretrain_resumes_then_finetunes_with_the_pyramid_and_probes(tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from codemae_cli.bench.loader_bench import make_synthetic_dataset
+    from codemae_cli.cli import app
+    from codemae_cli.tasks.model_io import build_task_model_from_checkpoint
+
+    root = Path(__file__).resolve().parents[1]
+    data = make_synthetic_dataset(tmp_path / "data", n_chips=8, tile=32, seed=3, labels=True, n_val=2)
+    runner = CliRunner()
+    sets = ["model.backbone=itpn", "model.preset=tiny", "model.img_size=32", "data.img_size=32",
+            "model.patch_size=8", "model.ccl.num_heads=4", "model.okd.teacher=ema", "optim.batch_size=2",
+            "run.device=cpu", "run.precision=fp32", "run.tensorboard=false", "data.num_workers=0",
+            "data.pin_memory=false", f"data.datasets=[{data}]", "run.ckpt_every=2"]
+
+    def pretrain(*extra, resume=False):
+        args = ["pretrain", str(root / "recipes" / "smoke.yaml"), "--output-dir", str(tmp_path / "pre")]
+        args += ["--resume"] if resume else []
+        for s in sets + list(extra):
+            args += ["--set", s]
+        return runner.invoke(app, args)
+
+    res = pretrain("optim.max_steps=2")
+    assert res.exit_code == 0, res.output
+    assert pretrain("optim.max_steps=3").exit_code == 2  # a run with checkpoints is resumed explicitly
+    res = pretrain("optim.max_steps=3", resume=True)
+    assert res.exit_code == 0 and "resumed from" in res.output, res.output
+
+    for head, probe in (("upernet", False), ("linear", True)):
+        ft = ["finetune", str(root / "recipes" / "seg.yaml"), "--set", f"task.pretrained={tmp_path / 'pre'}",
+              "--set", f"data.datasets=[{data}]", "--set", "model.img_size=32", "--set", "data.img_size=32",
+              "--set", f"task.head={head}", "--set", f"task.linear_probe={str(probe).lower()}",
+              "--set", "task.neck_dim=16", "--set", "optim.batch_size=2", "--set", "optim.max_steps=2",
+              "--set", "optim.epochs=1", "--set", "run.device=cpu", "--set", "run.precision=fp32",
+              "--set", "run.tensorboard=false", "--set", "data.num_workers=0", "--set", "data.pin_memory=false",
+              "--set", f"run.output_dir={tmp_path / head}"]
+        res = runner.invoke(app, ft)
+        assert res.exit_code == 0, res.output
+        model, meta = build_task_model_from_checkpoint(tmp_path / head)
+        assert meta["encoder_config"]["backbone"] == "itpn" and model.pyramid == (head == "upernet")
+        with torch.no_grad():
+            logits = model(optical=torch.randn(1, 3, 32, 32), sar=torch.randn(1, 2, 32, 32))
+        assert logits.shape[-2:] == (32, 32)

@@ -124,7 +124,8 @@ class PretrainTask(TrainTask):
     def _describe(self, say: Callable[[str], None], precision: str) -> None:
         recipe, dist, optim, plan = self.recipe, self.dist, self.recipe.optim, self.plan
         n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        say(f"pretraining CoDe-MAE '{recipe.model.preset}' ({n_params / 1e6:.1f} M trainable parameters) on "
+        say(f"pretraining CoDe-MAE {recipe.model.backbone} '{recipe.model.preset}' ({n_params / 1e6:.1f} M trainable "
+            f"parameters) on "
             f"{len(self.chips)} {recipe.data.split} pairs from {len(self.chips.sources)} dataset(s); "
             f"{dist.world_size} process(es) on {dist.device.type}, {precision}")
         pairs = optim.batch_size * optim.accum_steps * dist.world_size
@@ -134,6 +135,8 @@ class PretrainTask(TrainTask):
             say(f"lr = blr {optim.blr:g} x {self.effective_batch} images / 256 = {self.lr:.4g}; {batch}")
         else:
             say(f"lr = {self.lr:.4g} (optim.lr); {batch}")
+        if getattr(self.model, "init_report", None) is not None:
+            say(self.model.init_report.summary())
         say(f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all, {plan.warmup_steps} warmup steps")
 
     def step(self, model, batch) -> dict:
