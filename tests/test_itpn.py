@@ -250,9 +250,9 @@ def test_reference_import_refuses_other_files(tmp_path):
 def test_itpn_pretrain_resumes_then_finetunes_with_the_pyramid_and_probes(tmp_path):
     from pathlib import Path
 
+    from fakes import make_synthetic_dataset
     from typer.testing import CliRunner
 
-    from codemae_cli.bench.loader_bench import make_synthetic_dataset
     from codemae_cli.cli import app
     from codemae_cli.tasks.model_io import build_task_model_from_checkpoint
 
