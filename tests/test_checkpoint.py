@@ -138,3 +138,41 @@ def test_recovers_checkpoint_moved_aside_by_a_killed_save(tmp_path):
     # The next save of the same name supersedes the leftover.
     save_checkpoint(target, model, {"kind": "pretrain", "step": 8})
     assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+
+
+def test_metadata_record_reads_old_checkpoints_with_documented_defaults(tmp_path):
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
+
+    # a fine-tuned checkpoint as codemae 0.1 wrote it: no sar_scale, band_selection, backbone
+    old = {"kind": "finetune", "classes": [{"name": "water", "color": [0, 0, 255]}, {"name": "land"}],
+           "bands": {"optical": ["B1"], "sar": ["VV"]}, "inputs": "sar", "img_size": 64,
+           "encoder_config": {"preset": "tiny", "patch_size": 8},
+           "recipe": {"model": {"img_size": 32, "patch_size": 4}, "task": {"kind": "classification"}}}
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best", _model(), old)
+    meta = read_checkpoint_meta(tmp_path / "run")
+    assert meta.path == tmp_path / "run" / "checkpoints" / "best" and meta.kind == "finetune"
+    assert meta.sar_scale == "unknown" and meta.band_selection == {"optical": None, "sar": None}
+    assert meta.backbone == "vit" and meta.preset == "tiny" and meta.patch_size == 8 and meta.img_size == 64
+    assert meta.task == "classification" and meta.inputs == "sar" and meta.class_names == ["water", "land"]
+    assert meta.stats == {} and meta.raw["bands"] == old["bands"]
+    scale, warning = meta.sar_scale_for("auto")
+    assert scale == "db" and "does not record" in warning  # what predict assumed before the record existed
+    assert meta.sar_scale_for("linear") == ("linear", None)
+
+
+def test_metadata_record_sar_scale_follows_the_training_data(tmp_path):
+    from codemae_cli.train.checkpoint import data_provenance, read_checkpoint_meta
+
+    prov = data_provenance([{"sar": {"input_scale": "linear", "selected": [2, 1]}, "optical": {}}])
+    assert prov == {"sar_scale": "linear", "band_selection": {"optical": None, "sar": [2, 1]}}
+    assert data_provenance([{"sar": {"input_scale": "db"}}, {"sar": {"input_scale": "linear"}}])["sar_scale"] == "mixed"
+    save_checkpoint(tmp_path / "ck", _model(), {"kind": "finetune", "backbone": "itpn", **prov})
+    meta = read_checkpoint_meta(tmp_path / "ck")
+    assert meta.backbone == "itpn" and meta.band_selection["sar"] == [2, 1]
+    assert meta.sar_scale_for("auto") == ("linear", None)
+    scale, warning = meta.sar_scale_for("db")
+    assert scale == "db" and "trained on SAR prepared from linear" in warning
+    with pytest.raises(UserError, match="--sar-scale must be"):
+        meta.sar_scale_for("decibel")
+    slc = read_checkpoint_meta(save_checkpoint(tmp_path / "slc", _model(), {"kind": "finetune", "sar_scale": "slc"}))
+    assert slc.sar_scale_for("auto") == ("linear", None)

@@ -114,7 +114,10 @@ def test_every_input_mode_trains_and_reloads(water_land, tmp_path, inputs):
     result = run_finetune(recipe)
     assert 0.0 <= result["best_metrics"]["miou"] <= 1.0
     model, meta = build_task_model_from_checkpoint(result["run_dir"])
-    assert meta["inputs"] == inputs and not model.training
+    assert meta.inputs == inputs and not model.training
+    # the record: what the training data was (the generated scene's SAR is linear power)
+    assert meta.sar_scale == "linear" and meta.band_selection == {"optical": None, "sar": None}
+    assert meta.backbone == "vit" and meta.preset == "tiny" and meta.img_size == 16 and meta.patch_size == 4
     opt, sar = torch.randn(1, 4, 32, 32), torch.randn(1, 2, 32, 32)
     with torch.no_grad():
         if inputs == "both":

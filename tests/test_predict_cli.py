@@ -178,3 +178,20 @@ def test_predict_cli_refuses_to_overwrite_its_inputs_and_bad_device(setup, tmp_p
            "unknown device 'gpu'")
     assert scene.read_bytes() == before
     assert sorted(x.name for x in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_sar_scale_auto_reads_the_scene_in_the_training_data_units(setup, tmp_path):
+    from codemae_cli.infer.run import predict_from_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["both"], ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "sar_scale": "linear"}))  # trained on linear-power SAR
+    pair = setup["pair"]  # its SAR is linear power too
+    kw = dict(sar=str(pair["sar"]), window=32, overlap=8, device="cpu")
+    auto = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "auto.tif", **kw)
+    said = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "linear.tif", sar_scale="linear", **kw)
+    wrong = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db", **kw)
+    read = [rasterio.open(tmp_path / f"{n}.tif").read(1) for n in ("auto", "linear", "db")]
+    assert np.array_equal(read[0], read[1]) and not any("SAR" in n for n in auto["notes"] + said["notes"])
+    assert any("trained on SAR prepared from linear" in n for n in wrong["notes"])

@@ -77,7 +77,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         vectorize: Optional[Path] = typer.Option(None, "--vectorize", help="Also write polygons per class (GeoPackage)."),
         min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (CRS units squared, m^2)."),
         simplify: float = typer.Option(0.0, "--simplify", help="Polygon simplification tolerance (CRS units)."),
-        sar_scale: str = typer.Option("db", "--sar-scale", help="Units of the SAR scene: db | linear (power) | amplitude."),
+        sar_scale: str = typer.Option(
+            "auto", "--sar-scale", help="Units of the SAR scene: auto (those of the training data, as the checkpoint "
+            "records them; dB for older checkpoints) | db | linear (power) | amplitude."),
         readers: int = typer.Option(2, "--readers", help="Threads reading the scene ahead of the model."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:

@@ -2,9 +2,10 @@
 
     summary = predict_from_checkpoint("runs/seg", "scene.tif", out="mask.tif", sar="sar.tif")
 
-The checkpoint's ``meta.json`` decides which inputs the model reads, how they are normalised
-(``stats``, SAR in dB) and what the classes are called; the output COG carries the model preset,
-the SHA-256 of ``model.safetensors``, the resolved recipe and the class names as tags.
+The checkpoint's record (``CheckpointMeta``: its meta.json, read once) decides which inputs the
+model reads, the units of the SAR scene (``--sar-scale auto``), how inputs are normalised and
+what the classes are called; the output COG carries the model preset, the SHA-256 of
+``model.safetensors``, the resolved recipe and the class names as tags.
 """
 
 from __future__ import annotations
@@ -38,27 +39,9 @@ def _task_kind(meta: dict) -> str:
     return str(recipe_task.get("kind", "segmentation"))
 
 
-def _classes(meta: dict) -> tuple[list[str], list]:
-    names, colors = [], []
-    for i, c in enumerate(meta.get("classes") or []):
-        if isinstance(c, dict):
-            names.append(str(c.get("name", i)))
-            colors.append(c.get("color"))
-        else:
-            names.append(str(c))
-            colors.append(None)
-    return names, colors
-
-
-def _preset(meta: dict) -> str:
-    recipe_model = (meta.get("recipe") or {}).get("model") or {}
-    return str(meta.get("preset") or recipe_model.get("preset") or "unknown")
-
-
-def _default_window(meta: dict, patch: int) -> int:
+def _default_window(img_size: Optional[int], patch: int) -> int:
     """The chip size the model was fine-tuned on: what it has learnt to see at once."""
-    size = meta.get("img_size") or ((meta.get("recipe") or {}).get("model") or {}).get("img_size") or 224
-    return -(-int(size) // patch) * patch
+    return -(-int(img_size or 224) // patch) * patch
 
 
 def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], inputs: Optional[str]):
@@ -128,7 +111,7 @@ def predict_from_checkpoint(
     vectorize: Optional[str] = None,
     min_area: float = 0.0,
     simplify: float = 0.0,
-    sar_scale: str = "db",
+    sar_scale: str = "auto",
     precision: str = "auto",
     progress: bool = False,
     readers: int = 2,
@@ -139,46 +122,50 @@ def predict_from_checkpoint(
     from codemae_cli.device import resolve_device
     from codemae_cli.infer.cog import check_output_path
     from codemae_cli.infer.predict import predict_scene
-    from codemae_cli.train.checkpoint import MODEL_FILE, read_meta, resolve_checkpoint
+    from codemae_cli.train.checkpoint import MODEL_FILE, read_checkpoint_meta
 
     # cheap checks first: a typo in a path must not wait for a model to load
     check_output_path(out)
-    ckpt = resolve_checkpoint(checkpoint)
-    meta = read_meta(ckpt)
-    if meta.get("kind") != "finetune":
-        raise UserError(f"checkpoint '{ckpt}' is a {meta.get('kind', 'unknown')} checkpoint, not a fine-tuned "
+    meta = read_checkpoint_meta(checkpoint)  # the one read of meta.json; meta.path is the resolved directory
+    ckpt = meta.path
+    if meta.kind != "finetune":
+        raise UserError(f"checkpoint '{ckpt}' is a {meta.kind} checkpoint, not a fine-tuned "
                         "model; fine-tune it first with codemae finetune")
-    if _task_kind(meta) != "segmentation":
-        raise UserError(f"checkpoint '{ckpt}' is a {_task_kind(meta)} model; only segmentation models map scenes")
+    if meta.task != "segmentation":
+        raise UserError(f"checkpoint '{ckpt}' is a {meta.task} model; only segmentation models map scenes")
     notes = []
-    if (inputs is None and meta.get("inputs") == "both" and scene is not None and sar is None
-            and float(meta.get("modality_dropout") or 0) > 0):
+    if (inputs is None and meta.inputs == "both" and scene is not None and sar is None
+            and float(meta.raw.get("modality_dropout") or 0) > 0):
         # Fine-tuned with modality dropout, the model has learnt to map from optical alone.
         inputs = "optical"
         notes.append("no --sar given: predicting from the optical scene alone (the model was fine-tuned with "
                      "modality dropout); pass --sar SAR_SCENE to use both")
-    optical_path, sar_path, use = resolve_scenes(str(meta.get("inputs", "both")), scene, sar, inputs)
+    optical_path, sar_path, use = resolve_scenes(meta.inputs, scene, sar, inputs)
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
     guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
-    names, colors = _classes(meta)
+    names, colors = meta.class_names, [c.get("color") for c in meta.classes]
+    if sar_path is not None:
+        sar_scale, warning = meta.sar_scale_for(sar_scale)
+        if warning:
+            notes.append(warning)
 
     try:
         from codemae_cli.tasks import build_task_model_from_checkpoint
     except ImportError as err:  # pragma: no cover - the fine-tuning package ships it
         raise RuntimeError("codemae_cli.tasks.build_task_model_from_checkpoint is not available") from err
     dev = resolve_device(device)
-    model, meta = build_task_model_from_checkpoint(ckpt, dev)
+    model, meta = build_task_model_from_checkpoint(meta, dev)
     model.eval()
     encoder = getattr(model, "encoder", None)
     patch = int(getattr(encoder, "patch_size", 16) or 16)
-    win = int(window) if window is not None else _default_window(meta, patch)
+    win = int(window) if window is not None else _default_window(meta.img_size, patch)
     if window is None:
         notes.append(f"window {win} px: the chip size the model was fine-tuned on (--window to change it)")
     if win % patch:
         raise UserError(f"the window ({win} px) must be a multiple of the model's patch size ({patch} px)")
-    stats = meta.get("stats") or {}
+    stats = meta.stats
     for m, p in (("optical", optical_path), ("sar", sar_path)):
         if p is not None and not (stats.get(m) or {}).get("mean"):
             raise UserError(f"checkpoint '{ckpt}' holds no {m} normalisation statistics, so it cannot read that input")
@@ -187,13 +174,13 @@ def predict_from_checkpoint(
         return model(optical=optical, sar=sar_x)
 
     tags = {
-        "codemae_model": _preset(meta),
+        "codemae_model": meta.preset,
         "codemae_checkpoint": str(ckpt),
         "codemae_checkpoint_sha256": sha256_file(ckpt / MODEL_FILE),
-        "codemae_recipe": json.dumps(meta.get("recipe") or {}, sort_keys=True, default=str),
+        "codemae_recipe": json.dumps(meta.recipe, sort_keys=True, default=str),
         "codemae_inputs": use,
-        "codemae_version": meta.get("codemae_version", ""),
-        "codemae_bands": json.dumps(meta.get("bands") or {}),
+        "codemae_version": meta.raw.get("codemae_version", ""),
+        "codemae_bands": json.dumps(meta.bands),
     }
     with torch.inference_mode():
         summary = predict_scene(

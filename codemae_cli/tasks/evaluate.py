@@ -158,34 +158,34 @@ def evaluate_checkpoint(checkpoint, datasets: Sequence[str], split: str = "test"
     from codemae_cli.config import from_dict
     from codemae_cli.tasks.config import FinetuneRecipe
 
-    recipe = from_dict(FinetuneRecipe, meta["recipe"])
+    recipe = from_dict(FinetuneRecipe, meta.recipe)
     task = recipe.task
     if inputs is not None:
         if inputs not in ("optical", "sar", "both"):
             raise UserError(f"--inputs must be optical, sar or both, not '{inputs}'")
-        if meta["inputs"] != "both" and inputs != meta["inputs"]:
-            raise UserError(f"this model was trained on {meta['inputs']} input only; it cannot be evaluated on {inputs}")
+        if meta.inputs != "both" and inputs != meta.inputs:
+            raise UserError(f"this model was trained on {meta.inputs} input only; it cannot be evaluated on {inputs}")
     dsets = open_datasets(datasets)
     _check_dataset_fits(dsets, meta)
     loader = task_loader(dsets, split, recipe, train=False, batch_size=batch_size, num_workers=num_workers)
     drop = None if inputs in (None, "both") else ("sar" if inputs == "optical" else "optical")
-    names = [c["name"] for c in meta["classes"]]
+    names = meta.class_names
     out = evaluate_model(model, loader, task, len(names), dev, precision, class_names=names, drop=drop)
-    out["checkpoint"] = str(meta.get("_path", checkpoint))
+    out["checkpoint"] = str(meta.path)
     out["split"] = split
-    out["task"] = meta["task"]
-    out["inputs"] = inputs or meta["inputs"]
+    out["task"] = meta.task
+    out["inputs"] = inputs or meta.inputs
     return out
 
 
-def _check_dataset_fits(dsets, meta: dict) -> None:
+def _check_dataset_fits(dsets, meta) -> None:
     for ds in dsets:
         if not ds.has_labels:
             raise UserError(f"prepared dataset '{ds.root}' has no labels; prepare it with --labels to evaluate")
         for mod in ("optical", "sar"):
-            if meta["inputs"] not in (mod, "both"):
+            if meta.inputs not in (mod, "both"):
                 continue
-            want = len(meta["bands"][mod])
+            want = len(meta.bands[mod])
             have = int(ds.meta[mod]["count"])
             if want != have:
                 raise UserError(f"the checkpoint expects {want} {mod} band(s) but '{ds.root}' has {have}")

@@ -258,13 +258,18 @@ class FinetuneTask(TrainTask):
             _plot_val(loop.logger, loop.run_dir / "val_curve.png", t.best_metric)
 
     def checkpoint_meta(self, name: str, pos) -> dict:
+        """meta.json, read back as :class:`~codemae_cli.train.checkpoint.CheckpointMeta`."""
         from codemae_cli.config import to_dict
+        from codemae_cli.train.checkpoint import data_provenance
 
         t, recipe, enc = self.recipe.task, self.recipe, self.enc_cfg
         return {
             "kind": "finetune", "task": t.kind, "multilabel": t.multilabel, "inputs": t.inputs,
             "classes": self.classes, "ignore_index": t.ignore_index, "bands": self.bands,
             "stats": self.dsets[0].meta.get("stats"), "img_size": recipe.model.img_size,
+            # SAR units and input bands of the training data: predict reads a scene the same way
+            **data_provenance([d.meta for d in self.dsets]),
+            "backbone": getattr(enc, "backbone", "vit"),
             "patch_size": enc.patch_size, "preset": enc.preset, "encoder_config": to_dict(enc),
             "modality_dropout": t.modality_dropout, "linear_probe": t.linear_probe,
             "pretrained": t.pretrained, "load_report": self.report.as_dict() if self.report else None,

@@ -2,7 +2,7 @@
 checkpoint (what ``codemae predict`` and ``codemae evaluate`` load).
 
     model, report = build_task_model(recipe, optical_bands=4, sar_bands=2, classes=classes)
-    model, meta = build_task_model_from_checkpoint("runs/seg", device="cuda")
+    model, meta = build_task_model_from_checkpoint("runs/seg", device="cuda")   # meta: CheckpointMeta
 """
 
 from __future__ import annotations
@@ -141,41 +141,38 @@ def build_task_model(recipe, optical_bands: int, sar_bands: int, num_classes: in
     return model, cfg
 
 
-def build_task_model_from_checkpoint(path, device="cpu"):
-    """``(model, meta)`` of a fine-tuned checkpoint (directory or run directory), in eval mode.
+def build_task_model_from_checkpoint(checkpoint, device="cpu"):
+    """``(model, meta)`` of a fine-tuned checkpoint, in eval mode; ``meta`` is its
+    :class:`~codemae_cli.train.checkpoint.CheckpointMeta`.
 
-    ``meta`` holds ``kind`` ("finetune"), ``task`` ("segmentation" | "classification"),
-    ``multilabel``, ``inputs``, ``classes`` ([{name, color}]), ``bands``, ``stats``
-    ({optical, sar: {mean, std}}: normalise inputs with them), ``img_size``, ``patch_size``,
-    ``ignore_index``, ``recipe``, ``encoder_config``, ``metrics``.
+    ``checkpoint``: a checkpoint directory, a run directory, or the record already read (then
+    neither the path is resolved nor meta.json read again). Normalise inputs with ``meta.stats``.
     """
     from codemae_cli.config import from_dict
     from codemae_cli.tasks.config import FinetuneRecipe
-    from codemae_cli.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from codemae_cli.train.checkpoint import CheckpointMeta, load_weights, read_checkpoint_meta
 
-    ckpt = resolve_checkpoint(path)
-    state, meta = load_checkpoint(ckpt)
-    if meta.get("kind") != "finetune":
-        raise UserError(f"checkpoint '{path}' is a {meta.get('kind', 'unknown')} checkpoint, not a fine-tuned model; "
+    meta = checkpoint if isinstance(checkpoint, CheckpointMeta) else read_checkpoint_meta(checkpoint)
+    where = meta.path
+    if meta.kind != "finetune":
+        raise UserError(f"checkpoint '{where}' is a {meta.kind} checkpoint, not a fine-tuned model; "
                         "run `codemae finetune` first")
     for key in ("recipe", "encoder_config", "bands", "classes", "inputs"):
-        if key not in meta:
-            raise UserError(f"checkpoint '{path}' lacks '{key}' in its meta.json; it was not written by `codemae finetune`")
+        if key not in meta.raw:
+            raise UserError(f"checkpoint '{where}' lacks '{key}' in its meta.json; it was not written by `codemae finetune`")
     try:
-        recipe = from_dict(FinetuneRecipe, meta["recipe"])
+        recipe = from_dict(FinetuneRecipe, meta.recipe)
     except UserError as err:
-        raise UserError(f"checkpoint '{path}' has a recipe this codemae does not understand ({err})") from None
+        raise UserError(f"checkpoint '{where}' has a recipe this codemae does not understand ({err})") from None
     # Rebuild exactly the encoder that was trained (its config is stored), no pretrained load.
-    recipe.model.preset = meta["encoder_config"]["preset"]
-    recipe.model.patch_size = meta["encoder_config"]["patch_size"]
-    model, _ = build_task_model(recipe, len(meta["bands"]["optical"]), len(meta["bands"]["sar"]),
-                                len(meta["classes"]), pretrain_meta={"encoder_config": meta["encoder_config"]})
+    recipe.model.preset = meta.encoder_config["preset"]
+    recipe.model.patch_size = meta.encoder_config["patch_size"]
+    model, _ = build_task_model(recipe, len(meta.bands["optical"]), len(meta.bands["sar"]),
+                                len(meta.classes), pretrain_meta={"encoder_config": meta.encoder_config})
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(load_weights(meta.path), strict=True)
     except RuntimeError:
-        raise UserError(f"checkpoint '{path}' weights do not match the model its meta.json describes") from None
-    meta = dict(meta)
-    meta["_path"] = str(ckpt)
+        raise UserError(f"checkpoint '{where}' weights do not match the model its meta.json describes") from None
     return model.to(device).eval(), meta
 
 

@@ -17,8 +17,9 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from codemae_cli.errors import UserError
 
@@ -274,17 +275,114 @@ def read_meta(path) -> dict:
     return meta
 
 
-def load_checkpoint(path, map_location="cpu") -> tuple[dict, dict]:
-    """``(state_dict, meta)`` of a checkpoint; weights read with safetensors (no pickle)."""
+# The SAR units a scene can be read in (prediction); what prepare records as a dataset's input
+# scale may also be "slc" (complex samples) or "mixed" (scenes in different units).
+_SCENE_SAR_SCALES = ("db", "linear", "amplitude")
+
+
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's meta.json as a typed record: read once, by :func:`read_checkpoint_meta`.
+
+    Checkpoints written before a field existed load with the default documented here.
+    """
+
+    path: Path  # the resolved checkpoint directory
+    kind: str  # "pretrain" | "finetune"
+    bands: dict  # {"optical": [names], "sar": [names]}: the bands the model reads, in order
+    band_selection: dict  # {"optical"|"sar": [1-based input bands kept at prepare] | None (all)}; default all
+    sar_scale: str  # units of the SAR rasters the training data came from: db | linear | amplitude | slc
+    #                 | mixed | unknown (default: unknown, read as dB by predict)
+    stats: dict  # {"optical"|"sar": {"mean": [...], "std": [...]}}: normalisation (SAR in dB)
+    img_size: Optional[int]  # training chip size (default: the recipe's model.img_size)
+    patch_size: Optional[int]  # default: the encoder config's, then the recipe's
+    classes: list  # [{"name", "color"}] of a fine-tuned model; [] for pretraining
+    backbone: str  # encoder architecture: vit | itpn (default vit)
+    preset: str  # model size preset (default "unknown")
+    task: Optional[str]  # "segmentation" | "classification" (fine-tuned models), else None
+    inputs: str  # "optical" | "sar" | "both" (default both)
+    recipe: dict  # the resolved recipe of the run
+    encoder_config: Optional[dict]  # the encoder's ModelConfig (fine-tuned models)
+    raw: dict  # the whole meta.json, for fields not typed here (metrics, versions, ...)
+
+    @classmethod
+    def from_dict(cls, meta: dict, path: Path) -> CheckpointMeta:
+        recipe = meta.get("recipe") or {}
+        model = recipe.get("model") or {}
+        enc = meta.get("encoder_config")
+        task = meta.get("task")
+        if isinstance(task, dict):  # very early fine-tuning checkpoints stored the task section
+            task = task.get("kind")
+        if task is None and meta.get("kind") == "finetune":
+            task = (recipe.get("task") or {}).get("kind", "segmentation")
+        classes = [c if isinstance(c, dict) else {"name": str(c), "color": None} for c in meta.get("classes") or []]
+        return cls(
+            path=Path(path), kind=str(meta.get("kind", "pretrain")), bands=dict(meta.get("bands") or {}),
+            band_selection={m: (meta.get("band_selection") or {}).get(m) for m in ("optical", "sar")},
+            sar_scale=str(meta.get("sar_scale") or "unknown"), stats=dict(meta.get("stats") or {}),
+            img_size=meta.get("img_size") or model.get("img_size"),
+            patch_size=meta.get("patch_size") or (enc or {}).get("patch_size") or model.get("patch_size"),
+            classes=classes, backbone=str(meta.get("backbone") or (enc or model).get("backbone") or "vit"),
+            preset=str(meta.get("preset") or (enc or {}).get("preset") or model.get("preset") or "unknown"),
+            task=task, inputs=str(meta.get("inputs") or "both"), recipe=recipe, encoder_config=enc, raw=meta)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c.get("name", i)) for i, c in enumerate(self.classes)]
+
+    def sar_scale_for(self, choice: str = "auto") -> tuple[str, Optional[str]]:
+        """The units to read a SAR scene in, and a warning line (None when there is nothing to say).
+
+        ``auto``: the units of the training data's SAR rasters (complex SLC samples are read as
+        intensity whatever the units, so "linear"); dB when the checkpoint does not record them.
+        A choice that differs from the training data is honoured, with a warning.
+        """
+        trained = "linear" if self.sar_scale == "slc" else self.sar_scale
+        known = trained in _SCENE_SAR_SCALES
+        if choice == "auto":
+            if known:
+                return trained, None
+            return "db", (f"the checkpoint does not record the units of its training SAR ({self.sar_scale}); "
+                          "reading the SAR scene as dB (--sar-scale db|linear|amplitude to say)")
+        if choice not in _SCENE_SAR_SCALES:
+            raise UserError(f"--sar-scale must be auto, db, linear or amplitude, not '{choice}'")
+        if known and choice != trained:
+            return choice, (f"--sar-scale {choice}, but the model was trained on SAR prepared from {trained} rasters; "
+                            "right only if this scene's units differ from those of the training scenes")
+        return choice, None
+
+
+def data_provenance(dataset_metas: list[dict]) -> dict:
+    """What a checkpoint records about its training data's inputs, from the datasets' metadata.json:
+    ``sar_scale`` (units of the SAR rasters; "mixed" when the datasets differ) and ``band_selection``
+    (input bands kept at prepare, 1-based; None: all)."""
+    scales = {str((m.get("sar") or {}).get("input_scale") or "unknown") for m in dataset_metas}
+    first = dataset_metas[0] if dataset_metas else {}
+    return {"sar_scale": scales.pop() if len(scales) == 1 else "mixed",
+            "band_selection": {m: (first.get(m) or {}).get("selected") for m in ("optical", "sar")}}
+
+
+def read_checkpoint_meta(path) -> CheckpointMeta:
+    """The typed meta.json of a checkpoint (a checkpoint directory or a run directory)."""
+    ckpt = resolve_checkpoint(path)
+    return CheckpointMeta.from_dict(read_meta(ckpt), ckpt)
+
+
+def load_weights(ckpt: Path, map_location="cpu") -> dict:
+    """The state_dict in ``ckpt/model.safetensors`` (an already resolved checkpoint directory)."""
     from safetensors.torch import load_file
 
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
     try:
-        state = load_file(str(ckpt / MODEL_FILE), device=str(map_location))
+        return load_file(str(Path(ckpt) / MODEL_FILE), device=str(map_location))
     except Exception:
         raise UserError(f"checkpoint '{ckpt}' has a corrupt {MODEL_FILE}") from None
-    return state, meta
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[dict, dict]:
+    """``(state_dict, meta)`` of a checkpoint; weights read with safetensors (no pickle)."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    return load_weights(ckpt, map_location), meta
 
 
 def has_resume(path) -> bool:
@@ -332,10 +430,14 @@ def load_resume(path, optimizer=None, restore_rng_state: bool = False) -> dict:
 
 
 __all__ = [
+    "CheckpointMeta",
     "capture_rng",
+    "data_provenance",
     "has_resume",
     "load_checkpoint",
+    "load_weights",
     "load_resume",
+    "read_checkpoint_meta",
     "read_meta",
     "resolve_checkpoint",
     "restore_rng",

@@ -159,10 +159,13 @@ class PretrainTask(TrainTask):
 
     def checkpoint_meta(self, name: str, pos: Position) -> dict:
         from codemae_cli.config import to_dict
+        from codemae_cli.train.checkpoint import data_provenance
 
         summary = self.chips.meta_summary()
         return {"kind": "pretrain", "recipe": to_dict(self.recipe), "bands": summary["bands"],
                 "stats": summary["stats"], "datasets": summary["datasets"],
+                **data_provenance([s.meta for s in self.chips.sources]),
+                "backbone": getattr(self.recipe.model, "backbone", "vit"),
                 "dataset_stats": [s.meta.get("stats") for s in self.chips.sources],
                 "world_size": self.dist.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                 "total_steps": self.plan.total_steps}
