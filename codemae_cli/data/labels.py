@@ -52,65 +52,10 @@ class VectorLabels:
     """A vector label file, re-projected to the grid CRS, with integer class codes."""
 
     def __init__(self, path: str | Path, column: Optional[str], classes: Optional[list[str]], crs_wkt: str):
-        import geopandas as gpd
-
         self.path = Path(path)
-        if not self.path.exists():
-            raise UserError(f"label file '{self.path}' does not exist")
-        try:
-            gdf = gpd.read_file(self.path)
-        except Exception:  # pyogrio raises several types for unreadable files
-            raise UserError(f"label file '{self.path}' is not a readable vector file") from None
-        if len(gdf) == 0:
-            raise UserError(f"label file '{self.path}' has no features")
-        if gdf.crs is None:
-            raise UserError(f"label file '{self.path}' has no CRS")
-        column = column or "class"
-        if column not in gdf.columns:
-            cols = ", ".join(c for c in gdf.columns if c != "geometry")
-            raise UserError(
-                f"label file '{self.path}' has no column '{column}' (choose one with --label-column: {cols})"
-            )
-        gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
-        gdf = gdf[gdf[column].notna()]
-        if len(gdf) == 0:
-            raise UserError(f"label file '{self.path}' has no features with a geometry and a '{column}' value")
-        values = gdf[column]
-        from pandas.api.types import is_bool_dtype, is_numeric_dtype
-
-        if is_numeric_dtype(values.dtype) and not is_bool_dtype(values.dtype):
-            v = values.to_numpy(dtype=np.float64)
-            if (v != np.round(v)).any() or v.min() < 0 or v.max() >= IGNORE:
-                raise UserError(f"label column '{column}' must hold whole class codes 0..254")
-            codes = v.astype(np.int64)
-            if classes is not None:
-                if codes.max() >= len(classes):
-                    raise UserError(
-                        f"label column '{column}' has code {codes.max()} but --classes names only {len(classes)} classes"
-                    )
-                names = classes
-            else:
-                names = ["background"] + [f"class_{k}" for k in range(1, int(codes.max()) + 1)]
-        else:
-            text = values.astype(str)
-            distinct = sorted(set(text))
-            if classes is not None and not set(distinct) & set(classes) and len(classes) == len(distinct) + 1:
-                # e.g. building=yes with --classes background,building: rename in sorted order.
-                lookup = {n: k + 1 for k, n in enumerate(distinct)}
-                names = classes
-            elif classes is not None:
-                unknown = sorted(set(text) - set(classes))
-                if unknown:
-                    raise UserError(f"label value '{unknown[0]}' of column '{column}' is not one of --classes")
-                lookup = {n: k for k, n in enumerate(classes)}
-                names = classes
-            else:
-                names = ["background"] + distinct
-                lookup = {n: k + 1 for k, n in enumerate(distinct)}
-                if len(names) > IGNORE:
-                    raise UserError(f"label column '{column}' has more than 254 distinct values")
-            codes = text.map(lookup).to_numpy(dtype=np.int64)
-        self.column = column
+        self.column = column or "class"
+        gdf = _read_features(self.path, self.column)
+        codes, names = _class_codes(gdf[self.column], self.column, classes)
         self.classes = {str(k): n for k, n in enumerate(names)}
         gdf = gdf.assign(_code=codes)[["_code", "geometry"]].to_crs(crs_wkt)
         self.gdf = gdf.reset_index(drop=True)
@@ -122,6 +67,64 @@ class VectorLabels:
         sub = self.gdf.iloc[np.sort(hits)]
         shapes = ((geom, int(code)) for geom, code in zip(sub.geometry, sub["_code"], strict=True))
         return rasterize_shapes(shapes, grid, row, col, height, width, fill=0, dtype=np.uint8)
+
+
+def _read_features(path: Path, column: str):
+    """The features of a vector label file that have a geometry and a ``column`` value."""
+    import geopandas as gpd
+
+    if not path.exists():
+        raise UserError(f"label file '{path}' does not exist")
+    try:
+        gdf = gpd.read_file(path)
+    except Exception:  # pyogrio raises several types for unreadable files
+        raise UserError(f"label file '{path}' is not a readable vector file") from None
+    if len(gdf) == 0:
+        raise UserError(f"label file '{path}' has no features")
+    if gdf.crs is None:
+        raise UserError(f"label file '{path}' has no CRS")
+    if column not in gdf.columns:
+        cols = ", ".join(c for c in gdf.columns if c != "geometry")
+        raise UserError(f"label file '{path}' has no column '{column}' (choose one with --label-column: {cols})")
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    gdf = gdf[gdf[column].notna()]
+    if len(gdf) == 0:
+        raise UserError(f"label file '{path}' has no features with a geometry and a '{column}' value")
+    return gdf
+
+
+def _class_codes(values, column: str, classes: Optional[list[str]]) -> tuple[np.ndarray, list[str]]:
+    """Integer codes of a label column and the class names (see the module docstring)."""
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if is_numeric_dtype(values.dtype) and not is_bool_dtype(values.dtype):
+        v = values.to_numpy(dtype=np.float64)
+        if (v != np.round(v)).any() or v.min() < 0 or v.max() >= IGNORE:
+            raise UserError(f"label column '{column}' must hold whole class codes 0..254")
+        codes = v.astype(np.int64)
+        if classes is None:
+            return codes, ["background"] + [f"class_{k}" for k in range(1, int(codes.max()) + 1)]
+        if codes.max() >= len(classes):
+            raise UserError(
+                f"label column '{column}' has code {codes.max()} but --classes names only {len(classes)} classes"
+            )
+        return codes, classes
+    text = values.astype(str)
+    distinct = sorted(set(text))
+    if classes is not None and not set(distinct) & set(classes) and len(classes) == len(distinct) + 1:
+        # e.g. building=yes with --classes background,building: rename in sorted order.
+        lookup, names = {n: k + 1 for k, n in enumerate(distinct)}, classes
+    elif classes is not None:
+        unknown = sorted(set(text) - set(classes))
+        if unknown:
+            raise UserError(f"label value '{unknown[0]}' of column '{column}' is not one of --classes")
+        lookup, names = {n: k for k, n in enumerate(classes)}, classes
+    else:
+        names = ["background"] + distinct
+        lookup = {n: k + 1 for k, n in enumerate(distinct)}
+        if len(names) > IGNORE:
+            raise UserError(f"label column '{column}' has more than 254 distinct values")
+    return text.map(lookup).to_numpy(dtype=np.int64), names
 
 
 def _box(*b):
