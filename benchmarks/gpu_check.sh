@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of this project in one script, for a machine with one H100/H200.
 #
-#   1. model bench: full CoDe-MAE step (base, batch 128, ViT-L/16-shaped teacher, bf16) vs plain
-#      MAE ViT-B, eager and compiled: pairs/s, TFLOP/s, fraction of peak (torch + timm only).
+#   1. model bench: full CoDe-MAE step (base, batch 128, ViT-L/16-shaped teacher, bf16) on the
+#      ViT-B and the paper's iTPN-B trunks vs plain MAE ViT-B, eager and compiled, in one run:
+#      pairs/s, TFLOP/s, fraction of peak (torch + timm only). BACKBONE=vit|itpn|both (both).
 #   2. when rasterio is importable: a generated scene prepared into shards, the loader bench,
 #      a short ViT-B pretraining from the shards vs model-only in the same call, and the predict
 #      bench (end-to-end vs model-only Mpx/s, peak RSS at two scene sizes).
@@ -22,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | t
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 
 echo "== 1. model bench (eager + compiled)"
-OUT="$OUT" "$PY" benchmarks/gpu_model_bench.py --batch "$BATCH" --check-flops 2>&1 | tee "$OUT/model_bench.txt"
+OUT="$OUT" "$PY" benchmarks/gpu_model_bench.py --batch "$BATCH" --backbone "${BACKBONE:-both}" --check-flops 2>&1 | tee "$OUT/model_bench.txt"
 
 if "$PY" -c "import rasterio, geopandas, typer, rich" 2>/dev/null; then
   echo "== 2. pretraining from shards vs model-only"

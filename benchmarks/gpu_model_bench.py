@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Standalone CoDe-MAE model benchmark for a bare GPU machine (needs only torch + timm).
 
-    python benchmarks/gpu_model_bench.py                       # base, batch 128, ViT-L/16 teacher, eager + compiled
+    python benchmarks/gpu_model_bench.py                       # ViT-B and iTPN-B CoDe-MAE + ViT-B MAE, batch 128,
+                                                               # ViT-L/16 teacher, eager + compiled
+    python benchmarks/gpu_model_bench.py --backbone itpn       # iTPN-B only
     python benchmarks/gpu_model_bench.py --batch 256 --no-compile
     python benchmarks/gpu_model_bench.py --check-flops         # also compare the analytic FLOP count
                                                                # with torch.utils.flop_counter on the GPU
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def check_flops(preset: str, batch: int, teacher_model: str) -> str:
+def check_flops(preset: str, batch: int, teacher_model: str, backbone: str = "vit") -> str:
     """Analytic training-step FLOPs vs FlopCounterMode (fused SDPA is counted on CUDA)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -35,7 +37,7 @@ def check_flops(preset: str, batch: int, teacher_model: str) -> str:
     from codemae_cli.model.config import ModelConfig, OKDConfig
     from codemae_cli.model.flops import pretrain_step_flops
 
-    cfg = ModelConfig(preset=preset, okd=OKDConfig(teacher="timm", teacher_model=teacher_model))
+    cfg = ModelConfig(backbone=backbone, preset=preset, okd=OKDConfig(teacher="timm", teacher_model=teacher_model))
     model = build_model(cfg, 3, 2).cuda()
     o = torch.randn(batch, 3, 224, 224, device="cuda")
     s = torch.randn(batch, 2, 224, 224, device="cuda")
@@ -45,13 +47,15 @@ def check_flops(preset: str, batch: int, teacher_model: str) -> str:
         out["loss"].backward()
     counted = fc.get_total_flops()
     analytic = pretrain_step_flops(cfg, 3, 2, batch)
-    return (f"FLOP check ({preset}, batch {batch}): analytic {analytic / 1e9:.1f} GFLOP, "
+    return (f"FLOP check ({backbone} {preset}, batch {batch}): analytic {analytic / 1e9:.1f} GFLOP, "
             f"FlopCounterMode {counted / 1e9:.1f} GFLOP, ratio {analytic / counted:.4f}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="base")
+    ap.add_argument("--backbone", default="both", choices=["vit", "itpn", "both"],
+                    help="both: ViT-B and iTPN-B CoDe-MAE in the same run, next to the plain ViT MAE")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
@@ -72,15 +76,25 @@ def main() -> int:
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
     lines = []
+    backbones = ["vit", "itpn"] if args.backbone == "both" else [args.backbone]
     if args.check_flops and torch.cuda.is_available():
-        line = check_flops(args.preset, 8, args.teacher_model)
-        print(line)
-        lines.append(line)
-    report = run_model_bench(
-        preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device,
-        compile=not args.no_compile, img_size=args.img_size, teacher=args.teacher,
-        teacher_model=args.teacher_model, precision=args.precision, fused_attn=not args.plain_attn,
-    )
+        for backbone in backbones:
+            line = check_flops(args.preset, 8, args.teacher_model, backbone)
+            print(line)
+            lines.append(line)
+    report = None
+    for i, backbone in enumerate(backbones):
+        part = run_model_bench(
+            preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device,
+            compile=not args.no_compile, img_size=args.img_size, teacher=args.teacher,
+            teacher_model=args.teacher_model, precision=args.precision, fused_attn=not args.plain_attn,
+            backbone=backbone, baseline=i == 0,  # the plain ViT MAE once per run
+        )
+        if report is None:
+            report = part
+        else:
+            report["results"] += part["results"]
+    report["config"]["backbone"] = args.backbone
     table = format_report(report)
     print()
     print(table)
