@@ -288,7 +288,7 @@ def test_itpn_pretrain_resumes_then_finetunes_with_the_pyramid_and_probes(tmp_pa
         res = runner.invoke(app, ft)
         assert res.exit_code == 0, res.output
         model, meta = build_task_model_from_checkpoint(tmp_path / head)
-        assert meta["encoder_config"]["backbone"] == "itpn" and model.pyramid == (head == "upernet")
+        assert meta.backbone == meta.encoder_config["backbone"] == "itpn" and model.pyramid == (head == "upernet")
         with torch.no_grad():
             logits = model(optical=torch.randn(1, 3, 32, 32), sar=torch.randn(1, 2, 32, 32))
         assert logits.shape[-2:] == (32, 32)
