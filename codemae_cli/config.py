@@ -179,6 +179,8 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"recipe '{p}' is a folder, not a recipe file")
     if not p.is_file():
         raise UserError(f"recipe file '{p}' does not exist")
     try:

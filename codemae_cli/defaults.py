@@ -69,6 +69,9 @@ def resolve_recipe(arg: str | Path, echo=None) -> Path:
     path = Path(arg).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"recipe '{arg}' is a folder, not a recipe file; give a YAML file in it "
+                        "(or the name of an installed recipe: `codemae recipes` lists them)")
     name = _packaged_name(str(arg))
     packaged = packaged_recipes_dir() / f"{name}.yaml"
     if packaged.is_file():

@@ -167,6 +167,40 @@ def guard_run_dir(run_dir: PathLike, inputs: Iterable = ()) -> Path:
     return p
 
 
+def topmost_missing(path: PathLike) -> Optional[Path]:
+    """The top-most folder of ``path`` that does not exist yet (what creating it would add), or None."""
+    p = Path(path).expanduser().absolute()
+    if p.exists():
+        return None
+    while not p.parent.exists():
+        p = p.parent
+    return p
+
+
+@contextlib.contextmanager
+def cleaned_on_refusal(folder: PathLike) -> Iterator[None]:
+    """Remove what a run adds to ``folder`` when it refuses its input (a UserError) before it has
+    written anything worth keeping (a checkpoint, a logged metric): a refusal leaves nothing.
+
+    Under torchrun only rank 0 removes (it is the rank that writes)."""
+    p = Path(folder).expanduser()
+    top = topmost_missing(p)
+    before = set(os.listdir(p)) if p.is_dir() else set()
+    try:
+        yield
+    except UserError:
+        if os.environ.get("RANK", "0") == "0" and p.is_dir():
+            added = [p / n for n in set(os.listdir(p)) - before]
+            kept = [a for a in added if a.name in ("checkpoints", "metrics.jsonl")
+                    and (a.is_file() and a.stat().st_size > 0 or a.is_dir() and any(a.iterdir()))]
+            for a in [] if kept else [top] if top is not None else added:
+                if a.is_dir():
+                    shutil.rmtree(a, ignore_errors=True)
+                else:
+                    a.unlink(missing_ok=True)
+        raise
+
+
 # ----------------------------------------------------------------------------- recognising our outputs
 def read_json_object(path: PathLike) -> dict:
     """A JSON object from ``path``, or ``{}`` when it is missing, unreadable or not an object."""

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -32,7 +33,8 @@ def refused(args, match: str) -> str:
     res = runner.invoke(app, [str(a) for a in args])
     msg = res.output
     assert res.exit_code == 2, msg
-    assert "Traceback" not in msg and msg.startswith("Error: "), msg
+    assert "Traceback" not in msg and "Error: " in msg, msg
+    msg = msg[msg.index("Error: "):]  # (a run may have printed its plan before it found the fault)
     assert msg.strip().count("\n") <= 1, msg  # one sentence (rich may wrap it once)
     flat = " ".join(msg.split())
     assert match in flat, flat
@@ -302,3 +304,26 @@ def test_run_folders_never_swallow_inputs_or_foreign_folders(world, tmp_path):
             "contains the pretrained checkpoint")
     assert snapshot(world["data"], world["pre_run"]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "teacher.safetensors"]
+
+
+def test_a_refused_run_leaves_no_run_folder(world, tmp_path):
+    """A truncated shard is found after the run folder was opened: the refusal removes it again."""
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    shard = data / "shards" / "optical_00000.npy"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    refused(["pretrain", "smoke", "--set", f"data.datasets=[{data}]", "-o", tmp_path / "runs" / "a"],
+            "is missing or corrupt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_recipe_folder_and_subpixel_overlap_are_named_as_they_are(tmp_path):
+    from rasters import write_raster
+
+    refused(["pretrain", tmp_path], "is a folder, not a recipe file")
+    a = write_raster(tmp_path / "a.tif", np.ones((1, 1, 1), np.float32))
+    b = write_raster(tmp_path / "b.tif", np.ones((1, 1, 1), np.float32), res=0.5)
+    refused(["prepare", "--optical", a, "--sar", b, "--sar-scale", "db", "-o", tmp_path / "out", "-q"],
+            "overlap by less than one whole pixel")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]

@@ -33,7 +33,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         from codemae_cli.config import dump_recipe, load_recipe
         from codemae_cli.defaults import resolve_recipe
-        from codemae_cli.fsutil import guard_run_dir
+        from codemae_cli.fsutil import cleaned_on_refusal, guard_run_dir
         from codemae_cli.preflight import preflight
         from codemae_cli.tasks.config import FinetuneRecipe
 
@@ -48,7 +48,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from codemae_cli.tasks.evaluate import metrics_table
         from codemae_cli.tasks.finetune import run_finetune
 
-        result = run_finetune(cfg, resume=resume, console=console)
+        with cleaned_on_refusal(cfg.run.output_dir):
+            result = run_finetune(cfg, resume=resume, console=console)
         if result.get("best_metrics"):
             console.print(metrics_table(result["best_metrics"], title=f"best validation (epoch {result['best_epoch']})"))
         console.print(f"checkpoints: {Path(result['run_dir']) / 'checkpoints'}")

@@ -42,7 +42,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """
         from codemae_cli.config import dump_recipe
         from codemae_cli.defaults import resolve_recipe
-        from codemae_cli.fsutil import guard_run_dir
+        from codemae_cli.fsutil import cleaned_on_refusal, guard_run_dir
         from codemae_cli.preflight import preflight
         from codemae_cli.train.recipe import load_pretrain_recipe
 
@@ -57,7 +57,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                                            (cfg.model.okd.teacher_weights, "the teacher weights")])
         from codemae_cli.train.pretrain import run_pretrain
 
-        run_pretrain(cfg, resume=resume)
+        with cleaned_on_refusal(cfg.run.output_dir):
+            run_pretrain(cfg, resume=resume)
 
     @bench.command("loader")
     @cli_command

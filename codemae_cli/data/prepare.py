@@ -197,6 +197,9 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
     polys = [footprint(s.grid, grid.crs) for s in optical + sar]
     window, area = overlap_window(grid, polys)
     if window[2] == 0 or window[3] == 0:
+        if area > 0:  # they touch, but not over one whole pixel of the reference grid
+            raise UserError(f"scene '{sid}': the optical and SAR rasters overlap by less than one whole pixel of "
+                            "the reference grid, too little to cut a chip")
         raise UserError(f"scene '{sid}': the optical and SAR rasters do not overlap")
     rows = _positions(window[0], window[2], o.tile, stride)
     cols = _positions(window[1], window[3], o.tile, stride)

@@ -44,7 +44,14 @@ from typing import Optional
 import numpy as np
 
 from codemae_cli.errors import UserError
-from codemae_cli.fsutil import check_replaceable, check_writable, is_codemae_raster, sweep_stale, temp_sibling
+from codemae_cli.fsutil import (
+    check_replaceable,
+    check_writable,
+    is_codemae_raster,
+    sweep_stale,
+    temp_sibling,
+    topmost_missing,
+)
 
 CLASSES = ["water", "vegetation", "bare", "built-up"]
 WATER, VEGETATION, BARE, BUILT = 0, 1, 2, 3
@@ -485,10 +492,7 @@ def _prepare_folder(out: Path, targets: list[Path], overwrite: bool) -> Optional
             check_replaceable(p, "the file", is_codemae_raster, maker="codemae synth")
     for p in targets:
         sweep_stale(p)
-    created = out
-    while not created.parent.exists():  # the top-most folder this run creates
-        created = created.parent
-    created = None if created.exists() else created
+    created = topmost_missing(out)
     out.mkdir(parents=True, exist_ok=True)
     return created
 

@@ -76,12 +76,27 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     from codemae_cli.train.checkpoint import has_resume
 
     ckpt_dir = run_dir / "checkpoints"
+    kind = _run_kind(ckpt_dir)
+    if kind == "pretrain":
+        raise UserError(f"'{run_dir}' holds a pretraining run; set run.output_dir to a new directory for the "
+                        "fine-tuning run (and task.pretrained to this one to start from it)")
     if resume:
         if not has_resume(ckpt_dir / "last"):
             raise UserError(f"nothing to resume in '{run_dir}' (no checkpoints/last with resume state)")
     elif (ckpt_dir / "last").exists() or (ckpt_dir / "best").exists():
         raise UserError(f"'{run_dir}' already holds a fine-tuning run; pass --resume to continue it or set "
                         "run.output_dir to a new directory")
+
+
+def _run_kind(ckpt_dir: Path) -> str | None:
+    """The kind ("pretrain" / "finetune") recorded by the run's checkpoints, if any."""
+    from codemae_cli.fsutil import read_json_object
+
+    for name in ("last", "best"):
+        kind = read_json_object(ckpt_dir / name / "meta.json").get("kind")
+        if kind:
+            return str(kind)
+    return None
 
 
 def _run(recipe, dist, resume: bool, console) -> dict:
