@@ -557,3 +557,46 @@ def test_demo_scene_class_map_equals_the_plain_reference(sample_pair, demo_model
     clear = (margin > 1e-4) & (ref != 255)
     assert clear.sum() > 0.99 * (ref != 255).sum()
     assert np.array_equal(got[clear], ref[clear])
+
+
+def test_class_map_is_argmax_with_ties_to_the_lower_class():
+    from codemae_cli.infer.writer import class_map
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(5, 37, 41, generator=g)
+    p[3, :5] = p[1, :5]  # exact ties: the lower class id wins, as with argmax
+    p[:, 10:12] = 0.2  # all classes tied
+    cls = class_map(p)
+    assert cls.dtype == torch.uint8
+    assert torch.equal(cls.long(), p.argmax(0))
+    assert (cls[10:12] == 0).all()
+
+
+@pytest.mark.parametrize("where", ["write", "read"])
+def test_a_failing_writer_or_reader_thread_stops_the_run_and_leaves_nothing(scenes, tmp_path, monkeypatch, where):
+    """Errors raised in the writer or reader threads reach the caller; no output or temporary remains."""
+    from codemae_cli.infer import cog, sources
+
+    class DiskFull(OSError):
+        pass
+
+    if where == "write":
+        def write_rows(self, row, data, col=0):
+            raise DiskFull("no space left on device")
+
+        monkeypatch.setattr(cog.TiledWriter, "write_rows", write_rows)
+    else:
+        real = sources.OpticalSource.read_strip
+
+        def read_strip(self, row, *args, **kwargs):
+            if row > 0:
+                raise DiskFull("input/output error")
+            return real(self, row, *args, **kwargs)
+
+        monkeypatch.setattr(sources.OpticalSource, "read_strip", read_strip)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(DiskFull):
+        predict_scene(_fn(PixelNet()), scenes["same"]["optical"], None, out / "m.tif", window=32, overlap=8,
+                      batch_size=2, stats={"optical": OPT_STATS}, probabilities=out / "p.tif")
+    assert list(out.iterdir()) == []

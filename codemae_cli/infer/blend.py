@@ -50,6 +50,7 @@ class BandAccumulator:
         self.classes: int | None = None
         self.acc = None  # (K, band, span) weighted probability sums
         self._spare = None  # a second band: sliding copies into it instead of onto itself
+        self._product = None  # (K, window, window): one window's weighted probabilities
         self.valid = None  # (band, span) bool
         self.panel = None
         self.top = 0
@@ -75,6 +76,8 @@ class BandAccumulator:
         shape = (classes, self.band, self.panel.span)
         self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._spare = torch.empty(shape, dtype=torch.float32, device=self.device)
+        self._product = torch.empty(classes, self.layout.window, self.layout.window, dtype=torch.float32,
+                                    device=self.device)
         if self.instrument is not None:
             self.instrument.acc_cols = max(self.instrument.acc_cols, self.panel.span)
 
@@ -85,6 +88,8 @@ class BandAccumulator:
 
     def add(self, probs, windows) -> None:
         """Add each window's probabilities (B, K, window, window) times its taper at (row, col)."""
+        import torch
+
         win, p0 = self.layout.window, self.panel.p0
         st = self.instrument
         for i, (r, c) in enumerate(windows):
@@ -94,7 +99,9 @@ class BandAccumulator:
                 st.max_open_cols = max(st.max_open_cols, x + win)
             if off + win > self.band or x < 0 or x + win > self.acc.shape[2]:  # never: batching/panel rules
                 raise RuntimeError("window outside the open band of the panel")
-            self.acc[:, off : off + win, x : x + win] += probs[i] * self._taper(r, c)
+            # product into a reused buffer, then add: the same rounding as ``+= p * w``, no allocation
+            torch.mul(probs[i], self._taper(r, c), out=self._product)
+            self.acc[:, off : off + win, x : x + win] += self._product
 
     def _taper(self, r: int, c: int):
         """Separable (window, window) weight; it depends only on which sides touch the scene border."""

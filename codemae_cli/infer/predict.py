@@ -11,7 +11,7 @@ Stages (each a named piece a newcomer can open on its own):
 |----------|----------------------------------------|-----------------------------------------------------|
 | check    | :func:`check_request`                  | outputs, inputs, sizes: one sentence on bad input   |
 | layout   | ``infer/windows.py`` ``WindowGrid``    | window grid, vertical panels, tapers                |
-| read     | ``infer/strips.py`` ``StripReader``    | strips of window rows, normalised, in threads       |
+| read     | ``infer/strips.py`` ``StripReader``    | strips read, normalised, batched, in threads        |
 | model    | :func:`window_probs`                   | softmax (B, K, window, window), TTA flips           |
 | blend    | ``infer/blend.py`` ``BandAccumulator`` | tapered sums over an open band of rows              |
 | write    | ``infer/writer.py`` ``PredictionWriter`` | class map + probabilities, in a writer thread     |
@@ -204,44 +204,29 @@ class ScenePredictor:
         self.st = instrument
 
     def run_panel(self, panel, advance: Callable[[int], None]) -> None:
-        self.reader.start_panel(panel)
         self.acc.start_panel(panel)
-        for batch in window_batches(self.layout.row_starts, panel.col_starts, self.batch_size):
+        for batch in self.reader.panel_batches(panel, window_batches(self.layout.row_starts, panel.col_starts,
+                                                                     self.batch_size)):
             self.run_batch(batch)
-            advance(len(batch))
+            advance(len(batch.windows))
         self.writer.put(self.acc.finish(self.layout.padded_height))
 
-    def run_batch(self, batch: list[WindowAt]) -> None:
+    def run_batch(self, batch) -> None:
+        """One :class:`~codemae_cli.infer.strips.BatchInputs`: finish the rows above it, run, blend."""
         import torch
 
-        first = batch[0].ri
         # every window of earlier window rows is done: the rows above this one are final
-        self.writer.put(self.acc.finish(self.layout.row_starts[first]))
-        self.reader.drop_before(first)
-        optical, sar = self.inputs(batch)
+        self.writer.put(self.acc.finish(self.layout.row_starts[batch.windows[0].ri]))
+        for s in batch.new_strips:
+            self.acc.place_valid(s.row, s.valid)
         with torch.inference_mode():
-            p = window_probs(self.model_fn, optical, sar, self.layout.window, self.tta, self.req.autocast_dtype)
+            p = window_probs(self.model_fn, batch.x.get("optical"), batch.x.get("sar"), self.layout.window,
+                             self.tta, self.req.autocast_dtype)
         if self.acc.classes is None:
             self.first_answer(int(p.shape[1]))
-        self.acc.add(p, [(w.row, w.col) for w in batch])
+        self.acc.add(p, [(w.row, w.col) for w in batch.windows])
         self.st.batches += 1
-        self.st.windows_run += len(batch)
-
-    def inputs(self, batch: list[WindowAt]):
-        """The batch's windows cut from their strips: (B, C, window, window) per modality."""
-        import torch
-
-        win, p0 = self.layout.window, self.acc.panel.p0
-        strips = {}
-        for w in batch:
-            if w.ri not in strips:
-                s = strips[w.ri] = self.reader.get(w.ri)
-                if not s.placed:
-                    self.acc.place_valid(s.row, s.valid)
-                    s.placed = True
-        x = {m: torch.stack([strips[w.ri].x[m][:, :, w.col - p0 : w.col - p0 + win] for w in batch])
-             for m in self.req.modalities}
-        return x.get("optical"), x.get("sar")
+        self.st.windows_run += len(batch.windows)
 
     def first_answer(self, k: int) -> None:
         """The model's class count is known: check it, allocate the band, open the probabilities."""

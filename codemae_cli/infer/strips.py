@@ -1,19 +1,22 @@
 """Reading a scene ahead of the model: strips of window rows, normalised, in background threads.
 
     reader = StripReader(scene, layout, device, readers=2)
-    reader.start_panel(panel)
-    strip = reader.get(ri)          # (C, window, panel span) per modality, ready for the model
+    for b in reader.panel_batches(panel, batches):   # BatchInputs, assembled ahead in a thread
+        model(b.x["optical"], ...)
 
 A strip is the pixels of one window row (``window`` rows) under a panel's window columns. Reader
 threads read the next strips while the model runs: each thread opens its own GDAL handles
 (datasets must not be shared between threads), reads, pads a scene smaller than a window,
-normalises and zeroes invalid pixels (so no NaN ever enters the model), and the main thread only
-moves the finished strip to the device.
+normalises and zeroes invalid pixels (so no NaN ever enters the model); a feeder thread moves
+strips to the device and cuts and stacks each batch's windows, so the model's thread only runs
+the model.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +102,6 @@ class Strip:
     cols: int  # scene columns read
     x: dict  # modality -> normalised float32 tensor, invalid pixels 0 (the mean)
     valid: object  # bool tensor
-    placed: bool = False  # its validity has been copied into the accumulator's band
 
 
 class StripReader:
@@ -119,9 +121,19 @@ class StripReader:
         self.futures: dict[int, Future] = {}
         self.strips: dict[int, Strip] = {}
         self.panel = None
+        self.feeder: BatchFeeder | None = None
+
+    def panel_batches(self, panel, batches: Iterable[list]) -> BatchFeeder:
+        """The panel's batches, assembled ahead of the model (see :class:`BatchFeeder`)."""
+        self.start_panel(panel)
+        self.feeder = BatchFeeder(self, batches)
+        return self.feeder
 
     def start_panel(self, panel) -> None:
         """Forget the previous panel's strips (its windows are all done) and read this one's."""
+        if self.feeder is not None:
+            self.feeder.stop()
+            self.feeder = None
         for f in self.futures.values():
             f.cancel()
         for f in self.futures.values():
@@ -186,10 +198,89 @@ class StripReader:
         return Strip(row=r, rows=n, cols=c1 - c0, x=x, valid=ok_t)
 
     def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
         for s in self.thread_sources:
             s.close()
         self.thread_sources = []
+
+
+@dataclass
+class BatchInputs:
+    """One batch ready for the model, with the strips it is the first to use."""
+
+    windows: list  # WindowAt of each window, in raster order
+    x: dict  # modality -> (B, C, window, window) tensor on the device
+    new_strips: list[Strip]  # strips no earlier batch used: their validity goes into the band first
+
+
+class BatchFeeder:
+    """Assembles a panel's batches ``depth`` ahead of the model, in one thread.
+
+    Cutting the windows out of their strips and stacking them is a copy of the whole batch, so it
+    runs here, beside the model, like the reads. Iterate to get :class:`BatchInputs` in order; an
+    error in the thread is raised by the iteration; ``stop`` ends the thread early.
+    """
+
+    _END = object()
+
+    def __init__(self, reader: StripReader, batches: Iterable[list], depth: int = 2):
+        self.reader = reader
+        self.batches = batches
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="codemae-batch", daemon=True)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[BatchInputs]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        try:
+            seen: set[int] = set()
+            for batch in self.batches:
+                self._put(self._assemble(batch, seen))
+                if self.stopped.is_set():
+                    return
+            self._put(self._END)
+        except BaseException as err:  # handed to the consumer
+            self._put(err)
+
+    def _assemble(self, batch: list, seen: set[int]) -> BatchInputs:
+        import torch
+
+        reader = self.reader
+        reader.drop_before(batch[0].ri)  # no later window reads the rows above this batch
+        strips, new = {}, []
+        for w in batch:
+            if w.ri not in strips:
+                strips[w.ri] = reader.get(w.ri)
+                if w.ri not in seen:
+                    seen.add(w.ri)
+                    new.append(strips[w.ri])
+        win, p0 = reader.layout.window, reader.panel.p0
+        x = {m: torch.stack([strips[w.ri].x[m][:, :, w.col - p0 : w.col - p0 + win] for w in batch])
+             for m in reader.scene.modalities}
+        return BatchInputs(batch, x, new)
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def _to_device(t, device):
@@ -198,4 +289,4 @@ def _to_device(t, device):
     return t.to(device)
 
 
-__all__ = ["SceneInputs", "Strip", "StripReader", "norm_stats", "pad_to"]
+__all__ = ["BatchFeeder", "BatchInputs", "SceneInputs", "Strip", "StripReader", "norm_stats", "pad_to"]
