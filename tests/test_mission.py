@@ -63,8 +63,9 @@ def empty_folder(tmp_path, monkeypatch):
 
 def test_three_mission_lines_chain_from_an_empty_folder(empty_folder):
     # 1. prepare, verbatim: the default output folder is the one every recipe reads.
-    _ok(["prepare", "--optical", "a.tif", "--sar", "b.tif", "-q"])
+    res = _ok(["prepare", "--optical", "a.tif", "--sar", "b.tif", "--no-quicklook"])
     assert json.loads(Path("data/metadata.json").read_text())["labels"] is None
+    assert "none (chips for pretraining" in " ".join(res.output.split())  # the summary says so
     # (the chain goes on to fine-tuning, so prepare again with labels and 32 px chips)
     _ok(["prepare", "--optical", "a.tif", "--sar", "b.tif", "--labels", "labels.tif", "--tile", "32",
          "--block", "1", "--overwrite", "-q"])

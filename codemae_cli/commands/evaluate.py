@@ -40,6 +40,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
         batch_size: int = typer.Option(8, "--batch-size", help="Chips per forward pass (checkpoint mode)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (checkpoint mode)."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
+            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
     ) -> None:
         """Score a fine-tuned checkpoint on a prepared split, or a predicted raster against a reference.
 
@@ -56,6 +59,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if json_out is not None:
             _guard_json(json_out, checkpoint, data, pred, ref)
         if checkpoint is not None:
+            from codemae_cli.threads import apply_threads
+
+            apply_threads(threads)
             if not data:
                 raise UserError("--checkpoint needs --data: one or more prepared dataset directories with labels")
             if ref is not None:
@@ -86,6 +92,6 @@ def _guard_json(json_out: Path, checkpoint, data, pred, ref) -> None:
     inputs += [(d, "the prepared dataset") for d in data or []]
     if checkpoint is not None:
         inputs += [(resolve_checkpoint(checkpoint), "the checkpoint")]
-    guard_outputs([(json_out, "--json")], inputs)
+    guard_outputs([(json_out, "--json")], inputs, create_parents=False)  # like predict: no mkdir of a typo
     check_replaceable(json_out, "--json", is_metrics_json, maker="codemae evaluate")
     sweep_stale(json_out)

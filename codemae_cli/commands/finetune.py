@@ -22,6 +22,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from checkpoints/last."),
         print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
+            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
     ) -> None:
         """Fine-tune a pretrained CoDe-MAE encoder (or train from scratch) on labelled prepared chips.
 
@@ -45,6 +48,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         preflight(cfg, echo=console.print)
         guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
                                            (pretrained_checkpoint(cfg), "the pretrained checkpoint")])
+        from codemae_cli.threads import apply_threads
+
+        apply_threads(threads, echo=console.print)
         from codemae_cli.tasks.evaluate import metrics_table
         from codemae_cli.tasks.finetune import run_finetune
 

@@ -81,10 +81,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "auto", "--sar-scale", help="Units of the SAR scene: auto (those of the training data, as the checkpoint "
             "records them; dB for older checkpoints) | db | linear (power) | amplitude."),
         readers: int = typer.Option(2, "--readers", help="Threads reading the scene ahead of the model."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
+            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Predict a whole scene with a fine-tuned model into a georeferenced Cloud-Optimised GeoTIFF."""
         from codemae_cli.infer.run import predict_from_checkpoint
+        from codemae_cli.threads import apply_threads
+
+        apply_threads(threads, echo=None if quiet else typer.echo)
 
         if checkpoint is None:
             import time

@@ -32,6 +32,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("scenes", f"{summary['scenes']}")
     area = summary["overlap_area"]
     table.add_row("overlap area", f"{area / 1e6:,.3f} km2" if area >= 1e4 else f"{area:,.1f} m2")
+    if summary.get("bands"):
+        table.add_row("bands", summary["bands"])
     table.add_row("reference grid", f"{summary['crs']}, {summary['res'][0]:.4g} x {summary['res'][1]:.4g}")
     first = True
     shown = summary["warped"][:3]
@@ -50,6 +52,11 @@ def print_summary(summary: dict) -> None:
     if summary.get("labels"):
         classes = ", ".join(f"{k}={v}" for k, v in summary["labels"]["classes"].items())
         table.add_row("classes", classes)
+        if summary["labels"].get("nodata") is not None:
+            table.add_row("unlabelled", f"label value {summary['labels']['nodata']:g} -> ignore index "
+                          f"{summary['labels']['ignore_index']}")
+    else:
+        table.add_row("labels", "none (chips for pretraining; give --labels to fine-tune on them)")
     paths = summary["paths"]
     table.add_row("dataset", summary["out"])
     table.add_row("index", paths["index"])
@@ -89,10 +96,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ),
         nodata_optical: Optional[str] = typer.Option(None, "--nodata-optical", help="Optical nodata value (default: from the file; 'none' for no value)."),
         nodata_sar: Optional[str] = typer.Option(None, "--nodata-sar", help="SAR nodata value (default: from the file; NaN is always nodata)."),
+        optical_bands: Optional[str] = typer.Option(
+            None, "--optical-bands",
+            help="Keep these optical bands, counted from 1 in the stacked input, e.g. 2,3,4 (Sentinel-2 B2-B4 of a "
+            "13-band file). Recorded; predict selects the same bands from a full scene."),
+        sar_bands: Optional[str] = typer.Option(None, "--sar-bands", help="Keep these SAR bands (from 1), e.g. 1 for VV only."),
         min_valid: float = typer.Option(0.5, "--min-valid", help="Keep a chip only if at least this fraction is valid in BOTH modalities."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: a vector file (with --label-column) or a label raster."),
         label_column: Optional[str] = typer.Option(None, "--label-column", help="Class column of a vector label file (default: class)."),
         classes: Optional[str] = typer.Option(None, "--classes", help="Class names by code, e.g. background,building."),
+        label_nodata: Optional[str] = typer.Option(
+            None, "--label-nodata",
+            help="Label raster value marking unlabelled pixels, e.g. -1 (default: the file's nodata); they get the "
+            "ignore index 255 and are never trained on or scored."),
         split: str = typer.Option("0.8,0.1,0.1", "--split", help="train,val,test fractions."),
         block: int = typer.Option(4, "--block", help="Spatial split block size, in chips (neighbouring chips share a split)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the split."),
@@ -114,6 +130,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             manifest=str(manifest) if manifest else None, labels=str(labels) if labels else None,
             label_column=label_column, classes=classes, tile=tile, stride=stride, overlap=overlap, ref=ref,
             crs=crs, res=res, sar_scale=sar_scale, nodata_optical=nodata_optical, nodata_sar=nodata_sar,
+            optical_bands=optical_bands, sar_bands=sar_bands, label_nodata=label_nodata,
             min_valid=min_valid, split=split, block=block, seed=seed, workers=workers, overwrite=overwrite,
             shard_size=shard_size, quicklook=not no_quicklook, progress=not quiet, resume=resume,
         ))

@@ -34,6 +34,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from checkpoints/last."),
         output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: run.output_dir)."),
         print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
+            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
     ) -> None:
         """Pretrain CoDe-MAE on prepared optical/SAR chips.
 
@@ -55,6 +58,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         preflight(cfg, echo=typer.echo)
         guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
                                            (cfg.model.okd.teacher_weights, "the teacher weights")])
+        from codemae_cli.threads import apply_threads
+
+        apply_threads(threads, echo=typer.echo)
         from codemae_cli.train.pretrain import run_pretrain
 
         with cleaned_on_refusal(cfg.run.output_dir):

@@ -11,8 +11,8 @@ feature are class 0 ("background"); later features win where features overlap.
   distinct value, e.g. ``building=yes`` with ``background,building``, the sorted values take
   codes 1..n); without, the sorted distinct values get codes 1..n after "background".
 
-Label rasters: values are the codes; the file's nodata (and pixels outside it) become 255
-(ignore). Class names from ``--classes``, else the raster's ``CLASSES`` tag (comma
+Label rasters: values are the codes; the file's nodata, or ``--label-nodata`` (e.g. -1 in int16
+flood masks), and pixels outside the file become 255 (ignore). Class names from ``--classes``, else the raster's ``CLASSES`` tag (comma
 separated, as written by ``codemae synth``), else ``class_<code>`` for the codes seen.
 """
 
@@ -133,22 +133,23 @@ def _box(*b):
     return box(*b)
 
 
-def raster_label_prepare(nodata: Optional[float]):
-    """Turn a raw label block into uint8 codes with 255 at nodata."""
+def raster_label_prepare(nodata: Optional[float], source: str = "the label raster"):
+    """Turn a raw label block into uint8 codes with 255 (ignore) at nodata.
+
+    The nodata mask comes first, so only labelled pixels must hold class codes 0..255; a value
+    outside that range is named in the error with the option that declares it nodata."""
 
     def prepare(block: np.ndarray) -> np.ndarray:
-        if np.issubdtype(block.dtype, np.floating):
-            bad = ~np.isfinite(block)
-            block = np.where(bad, IGNORE, block)
-        else:
-            bad = np.zeros(block.shape, dtype=bool)
+        bad = ~np.isfinite(block) if np.issubdtype(block.dtype, np.floating) else np.zeros(block.shape, dtype=bool)
         if nodata is not None and not math.isnan(nodata):
-            bad = bad | (block == nodata)
-        out_of_range = (block < 0) | (block > IGNORE)
-        if out_of_range.any():
-            raise UserError("the label raster holds values outside 0..255; it must hold class codes")
-        out = block.astype(np.uint8)
-        out[bad] = IGNORE
+            bad |= block == nodata
+        labelled = block[~bad]
+        if labelled.size and (labelled.min() < 0 or labelled.max() > IGNORE):
+            value = labelled.min() if labelled.min() < 0 else labelled.max()
+            raise UserError(
+                f"label raster '{source}' holds the value {value:g}, outside the class codes 0..255; if {value:g} "
+                f"marks unlabelled pixels, pass --label-nodata {value:g} (they are then ignored, as code {IGNORE})")
+        out = np.where(bad, IGNORE, block).astype(np.uint8)
         return out
 
     return prepare

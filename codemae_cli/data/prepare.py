@@ -99,6 +99,9 @@ class PrepareOptions:
     sar_scale: str = "auto"
     nodata_optical: Optional[str] = None
     nodata_sar: Optional[str] = None
+    optical_bands: Optional[str] = None  # e.g. "2,3,4": 1-based bands of the stacked optical input
+    sar_bands: Optional[str] = None
+    label_nodata: Optional[str] = None  # label raster value that marks unlabelled pixels (-> 255)
     min_valid: float = 0.5
     split: str = "0.8,0.1,0.1"
     block: int = 4
@@ -127,8 +130,18 @@ class ScenePlan:
     window: tuple  # (row, col, height, width) of the overlap on the grid
     rows: list  # chip row offsets on the grid
     cols: list
-    overlap_area: float
+    overlap_area: float  # m^2
     labels: Optional[dict] = None  # {"kind": "vector", "vector": VectorLabels} | {"kind": "raster", ...}
+    optical_select: Optional[list] = None  # 0-based bands of the stacked inputs kept (None: all)
+    sar_select: Optional[list] = None
+
+    @property
+    def n_optical(self) -> int:
+        return len(self.optical_select) if self.optical_select is not None else sum(s.count for s in self.optical)
+
+    @property
+    def n_sar(self) -> int:
+        return len(self.sar_select) if self.sar_select is not None else sum(s.count for s in self.sar)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -156,8 +169,8 @@ def _check_options(o: PrepareOptions) -> tuple[int, tuple[float, float, float]]:
         raise UserError("give either --manifest or --optical/--sar, not both")
     if o.manifest and o.labels:
         raise UserError("with --manifest, give labels per scene in its 'labels' column")
-    if (o.label_column or o.classes) and not (o.labels or o.manifest):
-        raise UserError("--label-column and --classes describe labels: give them with --labels")
+    if (o.label_column or o.classes or o.label_nodata is not None) and not (o.labels or o.manifest):
+        raise UserError("--label-column, --classes and --label-nodata describe labels: give them with --labels")
     return stride, parse_split(o.split)
 
 
@@ -167,6 +180,29 @@ def _scene_specs(o: PrepareOptions) -> list[SceneSpec]:
     if not o.optical or not o.sar:
         raise UserError("give --optical and --sar (one or more files each), or --manifest")
     return [SceneSpec(optical=list(o.optical), sar=list(o.sar), labels=o.labels)]
+
+
+def parse_band_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    """``--optical-bands 2,3,4`` -> [2, 3, 4] (1-based, in the order the model will see them)."""
+    if text is None or str(text).strip() == "":
+        return None
+    try:
+        bands = [int(b) for b in str(text).replace(" ", "").split(",") if b]
+    except ValueError:
+        raise UserError(f"{option} must list band numbers such as 2,3,4, not '{text}'") from None
+    if not bands or min(bands) < 1 or len(set(bands)) != len(bands):
+        raise UserError(f"{option} must list distinct band numbers counted from 1, not '{text}'")
+    return bands
+
+
+def _band_select(option: str, text: Optional[str], sources: list, what: str) -> Optional[list[int]]:
+    bands = parse_band_list(text, option)
+    if bands is None:
+        return None
+    total = sum(s.count for s in sources)
+    if max(bands) > total:
+        raise UserError(f"{option} {text} asks for band {max(bands)} but the {what} input has {total} band(s)")
+    return [b - 1 for b in bands]
 
 
 def _positions(start: int, length: int, tile: int, stride: int) -> list[int]:
@@ -193,9 +229,18 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         if s.is_complex:
             raise UserError(f"optical raster '{s.path}' holds complex values; is it SAR?")
     nd_opt, nd_sar = R.parse_nodata(o.nodata_optical), R.parse_nodata(o.nodata_sar)
+    optical_select = _band_select("--optical-bands", o.optical_bands, optical, "optical")
+    sar_select = _band_select("--sar-bands", o.sar_bands, sar, "SAR")
     grid = reference_grid(optical if o.ref == "optical" else sar, o.crs, o.res)
     polys = [footprint(s.grid, grid.crs) for s in optical + sar]
     window, area = overlap_window(grid, polys)
+    if area > 0:  # in m^2 whatever the CRS (a degree^2 means nothing to a reader)
+        import shapely
+        from shapely.geometry import box
+
+        from codemae_cli.data.areas import area_m2
+
+        area = area_m2(shapely.intersection_all([box(*grid.bounds), *polys]), grid.crs_wkt)
     if window[2] == 0 or window[3] == 0:
         if area > 0:  # they touch, but not over one whole pixel of the reference grid
             raise UserError(f"scene '{sid}': the optical and SAR rasters overlap by less than one whole pixel of "
@@ -223,7 +268,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
             if src.is_complex:
                 raise UserError(f"label raster '{lp}' must hold class codes")
             labels = {"kind": "raster", "source": str(lp), "raster": src,
-                      "nodata": R.effective_nodata(src, (False, None)),
+                      "nodata": R.effective_nodata(src, R.parse_nodata(o.label_nodata)),
                       "resampling": resampling_kernel(src.grid, grid, "label"),
                       "classes": raster_classes(src.tags, classes)}
         _check_labels_overlap(labels, grid, window, sid)
@@ -242,6 +287,8 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         cols=cols,
         overlap_area=area,
         labels=labels,
+        optical_select=optical_select,
+        sar_select=sar_select,
     )
 
 
@@ -294,13 +341,19 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
         with rasterio.open(src.path) as ds:
             parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs,
                                       prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
-    optical = R.invalidate_pixels(np.concatenate(parts, axis=0))
+    optical = np.concatenate(parts, axis=0)
+    if plan.optical_select is not None:  # before validity: an unused band's nodata must not drop pixels
+        optical = optical[plan.optical_select]
+    optical = R.invalidate_pixels(optical)
     parts = []
     for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
         with rasterio.open(src.path) as ds:
             parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd))
     # Resampled in linear power above; converted to dB exactly once here.
-    sar = power_to_db(R.invalidate_pixels(np.concatenate(parts, axis=0)))
+    sar = np.concatenate(parts, axis=0)
+    if plan.sar_select is not None:
+        sar = sar[plan.sar_select]
+    sar = power_to_db(R.invalidate_pixels(sar))
     label = None
     if plan.labels is not None:
         if plan.labels["kind"] == "vector":
@@ -309,7 +362,8 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
             lab = plan.labels
             with rasterio.open(lab["raster"].path) as ds:
                 label = read_on_grid(ds, grid, row, col0, tile, width, kernel=lab["resampling"],
-                                     prepare=raster_label_prepare(lab["nodata"]), out_dtype=np.uint8, fill=IGNORE)[0]
+                                     prepare=raster_label_prepare(lab["nodata"], lab["source"]),
+                                     out_dtype=np.uint8, fill=IGNORE)[0]
     return optical, sar, label
 
 
@@ -515,6 +569,14 @@ def _nan_to_none(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def _selected(names: list, select: Optional[list]) -> list:
+    return names if select is None else [names[i] for i in select]
+
+
+def _one_based(select: Optional[list]) -> Optional[list]:
+    return None if select is None else [i + 1 for i in select]
+
+
 def _source_note(src, rs: str, grid: Grid) -> str:
     name = Path(src.path).name
     if rs == "none":
@@ -538,10 +600,9 @@ def run_prepare(options: PrepareOptions | None = None, **kwargs) -> dict:
     plans = [_plan_scene(spec, o, stride, sid, classes) for spec, sid in zip(specs, ids, strict=True)]
     _harmonise_vector_classes(plans, o, classes)
     first = plans[0]
-    n_opt = sum(s.count for s in first.optical)
-    n_sar = sum(s.count for s in first.sar)
+    n_opt, n_sar = first.n_optical, first.n_sar
     for p in plans[1:]:
-        if sum(s.count for s in p.optical) != n_opt or sum(s.count for s in p.sar) != n_sar:
+        if p.n_optical != n_opt or p.n_sar != n_sar:
             raise UserError(f"scene '{p.scene_id}' has a different number of optical or SAR bands than '{first.scene_id}'")
         if p.grid.crs != first.grid.crs:
             raise UserError(
@@ -659,8 +720,7 @@ def _layout(plans: list[ScenePlan], tile: int, has_labels: bool) -> ShardLayout:
     """Shard dtypes: integer optical in its source dtype when every optical input shares it."""
     dtypes = {s.dtype for p in plans for s in p.optical}
     return ShardLayout.for_source(dtypes.pop() if len(dtypes) == 1 else "float32", tile=tile,
-                                  optical_bands=sum(s.count for s in plans[0].optical),
-                                  sar_bands=sum(s.count for s in plans[0].sar), labels=has_labels)
+                                  optical_bands=plans[0].n_optical, sar_bands=plans[0].n_sar, labels=has_labels)
 
 
 @dataclass
@@ -723,6 +783,7 @@ def _label_meta(plans: list[ScenePlan], classes, label_values: set) -> Optional[
         "column": first["vector"].column if first["kind"] == "vector" else None,
         "classes": table,
         "ignore_index": IGNORE,
+        "nodata": _nan_to_none(first["nodata"]) if first["kind"] == "raster" else None,  # -> ignore_index
     }
 
 
@@ -735,7 +796,7 @@ def _scene_meta(p: ScenePlan, chips: int) -> dict:
         "grid_transform": list(p.grid.transform)[:6],
         "grid_size": [p.grid.height, p.grid.width],
         "window": list(p.window),
-        "overlap_area": p.overlap_area,
+        "overlap_area_m2": p.overlap_area,
         "sar_input_scale": p.sar_scales,
         "resampling": {"optical": p.optical_resampling, "sar": p.sar_resampling},
         "chips": chips,
@@ -748,8 +809,10 @@ def _warp_notes(p: ScenePlan) -> list[str]:
     notes += [_source_note(s, rs, p.grid) + (f" (input {sc}, resampled in linear power)" if rs != "none" else f" (input {sc})")
               for s, rs, sc in zip(p.sar, p.sar_resampling, p.sar_scales, strict=True)]
     if p.labels is not None:
-        notes.append(f"{Path(p.labels['source']).name}: " + (
-            "rasterised onto the grid" if p.labels["kind"] == "vector" else f"label raster, {p.labels['resampling']}"))
+        how = ("rasterised onto the grid" if p.labels["kind"] == "vector" else
+               "label raster on the reference grid (read, not resampled)" if p.labels["resampling"] == "none"
+               else f"label raster, {p.labels['resampling']}")
+        notes.append(f"{Path(p.labels['source']).name}: {how}")
     return notes
 
 
@@ -767,12 +830,16 @@ def _dataset_meta(plans: list[ScenePlan], o: PrepareOptions, stride: int, merged
         "ref": o.ref,
         "paired": True,
         "optical": {
-            "bands": R.band_names(plans[0].optical, "B"),
+            "bands": _selected(R.band_names(plans[0].optical, "B"), plans[0].optical_select),
+            "selected": _one_based(plans[0].optical_select),  # bands of the input kept (1-based; null: all)
+            "input_count": sum(s.count for s in plans[0].optical),
             "source_dtype": plans[0].optical[0].dtype,
             "nodata": _nan_to_none(nd) if nd is not None else None,
         },
         "sar": {
-            "bands": R.band_names(plans[0].sar, "P"),
+            "bands": _selected(R.band_names(plans[0].sar, "P"), plans[0].sar_select),
+            "selected": _one_based(plans[0].sar_select),
+            "input_count": sum(s.count for s in plans[0].sar),
             "scale": "db",
             "input_scale": scales[0] if len(scales) == 1 else "mixed",
         },
@@ -815,6 +882,9 @@ def _finish(plans, results, o: PrepareOptions, stride: int, tmp: Path, layout: S
         "crs": _crs_name(g.crs),
         "res": [g.res[0], g.res[1]],
         "warped": [{"scene_id": p.scene_id, "notes": _warp_notes(p)} for p in plans],
+        "bands": "; ".join(
+            f"{name} {', '.join(meta[m]['bands'])}" + (f" (of {meta[m]['input_count']})" if meta[m]["selected"] else "")
+            for m, name in (("optical", "optical"), ("sar", "SAR"))),
         "shards": meta["n_shards"],
         "stats": meta["stats"],
         "labels": label_meta,

@@ -319,12 +319,14 @@ def predict_scene(
     readers: int = 2,
     panel_width: int | None = PANEL_WIDTH,
     instrument: PredictStats | None = None,
+    bands: dict | None = None,
 ) -> dict:
     """Predict a whole scene with ``model_fn`` and write a class-map COG at ``out_path``.
 
     ``readers``: threads reading strips ahead of the model (each with its own GDAL handles).
     ``panel_width``: about this many output columns per vertical panel (memory grows with it, not with the scene;
     ``None`` = the whole width in one panel). Windows straddling a panel border run twice.
+    ``bands``: per modality, the 1-based bands of the scene the model reads (``--optical-bands`` at prepare).
     ``instrument``: a :class:`PredictStats` filled with what the run observed (band sizes, flushes).
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
@@ -341,7 +343,7 @@ def predict_scene(
                         precision=precision, device=device)
     ov = resolve_overlap(window, overlap)
     st = instrument if instrument is not None else PredictStats()
-    scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats)
+    scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats, bands=bands or {})
     temps: list[Path] = []
     with ExitStack() as stack:  # unwinds in reverse: writer, reader, sources, temporaries, GDAL settings
         _gdal_env(stack)

@@ -144,6 +144,10 @@ def predict_from_checkpoint(
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
+    if vectorize is not None:
+        from codemae_cli.infer.vectorize import check_vector_path
+
+        check_vector_path(vectorize)
     guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
     names, colors = meta.class_names, [c.get("color") for c in meta.classes]
     if sar_path is not None:
@@ -207,6 +211,7 @@ def predict_from_checkpoint(
             precision=precision,
             progress=progress,
             readers=readers,
+            bands=meta.band_selection,
         )
     summary["checkpoint"] = str(ckpt)
     summary["notes"] = notes

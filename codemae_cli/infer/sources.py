@@ -43,6 +43,19 @@ def open_scene(path: str | Path, what: str):
     return ds
 
 
+def band_select(ds, selected: list[int] | None, what: str, path: Path) -> list[int] | None:
+    """0-based bands of a scene the model reads: those chosen at prepare (``--optical-bands``,
+    recorded 1-based in the checkpoint), or None for all. A scene that already holds exactly the
+    chosen bands is read whole."""
+    if not selected or (ds.count == len(selected) and max(selected) > ds.count):
+        return None
+    if max(selected) > ds.count:
+        listed = ",".join(map(str, selected))
+        raise UserError(f"the {what} scene '{path}' has {ds.count} band(s) but the model reads bands {listed} of its "
+                        f"input (chosen at prepare); give the full scene or one with exactly those bands")
+    return [b - 1 for b in selected]
+
+
 class OpticalSource:
     """Strips of an optical scene on its own grid, as float32 in the file's units (NaN: nodata).
 
@@ -52,17 +65,20 @@ class OpticalSource:
 
     kind = "optical"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, indexes: list[int] | None = None):
         self.path = Path(path)
         self.ds = open_scene(self.path, "optical")
         self.grid = Grid.of(self.ds)
-        self.bands = self.ds.count
+        self.select = band_select(self.ds, indexes, "optical", self.path)
+        self.bands = self.ds.count if self.select is None else len(self.select)
 
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         col0, col1 = _cols(self.grid, col0, col1)
         nodata = self.ds.nodata
         data = read_on_grid(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel="none",
                             prepare=lambda block: optical_to_float(block, nodata))
+        if self.select is not None:  # after nodata, as prepare does: the same pixels are valid
+            data = data[self.select]
         return data, np.all(np.isfinite(data), axis=0)
 
     def close(self) -> None:
@@ -74,13 +90,15 @@ class SarSource:
 
     kind = "sar"
 
-    def __init__(self, path: str | Path, scale: SarScale = "db", ref: Grid | None = None):
+    def __init__(self, path: str | Path, scale: SarScale = "db", ref: Grid | None = None,
+                 indexes: list[int] | None = None):
         if scale not in ("db", "linear", "amplitude"):
             raise UserError(f"the SAR scale must be db, linear or amplitude, not '{scale}'")
         self.path = Path(path)
         self.scale: SarScale = scale
         self.ds = open_scene(self.path, "SAR")
-        self.bands = self.ds.count
+        self.select = band_select(self.ds, indexes, "SAR", self.path)
+        self.bands = self.ds.count if self.select is None else len(self.select)
         own = Grid.of(self.ds)
         self.grid = ref if ref is not None else own
         self.kernel = resampling_kernel(own, self.grid, "sar")
@@ -103,6 +121,8 @@ class SarSource:
         col0, col1 = _cols(self.grid, col0, col1)
         db = read_sar_db(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel=self.kernel, scale=self.scale,
                          nodata=self.ds.nodata)
+        if self.select is not None:
+            db = db[self.select]
         return db, np.all(np.isfinite(db), axis=0)
 
     def close(self) -> None:

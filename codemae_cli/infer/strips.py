@@ -35,6 +35,7 @@ class SceneInputs:
     sar_scale: str
     modalities: tuple[str, ...]  # ("optical",), ("sar",) or ("optical", "sar")
     stats: dict | None = None
+    bands: dict = field(default_factory=dict)  # modality -> 1-based bands chosen at prepare (None: all)
     sources: dict = field(default_factory=dict)  # modality -> source opened by the main thread
     norm: dict = field(default_factory=dict)  # modality -> (mean, std) as (C, 1, 1) float32
 
@@ -50,10 +51,10 @@ class SceneInputs:
         own: dict = {}
         try:
             if "optical" in self.modalities:
-                own["optical"] = OpticalSource(self.optical_path)
+                own["optical"] = OpticalSource(self.optical_path, indexes=self.bands.get("optical"))
             if "sar" in self.modalities:
                 grid = own["optical"].grid if "optical" in own else None
-                own["sar"] = SarSource(self.sar_path, scale=self.sar_scale, ref=grid)
+                own["sar"] = SarSource(self.sar_path, scale=self.sar_scale, ref=grid, indexes=self.bands.get("sar"))
         except BaseException:
             for s in own.values():
                 s.close()

@@ -3,8 +3,9 @@
 Vectorising the FINAL class raster, not the windows, is what keeps polygons whole across window
 borders. ``rasterio.features.shapes`` traces connected regions of equal class (8-connected
 would join diagonal neighbours across other classes, so 4-connectivity is used); regions smaller
-than ``min_area`` (in squared CRS units, m^2 for projected CRSs) are dropped, and the rest are
-simplified with a topology-preserving tolerance in CRS units.
+than ``min_area`` m^2 are dropped (areas in m^2 in any CRS: equal-area for geographic ones, see
+``codemae_cli.data.areas``), and the rest are simplified with a topology-preserving tolerance in
+CRS units. The ``area`` column is in m^2 too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from codemae_cli.errors import UserError
+
+
+def check_vector_path(path: str | Path) -> None:
+    """Polygons are written as a GeoPackage: refuse a path that names another format."""
+    if Path(path).suffix.lower() != ".gpkg":
+        raise UserError(f"--vectorize writes a GeoPackage: give a path ending in .gpkg, not '{path}'")
 
 
 def vectorize_classes(
@@ -37,8 +44,10 @@ def vectorize_classes(
     from rasterio.features import shapes
     from shapely.geometry import shape
 
+    from codemae_cli.data.areas import areas_m2
     from codemae_cli.infer.cog import check_output_path, remove_quietly, temp_sibling
 
+    check_vector_path(out_path)
     out = check_output_path(out_path, "vector output")
     if min_area < 0 or simplify < 0:
         raise UserError("the minimum area and the simplification tolerance must not be negative")
@@ -50,17 +59,19 @@ def vectorize_classes(
         valid = np.ones(data.shape, dtype=bool) if nodata is None else data != nodata
         if classes is not None:
             valid &= np.isin(data, np.asarray(classes, dtype=data.dtype))
-        for geom, value in shapes(data, mask=valid, connectivity=4, transform=ds.transform):
-            poly = shape(geom)
-            if poly.area < min_area:
+        regions = [(shape(geom), int(value)) for geom, value in
+                   shapes(data, mask=valid, connectivity=4, transform=ds.transform)]
+    areas = areas_m2([poly for poly, _ in regions], crs) if crs is not None and regions else (
+        np.array([poly.area for poly, _ in regions], dtype=np.float64))
+    for (poly, cid), area in zip(regions, areas, strict=True):
+        if area < min_area:
+            continue
+        if simplify > 0:
+            poly = poly.simplify(simplify, preserve_topology=True)
+            if poly.is_empty:
                 continue
-            if simplify > 0:
-                poly = poly.simplify(simplify, preserve_topology=True)
-                if poly.is_empty:
-                    continue
-            cid = int(value)
-            name = class_names[cid] if class_names and cid < len(class_names) else str(cid)
-            records.append({"class_id": cid, "class_name": name, "area": float(poly.area), "geometry": poly})
+        name = class_names[cid] if class_names and cid < len(class_names) else str(cid)
+        records.append({"class_id": cid, "class_name": name, "area": float(area), "geometry": poly})
     gdf = gpd.GeoDataFrame(records, columns=["class_id", "class_name", "area", "geometry"], geometry="geometry", crs=crs)
     tmp = temp_sibling(out, ".gpkg")
     try:
@@ -74,4 +85,4 @@ def vectorize_classes(
     return {"path": str(out), "polygons": len(records), "per_class": per_class}
 
 
-__all__ = ["vectorize_classes"]
+__all__ = ["check_vector_path", "vectorize_classes"]

@@ -1,0 +1,86 @@
+"""Small frictions a new user met, each pinned: label nodata before the range check, areas in
+m^2 in a geographic CRS, CPU threads, output paths refused like predict's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codemae_cli.errors import UserError
+
+
+def test_label_range_checked_after_nodata_and_names_value_and_fix():
+    from codemae_cli.data.labels import IGNORE, raster_label_prepare
+
+    block = np.array([[[-1, 0], [1, -1]]], dtype=np.int16)
+    out = raster_label_prepare(-1.0, "l.tif")(block)
+    assert out.dtype == np.uint8 and out.tolist() == [[[IGNORE, 0], [1, IGNORE]]]
+    with pytest.raises(UserError, match=r"'l.tif' holds the value -1, .*--label-nodata -1"):
+        raster_label_prepare(None, "l.tif")(block)
+    with pytest.raises(UserError, match="value 300"):
+        raster_label_prepare(None, "l.tif")(np.array([[[300]]], dtype=np.int16))
+    nan = np.array([[[np.nan, 2.0]]], dtype=np.float32)
+    assert raster_label_prepare(None)(nan).tolist() == [[[IGNORE, 2]]]
+
+
+def test_areas_in_square_metres_in_any_crs():
+    from shapely.geometry import box
+
+    from codemae_cli.data.areas import area_m2, areas_m2, is_metric
+
+    assert area_m2(box(0, 0, 10, 10), "EPSG:32631") == pytest.approx(100.0)
+    # 9e-5 degrees at the equator: 10.02 m x 9.95 m (WGS84 ellipsoid)
+    assert area_m2(box(0, 0, 9e-5, 9e-5), "EPSG:4326") == pytest.approx(99.7, rel=2e-3)
+    # 60 N: a degree of longitude is half as long
+    eq, north = areas_m2([box(10, 0, 10.01, 0.01), box(10, 60, 10.01, 60.01)], "EPSG:4326")
+    assert north / eq == pytest.approx(0.5, rel=0.01)
+    assert not is_metric("EPSG:4326") and is_metric("EPSG:3857") and not is_metric("EPSG:2263")  # US feet
+
+
+def test_vectorize_min_area_in_m2_on_a_degree_grid(tmp_path):
+    import geopandas as gpd
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from codemae_cli.infer.vectorize import vectorize_classes
+
+    cls = np.zeros((40, 40), np.uint8)
+    cls[2:12, 2:12] = 1  # 100 px of ~99.7 m^2
+    cls[30:32, 30:32] = 1  # 4 px
+    path = tmp_path / "c.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=40, height=40, count=1, dtype="uint8", crs="EPSG:4326",
+                       transform=from_origin(0.0, 0.0036, 9e-5, 9e-5), nodata=255) as d:
+        d.write(cls[None])
+    res = vectorize_classes(path, tmp_path / "v.gpkg", classes=[1], min_area=500)
+    gdf = gpd.read_file(res["path"])
+    assert len(gdf) == 1 and gdf["area"].iloc[0] == pytest.approx(100 * 99.7, rel=5e-3)
+    with pytest.raises(UserError, match=r"GeoPackage.*\.gpkg"):
+        vectorize_classes(path, tmp_path / "v.tif")
+
+
+def test_threads_option_env_and_per_process_share(monkeypatch):
+    from codemae_cli.threads import choose_threads, physical_cores
+
+    assert choose_threads(3).threads == 3
+    with pytest.raises(UserError, match="--threads"):
+        choose_threads(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads().threads == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1024")  # many torchrun processes on this node
+    assert choose_threads().threads == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert 1 <= choose_threads().threads <= physical_cores()
+
+
+def test_evaluate_json_refuses_a_missing_folder_like_predict(tmp_path):
+    from typer.testing import CliRunner
+
+    from codemae_cli.cli import app
+    from tests.rasters import write_raster
+
+    pred = write_raster(tmp_path / "p.tif", np.zeros((8, 8), np.uint8))
+    ref = write_raster(tmp_path / "r.tif", np.zeros((8, 8), np.uint8))
+    res = CliRunner().invoke(app, ["evaluate", "--pred", pred, "--ref", ref, "--json", str(tmp_path / "no/m.json")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    assert not (tmp_path / "no").exists()
