@@ -13,7 +13,6 @@ installed with the package. Pure Python: nothing heavy is imported here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -115,7 +114,7 @@ class FoundRun:
 
 def latest_finetuned_run(root: str | Path = RUNS_DIR, task: Optional[str] = "segmentation") -> FoundRun:
     """The most recently written fine-tuned run (checkpoints/best, else last) under ``root``."""
-    from codemae_cli.infer.run import _task_kind
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
 
     root = Path(root)
     found: list[FoundRun] = []
@@ -123,16 +122,15 @@ def latest_finetuned_run(root: str | Path = RUNS_DIR, task: Optional[str] = "seg
         for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for name in ("best", "last"):
                 ckpt = run_dir / "checkpoints" / name
-                meta_path = ckpt / "meta.json"
-                if not (meta_path.is_file() and (ckpt / "model.safetensors").is_file()):
+                if not ((ckpt / "meta.json").is_file() and (ckpt / "model.safetensors").is_file()):
                     continue
                 try:
-                    meta = json.loads(meta_path.read_text())
-                except (OSError, ValueError):
+                    meta = read_checkpoint_meta(ckpt)
+                except UserError:  # a corrupt or foreign meta.json: not a run to predict with
                     continue
-                if meta.get("kind") != "finetune" or (task and _task_kind(meta) != task):
+                if meta.kind != "finetune" or (task and meta.task != task):
                     continue
-                found.append(FoundRun(run_dir, ckpt, meta_path.stat().st_mtime))
+                found.append(FoundRun(run_dir, ckpt, (ckpt / "meta.json").stat().st_mtime))
                 break
     if not found:
         raise UserError(f"no fine-tuned {task or ''} run under '{root}/' to predict with; pass --checkpoint "

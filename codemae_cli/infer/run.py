@@ -144,11 +144,11 @@ def predict_from_checkpoint(
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
+    guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
     if vectorize is not None:
         from codemae_cli.infer.vectorize import check_vector_path
 
         check_vector_path(vectorize)
-    guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
     names, colors = meta.class_names, [c.get("color") for c in meta.classes]
     if sar_path is not None:
         sar_scale, warning = meta.sar_scale_for(sar_scale)
