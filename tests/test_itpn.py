@@ -292,3 +292,18 @@ def test_itpn_pretrain_resumes_then_finetunes_with_the_pyramid_and_probes(tmp_pa
         with torch.no_grad():
             logits = model(optical=torch.randn(1, 3, 32, 32), sar=torch.randn(1, 2, 32, 32))
         assert logits.shape[-2:] == (32, 32)
+
+
+def test_finetune_recipe_picks_the_backbone_from_scratch_or_refuses_a_mismatch():
+    from codemae_cli.tasks.config import FinetuneRecipe
+    from codemae_cli.tasks.model_io import encoder_config
+
+    raw = {"data": {"datasets": ["d"], "img_size": 32}, "model": {"backbone": "itpn", "preset": "tiny", "patch_size": 8, "img_size": 32},
+           "task": {"from_scratch": True}}
+    assert encoder_config(from_dict(FinetuneRecipe, raw)).backbone == "itpn"
+    raw["model"]["backbone"] = None
+    assert encoder_config(from_dict(FinetuneRecipe, raw)).backbone == "vit"
+    raw["model"]["backbone"] = "vit"
+    pre = {"recipe": {"model": {"backbone": "itpn", "preset": "tiny", "patch_size": 8}}}
+    with pytest.raises(UserError, match="backbone 'itpn'"):
+        encoder_config(from_dict(FinetuneRecipe, raw), pre)

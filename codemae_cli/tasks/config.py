@@ -42,9 +42,10 @@ class ClassSpec:
 
 @dataclass
 class EncoderSection:
-    """How to rebuild the encoder. ``preset``/``patch_size`` left empty are taken from the
-    pretrained checkpoint (or default to ``base``/16 when training from scratch)."""
+    """How to rebuild the encoder. ``backbone``/``preset``/``patch_size`` left empty are taken
+    from the pretrained checkpoint (or default to ``vit``/``base``/16 when training from scratch)."""
 
+    backbone: Optional[str] = None  # vit | itpn
     preset: Optional[str] = None  # tiny | small | base | large
     img_size: int = 224
     patch_size: Optional[int] = None

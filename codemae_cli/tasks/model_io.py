@@ -52,6 +52,9 @@ def encoder_config(recipe, pretrain_meta: Optional[dict] = None):
             cfg = from_dict(ModelConfig, raw, "model")
         except UserError as err:
             raise UserError(f"the pretrained checkpoint's model section is not understood by this codemae ({err})") from None
+        if m.backbone is not None and m.backbone != cfg.backbone:
+            raise UserError(f"the checkpoint was pretrained with backbone '{cfg.backbone}' but the recipe asks for "
+                            f"'{m.backbone}'; remove model.backbone or use a matching checkpoint")
         if m.preset is not None and m.preset != cfg.preset:
             raise UserError(f"the checkpoint was pretrained with preset '{cfg.preset}' but the recipe asks for "
                             f"'{m.preset}'; remove model.preset or use a matching checkpoint")
@@ -60,7 +63,7 @@ def encoder_config(recipe, pretrain_meta: Optional[dict] = None):
                             f"for {m.patch_size}")
         data = to_dict(cfg)
     else:
-        data = {"preset": m.preset or "base"}
+        data = {"backbone": m.backbone or "vit", "preset": m.preset or "base"}
         if m.patch_size is not None:
             data["patch_size"] = m.patch_size
     # Fine-tuning never runs the distillation teacher: keep it from being built or validated.
@@ -165,6 +168,7 @@ def build_task_model_from_checkpoint(checkpoint, device="cpu"):
     except UserError as err:
         raise UserError(f"checkpoint '{where}' has a recipe this codemae does not understand ({err})") from None
     # Rebuild exactly the encoder that was trained (its config is stored), no pretrained load.
+    recipe.model.backbone = meta.encoder_config.get("backbone", "vit")
     recipe.model.preset = meta.encoder_config["preset"]
     recipe.model.patch_size = meta.encoder_config["patch_size"]
     model, _ = build_task_model(recipe, len(meta.bands["optical"]), len(meta.bands["sar"]),
