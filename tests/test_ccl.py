@@ -80,6 +80,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         za = torch.nn.functional.normalize(x.detach() + 0.1 * rank, dim=-1).requires_grad_(True)
         zb = torch.nn.functional.normalize(torch.randn(B, d, generator=g), dim=-1).requires_grad_(True)
         nce = info_nce(za, zb, 0.1)
+        # gather_grad=false against the reference code's form written out: plain all_gather
+        # (no autograd), local rows as queries only
+        grads = {}
+        for mode in ("exact", "no_grad", "by_hand"):
+            qa, qb = za.detach().clone().requires_grad_(True), zb.detach().clone().requires_grad_(True)
+            if mode == "by_hand":
+                parts_a = [torch.zeros_like(qa) for _ in range(world)]
+                parts_b = [torch.zeros_like(qb) for _ in range(world)]
+                dist.all_gather(parts_a, qa)
+                dist.all_gather(parts_b, qb)
+                all_a, all_b = torch.cat(parts_a), torch.cat(parts_b)
+                labels = torch.arange(B) + B * rank
+                ce = torch.nn.functional.cross_entropy
+                loss_r = 0.5 * (ce(qa @ all_b.t() / 0.1, labels) + ce(qb @ all_a.t() / 0.1, labels))
+            else:
+                loss_r = info_nce(qa, qb, 0.1, gather_grad=mode == "exact")
+            loss_r.backward()
+            grads[mode] = (loss_r.detach(), qa.grad.detach(), qb.grad.detach())
         # teachers built independently per rank are aligned to rank 0 by sync_teacher()
         from codemae_cli.model import ModelConfig, build_model
 
@@ -89,7 +107,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         model.sync_teacher()
         after = model.teacher_state_dict()["encoder.blocks.0.attn.qkv.weight"]
         result = dict(x=x.detach(), all_x=all_x.detach(), grad=x.grad.detach(), za=za.detach(),
-                      zb=zb.detach(), nce=nce.detach(), teacher_before=before, teacher_after=after)
+                      zb=zb.detach(), nce=nce.detach(), teacher_before=before, teacher_after=after,
+                      **{f"{mode}_{i}": t for mode, ts in grads.items() for i, t in enumerate(ts)})
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -120,6 +139,13 @@ def test_gather_with_grad_two_processes(tmp_path):
         ce = torch.nn.functional.cross_entropy
         expected = 0.5 * (ce(logits_ab, labels) + ce(logits_ba, labels))
         torch.testing.assert_close(res[r]["nce"], expected)
+    # gather_grad=false: loss and gradient of the reference's no-grad all_gather, per rank; the
+    # exact gradient differs from it (negatives of the other rank push back on this rank's rows)
+    for r in range(world):
+        for i in range(3):
+            torch.testing.assert_close(res[r][f"no_grad_{i}"], res[r][f"by_hand_{i}"])
+        torch.testing.assert_close(res[r]["no_grad_0"], res[r]["exact_0"])
+        assert not torch.allclose(res[r]["no_grad_1"], res[r]["exact_1"], atol=1e-4)
 
 
 def test_gather_is_identity_without_distributed():

@@ -15,7 +15,9 @@ from codemae_cli.model import (
     build_plain_mae,
     random_masking,
 )
+from codemae_cli.model.ccl import info_nce, pooled_embedding
 from codemae_cli.model.errors import ModelInputError
+from codemae_cli.model.targets import DEGRADATIONS
 
 torch.set_num_threads(1)
 
@@ -135,7 +137,7 @@ def test_switched_off_components_create_no_parameters():
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in no_aux.parameters())
 
 
-@pytest.mark.parametrize("deg", ["none", "spatial", "dual", "hog", "sar_gradient", "median"])
+@pytest.mark.parametrize("deg", DEGRADATIONS)
 def test_every_degradation_trains(deg):
     torch.manual_seed(0)
     model = build_model(tiny_cfg(cdr={"degradation": deg}, okd={"enabled": False}), 4, 2)
@@ -261,3 +263,54 @@ def test_tiny_model_overfits_one_batch():
         model.update_teacher()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_rigid_contrast_placement_switch():
+    """rigid_on=decoder_embed puts the plain InfoNCE on the decoder-embedding projection (the
+    reference's placement); the default stays on the encoder output."""
+    seen = {}
+    for where in ("encoder", "decoder_embed"):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(ccl={"mode": "rigid", "rigid_on": where}, okd={"enabled": False},
+                                     cdr={"enabled": False}), 4, 2)
+        model.decoder_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+        model.encoder.forward_masked = _keep_output(model.encoder.forward_masked, seen)
+        out = model(*pair(B=3))
+        x = seen["h"] if where == "decoder_embed" else seen["latent"]
+        expected = info_nce(pooled_embedding(x[:3]), pooled_embedding(x[3:]), 0.07)
+        torch.testing.assert_close(out["losses"]["ccl"], expected)
+        assert seen["h"].shape[-1] != seen["latent"].shape[-1]  # two different places
+
+
+def _keep_output(fn, store):
+    def wrapped(*args, **kwargs):
+        latent, aux = fn(*args, **kwargs)
+        store["latent"] = latent
+        return latent, aux
+    return wrapped
+
+
+def test_learnable_position_embedding_switch():
+    torch.manual_seed(0)
+    fixed = build_model(tiny_cfg(okd={"enabled": False}), 4, 2)
+    assert "encoder.pos_embed" not in fixed.state_dict()
+    model = build_model(tiny_cfg(pos_embed="learnable", okd={"enabled": False}), 4, 2)
+    pos = model.encoder.pos_embed
+    assert isinstance(pos, torch.nn.Parameter) and pos.requires_grad
+    torch.testing.assert_close(pos.detach(), fixed.encoder.pos_embed)  # sin-cos initialised
+    model(*pair(B=2))["loss"].backward()
+    assert pos.grad is not None and pos.grad.abs().sum() > 0
+    assert "encoder.pos_embed" in model.no_weight_decay()
+    from codemae_cli.train.optim import param_groups
+
+    groups = param_groups(model, 0.05)
+    assert any(g["weight_decay"] == 0.0 and any(p is pos for p in g["params"]) for g in groups)
+    # an encoder for another crop size loads the table resampled to its own grid
+    with torch.no_grad():
+        pos.add_(torch.randn_like(pos))
+    other = build_encoder(tiny_cfg(pos_embed="learnable", img_size=48), 4, 2)
+    other.load_state_dict(model.encoder_state_dict(), strict=True)
+    assert other.pos_embed.shape == (1, 36, 192)
+    from codemae_cli.model.layers import resize_pos_embed
+
+    torch.testing.assert_close(other.pos_embed.detach(), resize_pos_embed(pos.detach(), (4, 4), (6, 6)))

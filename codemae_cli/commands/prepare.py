@@ -101,6 +101,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             help="Keep these optical bands, counted from 1 in the stacked input, e.g. 2,3,4 (Sentinel-2 B2-B4 of a "
             "13-band file). Recorded; predict selects the same bands from a full scene."),
         sar_bands: Optional[str] = typer.Option(None, "--sar-bands", help="Keep these SAR bands (from 1), e.g. 1 for VV only."),
+        optical_range: Optional[float] = typer.Option(
+            None, "--optical-range",
+            help="Optical value that maps to 1 at the source scale the OKD teacher sees (default by dtype: "
+            "uint8 255, other integers their maximum, floats 1; e.g. 2047 for 11-bit data in uint16).",
+        ),
         min_valid: float = typer.Option(0.5, "--min-valid", help="Keep a chip only if at least this fraction is valid in BOTH modalities."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: a vector file (with --label-column) or a label raster."),
         label_column: Optional[str] = typer.Option(None, "--label-column", help="Class column of a vector label file (default: class)."),
@@ -130,7 +135,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             manifest=str(manifest) if manifest else None, labels=str(labels) if labels else None,
             label_column=label_column, classes=classes, tile=tile, stride=stride, overlap=overlap, ref=ref,
             crs=crs, res=res, sar_scale=sar_scale, nodata_optical=nodata_optical, nodata_sar=nodata_sar,
-            optical_bands=optical_bands, sar_bands=sar_bands, label_nodata=label_nodata,
+            optical_bands=optical_bands, optical_range=optical_range, sar_bands=sar_bands, label_nodata=label_nodata,
             min_valid=min_valid, split=split, block=block, seed=seed, workers=workers, overwrite=overwrite,
             shard_size=shard_size, quicklook=not no_quicklook, progress=not quiet, resume=resume,
         ))

@@ -48,6 +48,7 @@ from codemae_cli.data.labels import (
 )
 from codemae_cli.data.manifest import SceneSpec, read_manifest
 from codemae_cli.data.shards import FORMAT, ShardLayout, ShardWriter, finish_dataset
+from codemae_cli.data.source_scale import optical_range_rule, source_range_meta
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
@@ -102,6 +103,7 @@ class PrepareOptions:
     optical_bands: Optional[str] = None  # e.g. "2,3,4": 1-based bands of the stacked optical input
     sar_bands: Optional[str] = None
     label_nodata: Optional[str] = None  # label raster value that marks unlabelled pixels (-> 255)
+    optical_range: Optional[float] = None  # optical source range [0, R] (default by dtype; data/source_scale.py)
     min_valid: float = 0.5
     split: str = "0.8,0.1,0.1"
     block: int = 4
@@ -159,6 +161,7 @@ def _check_options(o: PrepareOptions) -> tuple[int, tuple[float, float, float]]:
         raise UserError(f"--sar-scale must be one of {', '.join(R.SAR_SCALES)}, not '{o.sar_scale}'")
     if not 0.0 <= o.min_valid <= 1.0:
         raise UserError("--min-valid must be a fraction between 0 and 1")
+    optical_range_rule(None, o.optical_range)  # refuses a non-positive --optical-range before any work
     if o.block < 1:
         raise UserError("--block must be at least 1 chip")
     if o.workers < 1:
@@ -835,6 +838,8 @@ def _dataset_meta(plans: list[ScenePlan], o: PrepareOptions, stride: int, merged
             "input_count": sum(s.count for s in plans[0].optical),
             "source_dtype": plans[0].optical[0].dtype,
             "nodata": _nan_to_none(nd) if nd is not None else None,
+            # --optical-range overrides the dtype rule finish_dataset records otherwise.
+            **(source_range_meta(optical_range_rule(None, o.optical_range)) if o.optical_range else {}),
         },
         "sar": {
             "bands": _selected(R.band_names(plans[0].sar, "P"), plans[0].sar_select),

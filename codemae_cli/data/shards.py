@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from codemae_cli.data.source_scale import source_ranges
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
 
@@ -279,6 +280,10 @@ def finish_dataset(root: str | Path, layout: ShardLayout, parts: list[dict], chi
     out.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     out["optical"] = {**meta.get("optical", {}), "count": layout.optical_bands}
     out["sar"] = {"scale": "db", **meta.get("sar", {}), "count": layout.sar_bands}
+    # The source scale the OKD teacher and the HOG / ratio-gradient targets see; a writer's own
+    # (prepare --optical-range) wins over the rules.
+    for m, rule in source_ranges(out["optical"].get("source_dtype"), st).items():
+        out[m] = {**rule, **out[m]}
     (root / "metadata.json").write_text(json.dumps(out, indent=1))
     return out
 

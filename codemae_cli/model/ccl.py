@@ -6,19 +6,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codemae_cli.model.dist import gather_with_grad, world_size_and_rank
+from codemae_cli.model.dist import gather_no_grad, gather_with_grad, world_size_and_rank
 from codemae_cli.model.layers import CrossAttention
 
 
-def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float = 0.07,
+             gather_grad: bool = True) -> torch.Tensor:
     """Symmetric (CLIP-style) InfoNCE between L2-normalised rows z_a, z_b (B, d).
 
     Positives are the pairs (i, i); negatives are all other rows of the other modality,
-    gathered from every rank (with gradient), so the effective batch is the global one.
+    gathered from every rank, so the effective batch is the global one. ``gather_grad``: the
+    gathered rows carry gradient back to their ranks (the exact gradient of the global loss);
+    false gathers them without gradient, as the reference code does.
     """
     z_a, z_b = z_a.float(), z_b.float()
-    all_a = gather_with_grad(z_a)  # (world*B, d)
-    all_b = gather_with_grad(z_b)
+    gather = gather_with_grad if gather_grad else gather_no_grad
+    all_a = gather(z_a)  # (world*B, d)
+    all_b = gather(z_b)
     _, rank = world_size_and_rank()
     labels = torch.arange(z_a.shape[0], device=z_a.device) + rank * z_a.shape[0]
     logits_ab = z_a @ all_b.t() / temperature  # (B, world*B)
@@ -38,9 +42,11 @@ class ConditionedContrast(nn.Module):
     so the encoder tokens themselves need not become identical across modalities.
     """
 
-    def __init__(self, dim: int, num_heads: int = 16, temperature: float = 0.07, fused_attn: bool = True):
+    def __init__(self, dim: int, num_heads: int = 16, temperature: float = 0.07, fused_attn: bool = True,
+                 gather_grad: bool = True):
         super().__init__()
         self.temperature = temperature
+        self.gather_grad = gather_grad
         self.cross_optical = CrossAttention(dim, num_heads, fused_attn)  # queries: optical
         self.cross_sar = CrossAttention(dim, num_heads, fused_attn)  # queries: SAR
 
@@ -48,4 +54,4 @@ class ConditionedContrast(nn.Module):
         """h_o, h_s: (B, n, d) decoder-embedded visible tokens of a pair -> scalar loss."""
         u_o = self.cross_optical(h_o, h_s)  # (B, n, d)
         u_s = self.cross_sar(h_s, h_o)
-        return info_nce(pooled_embedding(u_o), pooled_embedding(u_s), self.temperature)
+        return info_nce(pooled_embedding(u_o), pooled_embedding(u_s), self.temperature, self.gather_grad)

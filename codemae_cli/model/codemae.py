@@ -11,6 +11,10 @@ Dd decoder width, T teacher width):
     forward_okd         heads on LN(h_o) and the aux branch    (B, n, T) vs teacher tokens
     forward_ccl         conditioned cross-attention + InfoNCE  scalar
 
+The OKD teacher (timm / file) and the ``hog`` / ``sar_gradient`` CDR targets see the images at
+their source scale in [0, 1] (``self.source``, loaded from the datasets by
+:meth:`CoDeMAE.set_source_scale`; ``forward(..., source=)`` names each sample's dataset).
+
 The decoder-embedding LayerNorm of the reference (LN + Linear) is the trunk's final norm
 (``encoder.norm``), so downstream users of the encoder keep it. With the iTPN backbone the
 encoder returns its three pyramid levels instead, and ``decoder_embed`` projects each through
@@ -32,7 +36,9 @@ from codemae_cli.model.decoder import MAEDecoder, PatchHeads
 from codemae_cli.model.encoder import EncoderBase, build_trunk
 from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
+from codemae_cli.model.source import SourceScaler
 from codemae_cli.model.targets import (
+    SOURCE_DEGRADATIONS,
     default_rgb_bands,
     degraded_target,
     masked_mse,
@@ -84,6 +90,7 @@ class CoDeMAE(nn.Module):
         self.patch_size = p
         self.bands = {"optical": optical_bands, "sar": sar_bands}
         self.encoder = build_trunk(cfg, optical_bands, sar_bands)
+        self.source = SourceScaler(optical_bands, sar_bands)
         grid = self.encoder.grid
         # Decoder embedding feeding every head (self, cross, OKD, CCL): (2B, n, D) -> (2B, n, Dd),
         # or, for iTPN, its pyramid levels summed into (2B, n, Dd).
@@ -130,7 +137,8 @@ class CoDeMAE(nn.Module):
         self.aux_layer = aux_layer
 
         if cfg.ccl.mode == "conditioned":
-            self.ccl = ConditionedContrast(Dd, cfg.ccl.num_heads, cfg.ccl.temperature, cfg.fused_attn)
+            self.ccl = ConditionedContrast(Dd, cfg.ccl.num_heads, cfg.ccl.temperature, cfg.fused_attn,
+                                           cfg.ccl.gather_grad)
 
         self.apply(init_weights)
         for dec in self._decoders():
@@ -222,9 +230,9 @@ class CoDeMAE(nn.Module):
         return [m for m in (self.self_decoder, getattr(self, "cross_decoder", None)) if m is not None]
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters exempt from weight decay besides norms and biases (position tables are
-        fixed buffers, not parameters)."""
-        return {n for n, _ in self.named_parameters() if n.endswith("mask_token")}
+        """Parameters exempt from weight decay besides norms and biases: mask tokens and a
+        learnable position table (as the reference's no_weight_decay)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "pos_embed"))}
 
     # -- stages -------------------------------------------------------------------------------
     def forward_encoder(self, optical: torch.Tensor, sar: torch.Tensor, ids_keep: torch.Tensor):
@@ -240,10 +248,10 @@ class CoDeMAE(nn.Module):
         # Optical tokens predict the degraded SAR target and vice versa.
         return self.cross_heads(dec[:B], "sar"), self.cross_heads(dec[B:], "optical")
 
-    def forward_okd(self, h_o, h_s, aux, optical, ids_keep, grid):
+    def forward_okd(self, h_o, h_s, aux, teacher_input, ids_keep, grid):
         """-> (loss, detached parts) with SmoothL1 main + aux heads (+ cosine SAR side)."""
         B = h_o.shape[0]
-        targets = _gather_tokens(teacher_targets(self._teacher, optical, grid), ids_keep)  # (B, n, T)
+        targets = _gather_tokens(teacher_targets(self._teacher, teacher_input, grid), ids_keep)  # (B, n, T)
         main = self.okd_head(self.okd_norm(h_o))  # (B, n, T)
         parts = {"okd_main": F.smooth_l1_loss(main.float(), targets)}
         if self.cfg.okd.aux_head:
@@ -258,13 +266,38 @@ class CoDeMAE(nn.Module):
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
     def forward_ccl(self, h_o, h_s, latent, B: int) -> torch.Tensor:
-        if self.cfg.ccl.mode == "conditioned":
+        ccl = self.cfg.ccl
+        if ccl.mode == "conditioned":
             return self.ccl(h_o, h_s)
-        # rigid: plain InfoNCE on the mean-pooled encoder tokens themselves (iTPN: its stride-16 level)
-        tokens = latent if isinstance(latent, torch.Tensor) else latent[0].flatten(2)  # (2B, n, D | F)
-        return info_nce(pooled_embedding(tokens[:B]), pooled_embedding(tokens[B:]), self.cfg.ccl.temperature)
+        # rigid: plain InfoNCE on the mean-pooled encoder tokens themselves (iTPN: its stride-16
+        # level), or (the reference's placement) on the decoder-embedding projection h that also
+        # feeds the decoders
+        if ccl.rigid_on == "decoder_embed":
+            a, b = h_o, h_s
+        else:
+            tokens = latent if isinstance(latent, torch.Tensor) else latent[0].flatten(2)  # (2B, n, D | F)
+            a, b = tokens[:B], tokens[B:]
+        return info_nce(pooled_embedding(a), pooled_embedding(b), ccl.temperature, ccl.gather_grad)
 
-    def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True) -> dict:
+    def set_source_scale(self, table) -> None:
+        """Load the datasets' source-scale table (:class:`codemae_cli.data.source_scale.SourceScale`,
+        one row per dataset, in the order of the batches' ``dataset`` numbers)."""
+        self.source.set_table(table)
+
+    def source_images(self, optical, sar, source):
+        """What needs the source scale: (teacher input, optical source, SAR source), each None
+        when no component uses it."""
+        cfg = self.cfg
+        on_source = cfg.cdr.enabled and cfg.cdr.degradation in SOURCE_DEGRADATIONS
+        teacher_source = cfg.okd.enabled and getattr(self._teacher, "input_scale", "") == "source"
+        opt_src = self.source(optical, "optical", source) if (on_source or teacher_source) else None
+        sar_src = self.source(sar, "sar", source) if on_source else None
+        return (opt_src if teacher_source else optical), opt_src, sar_src
+
+    def forward(self, optical: torch.Tensor, sar: torch.Tensor, paired: Union[bool, torch.Tensor] = True,
+                source: Optional[torch.Tensor] = None) -> dict:
+        """optical (B, Co, H, W), sar (B, Cs, H, W) normalised; paired: bool or (B,); source:
+        (B,) dataset number of each sample (for the source scale; None: dataset 0)."""
         cfg = self.cfg
         if optical.shape[0] != sar.shape[0] or optical.shape[-2:] != sar.shape[-2:]:
             raise ModelInputError(
@@ -284,6 +317,7 @@ class CoDeMAE(nn.Module):
         out: dict = {"mask": mask, "ids_keep": ids_keep}
         losses: dict[str, torch.Tensor] = {}
         with torch.autocast(optical.device.type, enabled=False):
+            teacher_input, opt_src, sar_src = self.source_images(optical, sar, source)  # (B, C_m, H, W) in [0, 1]
             tgt_o = pixel_target(optical, p, cfg.norm_pix_loss)  # (B, N, Co p^2)
             tgt_s = pixel_target(sar, p, cfg.norm_pix_loss)
         pred_o, pred_s = self.forward_self(h, ids_restore, grid, B)
@@ -294,14 +328,14 @@ class CoDeMAE(nn.Module):
         if cfg.cdr.enabled:
             deg = cfg.cdr.degradation
             with torch.autocast(optical.device.type, enabled=False):
-                cdr_s = degraded_target(sar, "sar", deg, p, None, cfg.norm_pix_loss)
-                cdr_o = degraded_target(optical, "optical", deg, p, self.rgb_bands, cfg.norm_pix_loss)
+                cdr_s = degraded_target(sar, "sar", deg, p, None, cfg.norm_pix_loss, sar_src)
+                cdr_o = degraded_target(optical, "optical", deg, p, self.rgb_bands, cfg.norm_pix_loss, opt_src)
             pred_to_s, pred_to_o = self.forward_cdr(h, ids_restore, grid, B)
             losses["cdr"] = 0.5 * (masked_mse(pred_to_s, cdr_s, mask) + masked_mse(pred_to_o, cdr_o, mask))
             out["pred_cdr_sar"], out["pred_cdr_optical"] = pred_to_s, pred_to_o
 
         if cfg.okd.enabled:
-            losses["okd"], out["okd_terms"] = self.forward_okd(h_o, h_s, aux, optical, ids_keep, grid)
+            losses["okd"], out["okd_terms"] = self.forward_okd(h_o, h_s, aux, teacher_input, ids_keep, grid)
 
         if cfg.ccl.mode != "off":
             losses["ccl"] = self.forward_ccl(h_o, h_s, latent, B)

@@ -7,6 +7,13 @@ overrides:
     plain joint MAE        --set model.okd.enabled=false model.ccl.mode=off model.cdr.enabled=false
     rigid alignment        --set model.ccl.mode=rigid
     msGFM-like full cross  --set model.cdr.degradation=none
+
+Switches that reproduce the reference code where codemae deliberately differs (defaults are
+codemae's; docs/architecture.md lists every term):
+
+    --set model.ccl.gather_grad=false          negatives gathered across GPUs without gradient
+    --set model.ccl.rigid_on=decoder_embed     rigid contrast on the decoder-embedding projection
+    --set model.pos_embed=learnable            learnable encoder positions (sin-cos initialised)
 """
 
 from __future__ import annotations
@@ -61,10 +68,12 @@ class OKDConfig:
     """Optical-anchored knowledge distillation from a frozen (or EMA) teacher.
 
     Teacher input (timm / file teachers): the student sees dataset-normalised optical bands;
-    the teacher gets the optical bands ``teacher_bands`` (default the first three, read as RGB),
-    stretched per image to [0, 1] (min-max over the selected bands jointly, so colour balance
-    is kept), then normalised with the teacher's own ``pretrained_cfg`` mean/std. An EMA
-    teacher is a copy of the student's optical encoder and sees exactly what the student sees.
+    the teacher gets the optical bands ``teacher_bands`` (default the first three, read as RGB)
+    at the source's own scale in [0, 1] (dataset normalisation undone, divided by the source
+    range recorded at prepare time: 8-bit / 255 as in the reference; no per-image stretch, so
+    a dark scene stays dark and colour balance is kept), then normalised with the teacher's own
+    ``pretrained_cfg`` mean/std. An EMA teacher is a copy of the student's optical encoder and
+    sees exactly what the student sees.
     """
 
     enabled: bool = True
@@ -98,6 +107,12 @@ class CCLConfig:
     temperature: float = 0.07
     num_heads: int = 16
     weight: float = 1.0
+    # Negatives gathered from the other GPUs carry gradient back to them (the exact gradient of
+    # the global-batch loss). false: gathered without gradient, as the reference code does.
+    gather_grad: bool = True
+    # Where the rigid (unconditioned) contrast sits: the encoder output (codemae) or the
+    # decoder-embedding projection that feeds the decoders (the reference code).
+    rigid_on: Literal["encoder", "decoder_embed"] = "encoder"
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -113,7 +128,10 @@ class CDRConfig:
     """Cross-modal degraded reconstruction (optical -> degraded SAR, SAR -> degraded optical)."""
 
     enabled: bool = True
-    degradation: Literal["none", "channel", "spatial", "dual", "hog", "sar_gradient", "median"] = "channel"
+    # The reference code's forms under its names, and codemae's own variants (spatial_mean,
+    # dual_mean, hog_cells); model/targets.py describes each.
+    degradation: Literal["none", "channel", "spatial", "dual", "hog", "sar_gradient", "median",
+                         "spatial_mean", "dual_mean", "hog_cells"] = "channel"
     # Optical band indices of R, G, B for the luminance 0.299R+0.587G+0.114B. None: the first
     # three bands when the optical image has 3 or 4 bands (RGB / RGB+NIR), otherwise the band
     # mean. An empty list forces the band mean.
@@ -142,6 +160,9 @@ class ModelConfig:
     fused_attn: bool = True  # scaled_dot_product_attention; false = plain matmul/softmax fallback
     self_weight: float = 1.0
     drop_path: float = 0.0
+    # Encoder position embedding: a fixed 2-D sin-cos table (codemae) or a learnable table
+    # initialised with it (the reference code's absolute_pos_embed).
+    pos_embed: Literal["fixed", "learnable"] = "fixed"
     okd: OKDConfig = field(default_factory=OKDConfig)
     ccl: CCLConfig = field(default_factory=CCLConfig)
     cdr: CDRConfig = field(default_factory=CDRConfig)
@@ -175,8 +196,10 @@ class ModelConfig:
             )
         for section in (self.okd, self.ccl, self.cdr):
             section.validate()
-        if self.cdr.enabled and self.cdr.degradation == "hog" and self.patch_size % 2:
-            raise UserError("model.cdr.degradation 'hog' needs an even model.patch_size (2 x 2 cells per patch)")
+        if self.cdr.enabled and self.cdr.degradation == "hog_cells" and self.patch_size % 2:
+            raise UserError("model.cdr.degradation 'hog_cells' needs an even model.patch_size (2 x 2 cells per patch)")
+        if self.cdr.enabled and self.cdr.degradation == "hog" and self.img_size < 8:
+            raise UserError("model.cdr.degradation 'hog' needs model.img_size of at least 8 (8-px cells)")
 
     @property
     def spec(self) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Cross-rank gathering that keeps the gradient path (for contrastive negatives)."""
+"""Cross-rank gathering for contrastive negatives: with the gradient path (exact) or without
+(the reference code's form)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B, ...) from all ranks along dim 0 -> (world * B, ...), without
+    gradient (not even to the local rows): the reference code's plain ``all_gather``. Local
+    features then learn only through their own rows of the logits. Identity (with gradient)
+    when not distributed, as in the reference, which skips the gather on one process.
+    """
+    world, _ = _world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)

@@ -7,6 +7,7 @@ Both share :class:`EncoderBase` (input checks, ``forward_features`` over trunk d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
@@ -121,6 +122,8 @@ class CoDeMAEEncoder(EncoderBase):
     Position embeddings are a fixed 2-D sin-cos table for ``img_size``, rebuilt from the sizes
     rather than stored (a non-persistent buffer), so an encoder built for another crop size
     loads the same checkpoint; inputs of other sizes resample the table bicubically.
+    ``model.pos_embed: learnable`` (the reference code's form, see :func:`build_trunk`) makes it a
+    parameter initialised with sin-cos; a stored table of another grid is resampled when loaded.
     """
 
     def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
@@ -136,6 +139,16 @@ class CoDeMAEEncoder(EncoderBase):
             [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A learnable table stored for another crop size is resampled to this encoder's grid.
+        key = prefix + "pos_embed"
+        table = state_dict.get(key)
+        if table is not None and table.shape != self.pos_embed.shape and table.shape[-1] == self.embed_dim:
+            side = math.isqrt(table.shape[1])
+            if side * side == table.shape[1]:
+                state_dict[key] = resize_pos_embed(table, (side, side), self.grid)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- stages -------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
@@ -187,6 +200,17 @@ def build_trunk(cfg, optical_bands: int, sar_bands: int) -> EncoderBase:
     if cfg.backbone == "itpn":
         from codemae_cli.model.itpn import ITPNEncoder
 
-        return ITPNEncoder(optical_bands, sar_bands, mlp_depth=int(spec["mlp_depth"]),
-                           bridge_mlp_ratio=float(spec["bridge_mlp_ratio"]), fpn_dim=int(spec["fpn_dim"]), **common)
-    return CoDeMAEEncoder(optical_bands, sar_bands, **common)
+        encoder = ITPNEncoder(optical_bands, sar_bands, mlp_depth=int(spec["mlp_depth"]),
+                              bridge_mlp_ratio=float(spec["bridge_mlp_ratio"]), fpn_dim=int(spec["fpn_dim"]),
+                              **common)
+        table = "absolute_pos_embed"
+    else:
+        encoder = CoDeMAEEncoder(optical_bands, sar_bands, **common)
+        table = "pos_embed"
+    if getattr(cfg, "pos_embed", "fixed") == "learnable":
+        # The reference trains its absolute position table (a parameter initialised with
+        # sin-cos); the buffer becomes a parameter of the same name, so it is saved and loaded.
+        values = getattr(encoder, table).detach().clone()
+        delattr(encoder, table)
+        setattr(encoder, table, nn.Parameter(values))
+    return encoder

@@ -1,22 +1,34 @@
 """Reconstruction targets: patchify/unpatchify, per-patch normalisation, CDR degradations.
 
 All functions take dataset-normalised images (B, C, H, W) and return per-patch targets
-(B, N, K) in the patch order of the encoder (row-major over the (H/p, W/p) grid).
+(B, N, K) in the patch order of the encoder (row-major over the (H/p, W/p) grid). The HOG and
+ratio-gradient targets are computed, as in the reference code, on the images at their source
+scale in [0, 1] (``source=``, see model/source.py), not on the normalised ones.
 
-CDR degradations (what the cross decoder must predict of the OTHER modality):
+CDR degradations (what the cross decoder must predict of the OTHER modality). The reference
+code's forms, under its names (per-patch normalisation is ``norm_pix``):
   none          all bands, full resolution, per-patch normalised (msGFM-like baseline)  K = C p^2
   channel       one channel (optical luminance / band mean, SAR polarisation mean),
                 per-patch normalised (the reference setting)                           K = p^2
-  spatial       per-band patch mean                                                     K = C
-  dual          patch mean of the one-channel image                                     K = 1
-  hog           histogram of oriented gradients of the one-channel image, 2 x 2 cells
-                per patch, 9 unsigned orientation bins, L2-normalised per patch         K = 36
+  spatial       per-band patch means, normalised jointly over the patch's bands (for
+                optical a colour-contrast target; zero for identical bands)            K = C
+  dual          channel, then spatial: one value per patch, always zero (the
+                reference's target degenerates this way; kept for reproduction)        K = 1
+  hog           9-bin orientation histogram per 8-px cell of the one-channel source
+                image (Gaussian-weighted Sobel magnitudes), upsampled bilinearly to
+                pixels, per-patch normalised (MaskFeat's HOGLayerC)                    K = 9 p^2
   sar_gradient  multi-scale ratio gradients (SARATR-X; speckle-robust) of the
-                one-channel image at half-window radii 9, 13, 17, per-patch normalised  K = 3 p^2
+                one-channel source image + 0.01 at half-window radii 9, 13, 17,
+                per-patch normalised                                                  K = 3 p^2
   median        5 x 5 median filter of all bands, per-patch normalised                  K = C p^2
-Patch means (spatial, dual) are not normalised per patch: a per-patch normalisation of a
-constant is zero (the reference code's "dual" target degenerates that way); the inputs are
-already normalised per band with the dataset statistics.
+The reference repeats a patch's ``spatial``/``dual`` values over its p^2 pixels; the mean
+squared error over the repeats is the one over the values, so K = C here (and the joint
+normalisation uses the variance of the repeated vector, as the reference computes it).
+codemae's own variants:
+  spatial_mean  raw per-band patch means (not normalised)                               K = C
+  dual_mean     patch mean of the one-channel image (not normalised)                   K = 1
+  hog_cells     HOG of the normalised one-channel image, 2 x 2 cells per patch,
+                9 bins, L2-normalised per patch                                        K = 36
 """
 
 from __future__ import annotations
@@ -29,9 +41,15 @@ import torch
 import torch.nn.functional as F
 
 LUMINANCE = (0.299, 0.587, 0.114)
-DEGRADATIONS = ("none", "channel", "spatial", "dual", "hog", "sar_gradient", "median")
+DEGRADATIONS = ("none", "channel", "spatial", "dual", "hog", "sar_gradient", "median",
+                 "spatial_mean", "dual_mean", "hog_cells")
+# Degradations computed on the source-scale images rather than the normalised ones.
+SOURCE_DEGRADATIONS = ("hog", "sar_gradient")
 SAR_GRADIENT_RADII = (9, 13, 17)
+SAR_GRADIENT_OFFSET = 1e-2  # added to the [0, 1] source image so the ratios stay finite
 HOG_BINS = 9
+HOG_CELL = 8  # px per histogram cell (reference: HOGLayerC pool=8)
+HOG_WINDOW = 16  # px of the tiled Gaussian weighting window (std = HOG_WINDOW / 2)
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -79,34 +97,83 @@ def patch_mean(imgs: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def median_blur(imgs: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """k x k median filter per band with reflect padding."""
+    """k x k median filter per band with zero padding (kornia's MedianBlur, as the reference)."""
     B, C, H, W = imgs.shape
     r = k // 2
-    x = F.pad(imgs, (r, r, r, r), mode="reflect")
+    x = F.pad(imgs, (r, r, r, r))
     x = F.unfold(x.reshape(B * C, 1, H + 2 * r, W + 2 * r), kernel_size=k)  # (B*C, k*k, H*W)
     return x.median(dim=1).values.reshape(B, C, H, W)
 
 
-def hog_target(gray: torch.Tensor, p: int, bins: int = HOG_BINS) -> torch.Tensor:
-    """MaskFeat-style HOG of a one-channel image: (B, 1, H, W) -> (B, N, 4 * bins).
+def spatial_joint_target(imgs: torch.Tensor, p: int, norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """The reference's ``spatial`` reduction: (B, C, H, W) -> (B, N, C) per-band patch means,
+    normalised jointly over the patch's bands.
+
+    The reference patchifies the p x p-upsampled means (every mean repeated p^2 times) and
+    normalises that vector, so the variance is the unbiased one of the p^2 C repeats:
+    p^2 sum_c (m_c - mu)^2 / (p^2 C - 1). For one band the target is zero.
+    """
+    m = patch_mean(imgs, p)  # (B, N, C)
+    if not norm_pix:
+        return m
+    C = m.shape[-1]
+    mu = m.mean(dim=-1, keepdim=True)
+    var = (p * p) * (m - mu).pow(2).sum(dim=-1, keepdim=True) / (p * p * C - 1)
+    return (m - mu) / (var + eps) ** 0.5
+
+
+def _sobel(gray: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sobel responses of (B, 1, H, W) with reflect padding: kernel x [[1,0,-1],[2,0,-2],[1,0,-1]]
+    and its transpose for y. -> gx, gy (B, H, W)."""
+    sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=gray.device)
+    weight = torch.stack([sobel_x, sobel_x.t()]).unsqueeze(1).to(gray.dtype)  # (2,1,3,3)
+    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="reflect"), weight)  # (B,2,H,W)
+    return g[:, 0], g[:, 1]
+
+
+def _gaussian_window(size: int, std: float, H: int, W: int, like: torch.Tensor, normalise: bool) -> torch.Tensor:
+    """A size x size Gaussian (std ``std``) tiled over (H, W) (cropped where H, W are not multiples)."""
+    n = torch.arange(size, device=like.device, dtype=like.dtype) - (size - 1) / 2
+    g1 = torch.exp(-0.5 * (n / std) ** 2)
+    g2 = g1[:, None] * g1[None, :]
+    if normalise:
+        g2 = g2 / g2.sum()
+    return g2.repeat(-(-H // size), -(-W // size))[:H, :W]
+
+
+def hog_target(gray: torch.Tensor, p: int, norm_pix: bool = True, bins: int = HOG_BINS) -> torch.Tensor:
+    """The reference's HOG target (MaskFeat's HOGLayerC): (B, 1, H, W) -> (B, N, bins p^2).
+
+    Sobel gradients; orientation atan2(gx, gy) folded to [0, pi) and hard-binned into ``bins``;
+    magnitudes weighted by a 16-px Gaussian window (std 8, sum 1) tiled over the image and
+    summed per 8 x 8 cell; the (bins, H/8, W/8) histogram map is upsampled bilinearly to
+    (bins, H, W) and patchified, then normalised per patch.
+    """
+    B, _, H, W = gray.shape
+    gx, gy = _sobel(gray)
+    mag = torch.sqrt(gx * gx + gy * gy) * _gaussian_window(HOG_WINDOW, HOG_WINDOW // 2, H, W, gray, True)
+    idx = torch.floor(torch.atan2(gx, gy) / math.pi * bins).long() % bins  # (B, H, W)
+    hist = torch.zeros(B, bins, H, W, device=gray.device, dtype=gray.dtype)
+    hist.scatter_add_(1, idx.unsqueeze(1), mag.unsqueeze(1))
+    hc, wc = H // HOG_CELL, W // HOG_CELL
+    cells = hist[..., : hc * HOG_CELL, : wc * HOG_CELL].reshape(B, bins, hc, HOG_CELL, wc, HOG_CELL).sum(dim=(3, 5))
+    up = F.interpolate(cells, size=(H, W), mode="bilinear", align_corners=False)  # (B, bins, H, W)
+    return pixel_target(up, p, norm_pix)
+
+
+def hog_cells_target(gray: torch.Tensor, p: int, bins: int = HOG_BINS) -> torch.Tensor:
+    """codemae's compact HOG of a one-channel image: (B, 1, H, W) -> (B, N, 4 * bins).
 
     Sobel gradients, unsigned orientation (0..pi) hard-binned into ``bins``, magnitudes weighted
     by a Gaussian window of one patch (std p/2) and summed over 2 x 2 cells per patch; each
     patch's histogram is L2-normalised so targets do not depend on image contrast.
     """
     B, _, H, W = gray.shape
-    sobel_x = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=gray.device)
-    weight = torch.stack([sobel_x, sobel_x.t()]).unsqueeze(1).to(gray.dtype)  # (2,1,3,3)
-    g = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="reflect"), weight)  # (B,2,H,W)
-    gx, gy = g[:, 0], g[:, 1]
+    gx, gy = _sobel(gray)
     mag = torch.sqrt(gx * gx + gy * gy)
     phase = torch.atan2(gy, gx) % math.pi  # unsigned orientation in [0, pi)
     idx = (phase / math.pi * bins).floor().long().clamp_(0, bins - 1)
-    # Gaussian window centred on each patch.
-    n = torch.arange(p, device=gray.device, dtype=gray.dtype) - (p - 1) / 2
-    g1 = torch.exp(-0.5 * (n / (p / 2)) ** 2)
-    window = (g1[:, None] * g1[None, :]).repeat(H // p, W // p)  # (H, W)
-    mag = mag * window
+    mag = mag * _gaussian_window(p, p / 2, H, W, gray, False)  # Gaussian window centred on each patch
     hist = torch.zeros(B, bins, H, W, device=gray.device, dtype=gray.dtype)
     hist.scatter_(1, idx.unsqueeze(1), mag.unsqueeze(1))
     cell = p // 2
@@ -138,13 +205,6 @@ def ratio_gradient(x: torch.Tensor, radii: Sequence[int] = SAR_GRADIENT_RADII) -
     return torch.cat(outs, dim=1)
 
 
-def _positive(x: torch.Tensor, offset: float = 1e-2) -> torch.Tensor:
-    """Per-image min-max stretch to [offset, 1 + offset]: ratio gradients need positive values."""
-    lo = x.amin(dim=(1, 2, 3), keepdim=True)
-    hi = x.amax(dim=(1, 2, 3), keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-6) + offset
-
-
 def target_dim(degradation: str, channels: int, p: int) -> int:
     """Values per patch of a degraded target for an image with ``channels`` bands."""
     return {
@@ -152,31 +212,46 @@ def target_dim(degradation: str, channels: int, p: int) -> int:
         "channel": p * p,
         "spatial": channels,
         "dual": 1,
-        "hog": 4 * HOG_BINS,
+        "hog": HOG_BINS * p * p,
         "sar_gradient": len(SAR_GRADIENT_RADII) * p * p,
         "median": channels * p * p,
+        "spatial_mean": channels,
+        "dual_mean": 1,
+        "hog_cells": 4 * HOG_BINS,
     }[degradation]
 
 
 def degraded_target(imgs: torch.Tensor, modality: str, degradation: str, p: int,
-                    rgb_bands: Optional[Sequence[int]] = None, norm_pix: bool = True) -> torch.Tensor:
-    """The CDR target of ``imgs`` (one modality): (B, C, H, W) -> (B, N, target_dim)."""
+                    rgb_bands: Optional[Sequence[int]] = None, norm_pix: bool = True,
+                    source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The CDR target of ``imgs`` (one modality): (B, C, H, W) -> (B, N, target_dim).
+
+    ``source``: the same images at their source scale in [0, 1], used by ``hog`` and
+    ``sar_gradient`` (default ``imgs`` clamped to [0, 1], for inputs already at that scale).
+    """
     x = imgs.float()
+    if degradation in SOURCE_DEGRADATIONS:
+        src = (x if source is None else source.float()).clamp(0.0, 1.0)
+        gray = one_channel(src, modality, rgb_bands)  # (B, 1, H, W)
+        if degradation == "hog":
+            return hog_target(gray, p, norm_pix)
+        return pixel_target(ratio_gradient(gray + SAR_GRADIENT_OFFSET), p, norm_pix)
     if degradation == "none":
         return pixel_target(x, p, norm_pix)
     if degradation == "channel":
         return pixel_target(one_channel(x, modality, rgb_bands), p, norm_pix)
     if degradation == "spatial":
-        return patch_mean(x, p)
+        return spatial_joint_target(x, p, norm_pix)
     if degradation == "dual":
-        return patch_mean(one_channel(x, modality, rgb_bands), p)
-    if degradation == "hog":
-        return hog_target(one_channel(x, modality, rgb_bands), p)
-    if degradation == "sar_gradient":
-        grad = ratio_gradient(_positive(one_channel(x, modality, rgb_bands)))
-        return pixel_target(grad, p, norm_pix)
+        return spatial_joint_target(one_channel(x, modality, rgb_bands), p, norm_pix)
     if degradation == "median":
         return pixel_target(median_blur(x), p, norm_pix)
+    if degradation == "spatial_mean":
+        return patch_mean(x, p)
+    if degradation == "dual_mean":
+        return patch_mean(one_channel(x, modality, rgb_bands), p)
+    if degradation == "hog_cells":
+        return hog_cells_target(one_channel(x, modality, rgb_bands), p)
     raise ValueError(f"unknown degradation '{degradation}'")
 
 

@@ -71,11 +71,16 @@ def _teacher_error(cfg: OKDConfig, err: Exception) -> UserError:
 
 
 class TimmTeacher(nn.Module):
-    """A frozen timm ViT teacher. Input: the student's dataset-normalised optical image.
+    """A frozen timm ViT teacher. Input: the optical image at its source scale in [0, 1]
+    (model/source.py: the dataset normalisation undone, divided by the recorded source range;
+    for 8-bit data the image / 255, as the reference code feeds its teacher).
 
-    Preprocessing: select ``bands`` (read as RGB), stretch each image to [0, 1] (min-max over
-    the selected bands jointly), then normalise with the teacher's pretrained_cfg mean/std.
+    Preprocessing: select ``bands`` (read as RGB), then normalise with the teacher's
+    pretrained_cfg mean/std. No per-image stretch: what the teacher sees does not depend on
+    the scene's own brightness, and its colour balance is the source's.
     """
+
+    input_scale = "source"
 
     def __init__(self, model: nn.Module, bands: Sequence[int]):
         super().__init__()
@@ -96,10 +101,8 @@ class TimmTeacher(nn.Module):
         self.in_chans = chans
 
     def prepare(self, optical: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) source-scale optical -> (B, 3, H, W) in the teacher's normalisation."""
         x = optical[:, list(self.bands)].float()  # (B, 3, H, W)
-        lo = x.amin(dim=(1, 2, 3), keepdim=True)
-        hi = x.amax(dim=(1, 2, 3), keepdim=True)
-        x = (x - lo) / (hi - lo).clamp_min(1e-6)  # per image to [0, 1]
         return (x - self.mean) / self.std
 
     @torch.no_grad()
@@ -114,7 +117,10 @@ class TimmTeacher(nn.Module):
 
 class EMATeacher(nn.Module):
     """An exponential moving average of the student's optical encoder (patch embedding,
-    positions, trunk, final norm). It sees the full (unmasked) optical image."""
+    positions, trunk, final norm). It sees the full (unmasked) optical image, normalised as the
+    student sees it."""
+
+    input_scale = "normalised"
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

@@ -102,7 +102,8 @@ def load_encoder_weights(encoder, enc_state: dict, used: Optional[set] = None, s
         if k not in own:
             report.unexpected.append(k)
             continue
-        if tuple(v.shape) != tuple(own[k].shape):
+        # A learnable position table of another grid is resampled by the encoder when loaded.
+        if tuple(v.shape) != tuple(own[k].shape) and not k.endswith("pos_embed"):
             if used is None or k in used:
                 raise UserError(f"the checkpoint does not fit this model: '{k}' has shape {tuple(v.shape)} in the "
                                 f"checkpoint and {tuple(own[k].shape)} here (different preset, patch size or bands)")

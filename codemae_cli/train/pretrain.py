@@ -97,6 +97,7 @@ class PretrainTask(TrainTask):
 
     def __init__(self, recipe: PretrainRecipe, dist, say: Callable[[str], None], precision: str):
         from codemae_cli.data.dataset import DeviceAugment, PairedBatchSampler, PairedChips, build_loader
+        from codemae_cli.data.source_scale import SourceScale
         from codemae_cli.model import build_model
         from codemae_cli.train.optim import WarmupCosine, build_optimizer, effective_batch, scaled_lr
 
@@ -114,7 +115,10 @@ class PretrainTask(TrainTask):
         self.loader = build_loader(self.chips, self.sampler, num_workers=data.num_workers,
                                    pin_memory=data.pin_memory and dist.device.type == "cuda")
         self.plan = plan_steps(self.sampler.batches_per_epoch, optim)
-        self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands).to(dist.device)
+        self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands)
+        # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale.
+        self.model.set_source_scale(SourceScale.from_sources(self.chips.sources))
+        self.model.to(dist.device)
         self.lr = scaled_lr(optim, dist.world_size, SAMPLES_PER_PAIR)
         self.effective_batch = effective_batch(optim, dist.world_size, SAMPLES_PER_PAIR)
         self.optimizer = build_optimizer(self.model, optim, self.lr)
@@ -144,7 +148,7 @@ class PretrainTask(TrainTask):
         batch = {k: v.to(self.dist.device, non_blocking=non_blocking) for k, v in batch.items()}
         if self.device_augment is not None:
             batch = self.device_augment(batch)
-        out = model(batch["optical"], batch["sar"], paired=batch["paired"])
+        out = model(batch["optical"], batch["sar"], paired=batch["paired"], source=batch["dataset"])
         return {"loss": out["loss"], **{f"loss_{n}": t for n, t in out["losses"].items()}}
 
     def after_update(self) -> None:
