@@ -314,3 +314,12 @@ def test_learnable_position_embedding_switch():
     from codemae_cli.model.layers import resize_pos_embed
 
     torch.testing.assert_close(other.pos_embed.detach(), resize_pos_embed(pos.detach(), (4, 4), (6, 6)))
+
+
+def test_learnable_position_embedding_switch_itpn():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(backbone="itpn", pos_embed="learnable", okd={"enabled": False}), 3, 2)
+    table = model.encoder.absolute_pos_embed
+    assert isinstance(table, torch.nn.Parameter)
+    model(*pair(B=2, co=3))["loss"].backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
