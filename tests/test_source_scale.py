@@ -24,7 +24,7 @@ TEACHER = "vit_small_patch16_dinov3"
 TILE = 32
 
 
-def _scene(tmp_path, name: str, dtype, lo: float, hi: float):
+def _scene(tmp_path, name: str, dtype, lo: float, hi: float, **options):
     """A 64 x 128 scene: left half dark (lo..lo+span/5), right half bright; SAR in linear power."""
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     span = hi - lo
@@ -38,7 +38,7 @@ def _scene(tmp_path, name: str, dtype, lo: float, hi: float):
     s = write_raster(tmp_path / f"{name}_sar.tif", sar)
     out = tmp_path / name
     run_prepare(out=str(out), optical=[o], sar=[s], tile=TILE, nodata_optical="none", min_valid=0.0,
-                split="1,0,0", sar_scale="linear", quicklook=False)
+                split="1,0,0", sar_scale="linear", quicklook=False, **options)
     return out
 
 
@@ -82,6 +82,9 @@ def test_prepare_records_the_source_range(datasets):
     mean, std = np.asarray(m8["stats"]["sar"]["mean"]), np.asarray(m8["stats"]["sar"]["std"])
     assert lo == pytest.approx((mean - 3 * std).min()) and hi == pytest.approx((mean + 3 * std).max())
     assert optical_range_rule("float32") == ([0.0, 1.0], "float32: reflectance in [0, 1]")
+    # 12-bit data in uint16: --optical-range overrides the dtype rule
+    r12 = json.loads((_scene(u16.parent, "u12", np.uint16, 0, 4000, optical_range=4095) / "metadata.json").read_text())
+    assert r12["optical"]["source_range"] == [0.0, 4095.0] and r12["optical"]["source_range_rule"] == "--optical-range"
     with pytest.raises(UserError, match="optical-range"):
         optical_range_rule("uint16", -1.0)
 
