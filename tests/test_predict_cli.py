@@ -191,7 +191,16 @@ def test_sar_scale_auto_reads_the_scene_in_the_training_data_units(setup, tmp_pa
     kw = dict(sar=str(pair["sar"]), window=32, overlap=8, device="cpu")
     auto = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "auto.tif", **kw)
     said = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "linear.tif", sar_scale="linear", **kw)
-    wrong = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db", **kw)
+    from codemae_cli.errors import UserError
+
+    with pytest.raises(UserError, match="looks like linear power"):  # declared dB, holds linear power
+        predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db", **kw)
+    with rasterio.open(pair["sar"]) as src:  # the same scene in dB: the scale fits, but not the training data
+        profile, db = src.profile, 10 * np.log10(src.read())
+    with rasterio.open(tmp_path / "sar_db.tif", "w", **profile) as dst:
+        dst.write(db.astype(np.float32))
+    wrong = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db",
+                                    **{**kw, "sar": str(tmp_path / "sar_db.tif")})
     read = [rasterio.open(tmp_path / f"{n}.tif").read(1) for n in ("auto", "linear", "db")]
     assert np.array_equal(read[0], read[1]) and not any("SAR" in n for n in auto["notes"] + said["notes"])
     assert any("trained on SAR prepared from linear" in n for n in wrong["notes"])

@@ -327,3 +327,19 @@ def test_recipe_folder_and_subpixel_overlap_are_named_as_they_are(tmp_path):
     refused(["prepare", "--optical", a, "--sar", b, "--sar-scale", "db", "-o", tmp_path / "out", "-q"],
             "overlap by less than one whole pixel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "b.tif"]
+
+
+def test_declared_sar_scale_must_fit_the_values(world, tmp_path):
+    """dB SAR declared linear (or linear declared dB) would map nodata only: refused before work."""
+    pair = world["pair"]  # its SAR is in dB
+    before = snapshot(world["dir"] / "scene")
+    refused(predict_args(world, tmp_path / "m.tif", "--sar-scale", "linear"), "it looks like dB; pass --sar-scale db")
+    refused(["prepare", "--optical", pair["optical"], "--sar", pair["sar"], "--sar-scale", "amplitude", "--tile", "16", "-o",
+             tmp_path / "data", "-q"], "it looks like dB")
+    from codemae_cli.data.synth import write_scene_pair
+
+    lin = write_scene_pair(tmp_path / "lin", 32, 32, seed=2, labels=False, sar_scale="linear")
+    refused(["predict", lin["optical"], "--sar", lin["sar"], "--sar-scale", "db", "-c", world["fin_run"], "-o",
+             tmp_path / "m.tif", "--device", "cpu", "-q"], "looks like linear power or amplitude")
+    assert snapshot(world["dir"] / "scene") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lin"]

@@ -223,6 +223,14 @@ def _crs_name(crs) -> str:
     return f"EPSG:{epsg}" if epsg else (crs.to_string()[:40] or "custom CRS")
 
 
+def _sar_scale(src, requested: str) -> str:
+    """The scale of a SAR file (detected with ``auto``); a declared scale must fit its values."""
+    scale = R.detect_sar_scale(src, requested)
+    if requested != "auto":
+        R.check_sar_scale(src, scale)
+    return scale
+
+
 def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, classes) -> ScenePlan:
     opt_paths = R.expand_inputs(spec.optical, "optical")
     sar_paths = R.expand_inputs(spec.sar, "SAR")
@@ -281,7 +289,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         sar=sar,
         optical_nodata=[R.effective_nodata(s, nd_opt) for s in optical],
         sar_nodata=[R.effective_nodata(s, nd_sar) for s in sar],
-        sar_scales=[R.detect_sar_scale(s, o.sar_scale) for s in sar],
+        sar_scales=[_sar_scale(s, o.sar_scale) for s in sar],
         optical_resampling=[resampling_kernel(s.grid, grid, "optical") for s in optical],
         sar_resampling=[resampling_kernel(s.grid, grid, "sar") for s in sar],
         grid=grid,

@@ -194,17 +194,41 @@ def detect_sar_scale(src: RasterSource, requested: str) -> str:
         return requested
     if np.dtype(src.dtype).kind in "iu":
         return "amplitude"
+    return "db" if (_valid_sample(src) < 0).any() else "linear"
+
+
+def _valid_sample(src: RasterSource) -> np.ndarray:
+    """The valid values of a decimated read of band 1 (about 256 x 256): enough to see their sign."""
     import rasterio
 
     with rasterio.open(src.path) as ds:
-        # A decimated read is enough to see the sign of the values.
         step = max(1, max(ds.width, ds.height) // 256)
         sample = ds.read(1, out_shape=(max(1, ds.height // step), max(1, ds.width // step))).astype(np.float64)
     nodata = src.nodata
     ok = np.isfinite(sample)
     if nodata is not None and not math.isnan(nodata):
         ok &= sample != nodata
-    return "db" if (sample[ok] < 0).any() else "linear"
+    return sample[ok]
+
+
+def check_sar_scale(src: RasterSource, scale: str, option: str = "--sar-scale") -> None:
+    """Refuse SAR values that cannot be in the declared scale, before any work: linear power and
+    amplitude are never negative (a negative share means dB), and backscatter in dB is mostly
+    negative (a large sample without one negative value is power, amplitude or digital numbers)."""
+    if src.is_complex or scale not in ("linear", "amplitude", "db"):
+        return
+    values = _valid_sample(src)
+    if values.size == 0:
+        return
+    negative = float((values < 0).mean())
+    if scale in ("linear", "amplitude") and negative > 0.01:
+        raise UserError(f"SAR raster '{src.path}' holds negative values ({100 * negative:.0f} % of a sample), which "
+                        f"{'linear power' if scale == 'linear' else 'amplitude'} cannot: it looks like dB; "
+                        f"pass {option} db")
+    if scale == "db" and negative == 0 and values.size >= 100:
+        raise UserError(f"SAR raster '{src.path}' holds no negative value (median {float(np.median(values)):.3g}), "
+                        f"but backscatter in dB is mostly negative: it looks like linear power or amplitude; "
+                        f"pass {option} linear or amplitude")
 
 
 def optical_to_float(arr: np.ndarray, nodata: Optional[float]) -> np.ndarray:

@@ -154,6 +154,9 @@ def predict_from_checkpoint(
         sar_scale, warning = meta.sar_scale_for(sar_scale)
         if warning:
             notes.append(warning)
+        from codemae_cli.data.raster import check_sar_scale, open_source
+
+        check_sar_scale(open_source(sar_path, "SAR"), sar_scale)  # a wrong scale would map nodata only
 
     try:
         from codemae_cli.tasks import build_task_model_from_checkpoint
