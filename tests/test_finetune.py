@@ -218,8 +218,23 @@ def test_bad_checkpoints_are_one_sentence_errors(water_land, tmp_path):
 def test_recipe_validation_errors():
     with pytest.raises(UserError, match="linear_probe"):
         from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "task": {"linear_probe": True}})
-    with pytest.raises(UserError, match="modality_dropout"):
-        from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "task": {"inputs": "sar", "modality_dropout": 0.3}})
+    # a recipe written for both inputs (recipes/seg.yaml) runs with one: modality dropout is moot there
+    sar = from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "task": {"inputs": "sar", "modality_dropout": 0.3}})
+    assert sar.task.modality_dropout == 0.0
+    from codemae_cli.config import load_recipe
+
+    seg = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "seg.yaml", FinetuneRecipe, ["task.inputs=sar"])
+    assert seg.task.inputs == "sar" and seg.task.modality_dropout == 0.0
+    # from scratch without a size: the small preset (said loudly in the log), not the 86 M base
+    from codemae_cli.tasks.model_io import encoder_config
+
+    scratch = from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "task": {"from_scratch": True}})
+    assert scratch.model.preset is None and encoder_config(scratch).preset == "small"
+    for bad, needle in (({"lr": -1e-3}, "optim.lr must be positive"), ({"blr": 0}, "optim.blr"),
+                        ({"betas": [0.9, 1.0]}, "optim.betas"), ({"clip_grad": 0}, "optim.clip_grad"),
+                        ({"weight_decay": -0.1}, "must not be negative"), ({"momentum": 1.5}, "optim.momentum")):
+        with pytest.raises(UserError, match=needle):
+            from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "optim": bad})
     with pytest.raises(UserError, match="best_metric"):
         from_dict(FinetuneRecipe, {"data": {"datasets": ["d"]}, "task": {"kind": "classification", "multilabel": True}})
     with pytest.raises(UserError, match="did you mean"):

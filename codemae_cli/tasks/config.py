@@ -43,7 +43,8 @@ class ClassSpec:
 @dataclass
 class EncoderSection:
     """How to rebuild the encoder. ``backbone``/``preset``/``patch_size`` left empty are taken
-    from the pretrained checkpoint (or default to ``vit``/``base``/16 when training from scratch)."""
+    from the pretrained checkpoint. From scratch they default to ``vit``/``small``/16, the preset
+    said loudly in the log (an iTPN encoder needs its preset named)."""
 
     backbone: Optional[str] = None  # vit | itpn
     preset: Optional[str] = None  # tiny | small | base | large
@@ -80,7 +81,7 @@ class TaskConfig:
     ignore_index: int = 255
     class_weights: Optional[list[float]] = None
     best_metric: str = "miou"
-    modality_dropout: float = 0.0  # probability that a sample loses one modality (inputs=both)
+    modality_dropout: float = 0.0  # probability that a sample loses one modality (inputs=both; else ignored)
     layers: Optional[list[int]] = None  # encoder blocks feeding the neck (default: the encoder's)
     min_class_fraction: float = 0.01  # multi-label target: class covers >= this share of the chip
 
@@ -96,8 +97,10 @@ class TaskConfig:
             raise UserError("task.linear_probe needs task.head=linear (BatchNorm without affine + linear layer)")
         if not 0 <= self.modality_dropout < 1:
             raise UserError("task.modality_dropout must be in [0, 1)")
-        if self.modality_dropout > 0 and self.inputs != "both":
-            raise UserError("task.modality_dropout only applies when task.inputs=both")
+        if self.inputs != "both":
+            # Dropping one of two modalities means nothing with one input: a recipe written for
+            # both (recipes/seg.yaml) runs as is with --set task.inputs=sar.
+            self.modality_dropout = 0.0
         if self.multilabel and self.kind != "classification":
             raise UserError("task.multilabel only applies when task.kind=classification")
         if not 0 <= self.ignore_index <= 255:
@@ -131,6 +134,11 @@ class FinetuneOptimConfig(OptimConfig):
     epochs: int = 50
     warmup_epochs: float = 2
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.momentum < 1:
+            raise UserError("optim.momentum must lie in [0, 1)")
 
 
 @dataclass

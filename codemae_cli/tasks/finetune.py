@@ -188,6 +188,9 @@ class FinetuneTask(TrainTask):
         else:
             self.report = None
             self.say(f"encoder: preset '{self.enc_cfg.preset}' from scratch (random initialisation)")
+            if self.recipe.model.preset is None:
+                self.say(f"NOTE: model.preset is not set, so the encoder is the '{self.enc_cfg.preset}' preset; "
+                         "set model.preset=tiny|small|base|large to choose its size")
         model.to(dist.device)
         if dist.distributed and dist.device.type == "cuda" and t.linear_probe:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over all GPUs

@@ -14,6 +14,9 @@ from typing import Optional
 from codemae_cli.errors import UserError
 
 ENCODER_PREFIX = "encoder."
+# The encoder size of a from-scratch run whose recipe names none: small enough for a CPU, and
+# said loudly (a silent 86 M-parameter base model is what people did not ask for).
+FROM_SCRATCH_PRESET = "small"
 
 
 @dataclass
@@ -63,7 +66,11 @@ def encoder_config(recipe, pretrain_meta: Optional[dict] = None):
                             f"for {m.patch_size}")
         data = to_dict(cfg)
     else:
-        data = {"backbone": m.backbone or "vit", "preset": m.preset or "base"}
+        backbone = m.backbone or "vit"
+        if m.preset is None and backbone != "vit":
+            raise UserError(f"model.preset is not set: name the size of the {backbone} encoder to train from scratch "
+                            "(e.g. --set model.preset=base)")
+        data = {"backbone": backbone, "preset": m.preset or FROM_SCRATCH_PRESET}
         if m.patch_size is not None:
             data["patch_size"] = m.patch_size
     # Fine-tuning never runs the distillation teacher: keep it from being built or validated.

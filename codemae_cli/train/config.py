@@ -27,6 +27,12 @@ class DataConfig:
     augment_on: Literal["loader", "device"] = "loader"
 
     def validate(self) -> None:
+        if self.img_size < 1:
+            raise UserError("data.img_size must be at least 1 pixel")
+        if self.num_workers < 0:
+            raise UserError("data.num_workers must be 0 (load in the main process) or more")
+        if self.weights is not None and any(w < 0 for w in self.weights):
+            raise UserError("data.weights must not be negative")
         if self.weights is not None and len(self.weights) != len(self.datasets):
             raise UserError("data.weights must have one weight per entry of data.datasets")
         lo, hi = self.crop_scale
@@ -51,8 +57,21 @@ class OptimConfig:
     clip_grad: Optional[float] = None
 
     def validate(self) -> None:
+        # Checked when the recipe is read, so a typo costs no data loading or model building.
         if self.batch_size < 1 or self.accum_steps < 1 or self.epochs < 1:
             raise UserError("optim.batch_size, optim.accum_steps and optim.epochs must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise UserError(f"optim.lr must be positive, not {self.lr:g}")
+        if not self.blr > 0:
+            raise UserError(f"optim.blr must be positive, not {self.blr:g}")
+        if self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise UserError("optim.min_lr, optim.weight_decay and optim.warmup_epochs must not be negative")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise UserError("optim.betas must both lie in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError("optim.max_steps must be at least 1 (or null)")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UserError("optim.clip_grad must be positive (or null for no clipping)")
 
 
 @dataclass

@@ -24,8 +24,6 @@ class PretrainRecipe:
         if self.data.img_size != self.model.img_size:
             raise UserError(f"data.img_size ({self.data.img_size}) and model.img_size ({self.model.img_size}) "
                             "must be equal: the loader crops to the size the model is built for")
-        if self.optim.max_steps is not None and self.optim.max_steps < 1:
-            raise UserError("optim.max_steps must be at least 1 (or null)")
 
 
 def load_pretrain_recipe(path: str | Path | None, overrides: list[str] | None = None) -> PretrainRecipe:
