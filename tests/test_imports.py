@@ -8,12 +8,12 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "codemae_cli"
-# Lowest first. The base modules (errors, config, fsutil, device, the package itself) sit
+# Lowest first. The base modules (errors, config, fsutil, device, threads, the package) sit
 # below every room and import no room. Top-level helpers of the commands (default folders,
 # checks before work) sit with the commands. A new top-level module goes in one of these lists
 # and in docs/architecture.md.
 ROOMS = ["data", "model", "train", "tasks", "infer", "analysis", "bench", "commands", "cli", "__main__"]
-BASE = {"errors", "config", "fsutil", "device", "__init__"}
+BASE = {"errors", "config", "fsutil", "device", "threads", "__init__"}
 WITH_COMMANDS = {"defaults", "preflight"}
 
 
