@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from codemae_cli.analysis.ablation import COLUMNS, SCALES, VARIANTS, aggregate, render_markdown
+from codemae_cli.analysis.ablation import (
+    COLUMNS,
+    DEFAULT_VARIANTS,
+    SCALES,
+    VARIANTS,
+    aggregate,
+    render_markdown,
+)
 
 
 def _result(variant, seed, miou_sar, erank=10.0):
@@ -18,7 +25,16 @@ def _result(variant, seed, miou_sar, erank=10.0):
 
 
 def test_variants_are_the_papers_switches():
-    assert set(VARIANTS) == {"mae", "okd", "ccl", "cdr", "codemae", "rigid", "full_xrec"}
+    assert set(DEFAULT_VARIANTS) == {"mae", "okd", "ccl", "cdr", "codemae", "rigid", "full_xrec"}
+    # the reference code's forms and switches can be named
+    assert "model.cdr.degradation=hog" in VARIANTS["cdr_hog"]
+    assert "model.ccl.rigid_on=decoder_embed" in VARIANTS["rigid_ref"]
+    assert {"model.ccl.gather_grad=false", "model.pos_embed=learnable"} <= set(VARIANTS["codemae_ref"])
+    from codemae_cli.config import apply_overrides, from_dict
+    from codemae_cli.train.recipe import PretrainRecipe
+
+    for over in VARIANTS.values():  # every variant is a valid recipe override
+        from_dict(PretrainRecipe, apply_overrides({}, over)).model.validate()
     assert "model.ccl.mode=rigid" in VARIANTS["rigid"]
     assert "model.cdr.degradation=none" in VARIANTS["full_xrec"]
     assert all(any(o.startswith("model.okd.enabled") for o in v) for v in VARIANTS.values())

@@ -16,6 +16,16 @@ Variants are recipe overrides of the pretraining recipe (each component is a swi
     codemae    OKD + CCL + CDR
     rigid      + rigid contrast on the encoder features (CROMA-like), no buffer
     full_xrec  + full, non-degraded cross reconstruction (msGFM-like)
+
+Variants run on request only (``--variants NAME``): the reference code's other CDR
+degradations under its names, codemae's own variants of them, and its reproduction switches
+(docs/architecture.md, "codemae and the reference code"):
+
+    cdr_spatial, cdr_dual, cdr_hog, cdr_sar_gradient, cdr_median   reference degradations
+    cdr_spatial_mean, cdr_dual_mean, cdr_hog_cells                   codemae's variants
+    rigid_ref      rigid contrast where the reference puts it (decoder-embedding projection),
+                   negatives gathered without gradient
+    codemae_ref    codemae with the reference's switches: no-grad gather, learnable positions
 """
 
 from __future__ import annotations
@@ -46,6 +56,12 @@ VARIANTS: dict[str, list[str]] = {
     "full_xrec": ["model.okd.enabled=false", "model.ccl.mode=off", "model.cdr.enabled=true",
                   "model.cdr.degradation=none"],
 }
+DEFAULT_VARIANTS = tuple(VARIANTS)  # the paper's switches: what an ablation runs by default
+_CDR_ONLY = ["model.okd.enabled=false", "model.ccl.mode=off", "model.cdr.enabled=true"]
+VARIANTS.update({f"cdr_{d}": _CDR_ONLY + [f"model.cdr.degradation={d}"]
+                 for d in ("spatial", "dual", "hog", "sar_gradient", "median", "spatial_mean", "dual_mean", "hog_cells")})
+VARIANTS["rigid_ref"] = VARIANTS["rigid"] + ["model.ccl.rigid_on=decoder_embed", "model.ccl.gather_grad=false"]
+VARIANTS["codemae_ref"] = VARIANTS["codemae"] + ["model.ccl.gather_grad=false", "model.pos_embed=learnable"]
 INPUTS = ("sar", "optical", "both")
 
 
@@ -395,7 +411,7 @@ def run_ablation(
     """
     if scale not in SCALES:
         raise UserError(f"unknown scale '{scale}'; choose one of {', '.join(SCALES)}")
-    variants = list(variants or VARIANTS)
+    variants = list(variants or DEFAULT_VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}")
@@ -449,5 +465,5 @@ def _write_table(out: Path, table: dict, scale_name: str, sc: Scale) -> None:
                                       "columns": [k for k, _, _ in COLUMNS], "variants": table})
 
 
-__all__ = ["COLUMNS", "INPUTS", "SCALES", "Scale", "VARIANTS", "aggregate", "render_markdown", "run_ablation",
+__all__ = ["COLUMNS", "DEFAULT_VARIANTS", "INPUTS", "SCALES", "Scale", "VARIANTS", "aggregate", "render_markdown", "run_ablation",
            "run_cell"]

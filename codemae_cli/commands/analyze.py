@@ -54,7 +54,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         seeds: int = typer.Option(3, help="Seeds per variant (0..seeds-1)."),
         variants: Optional[list[str]] = typer.Option(
             None, "--variants", "-v",
-            help="Variants to run (repeat the option): mae okd ccl cdr codemae rigid full_xrec (default: all).",
+            help="Variants to run (repeat the option): mae okd ccl cdr codemae rigid full_xrec (the default); "
+            "on request the reference forms cdr_spatial cdr_dual cdr_hog cdr_sar_gradient cdr_median, codemae's "
+            "cdr_spatial_mean cdr_dual_mean cdr_hog_cells, and rigid_ref codemae_ref (reference switches).",
         ),
         pretrain_steps: Optional[int] = typer.Option(None, help="Override the scale's pretraining steps."),
         probe_steps: Optional[int] = typer.Option(None, help="Override the scale's probing steps."),

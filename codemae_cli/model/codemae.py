@@ -231,7 +231,8 @@ class CoDeMAE(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay besides norms and biases: mask tokens and a
-        learnable position table (as the reference's no_weight_decay)."""
+        learnable position table. (The reference's model lists its position table here too, but
+        its optimiser, timm's add_weight_decay without a skip list, decays both.)"""
         return {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "pos_embed"))}
 
     # -- stages -------------------------------------------------------------------------------
