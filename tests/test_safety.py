@@ -343,3 +343,23 @@ def test_declared_sar_scale_must_fit_the_values(world, tmp_path):
              tmp_path / "m.tif", "--device", "cpu", "-q"], "looks like linear power or amplitude")
     assert snapshot(world["dir"] / "scene") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lin"]
+
+
+def test_ablate_demo_and_model_import_keep_their_inputs_and_foreign_folders(tmp_path):
+    import torch
+
+    from codemae_cli.data.samples import sample_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused(["ablate", "-o", mine, "--seeds", "1", "--pretrain-steps", "1"], "holds no ablation")
+    refused(["demo", "-o", sample_dir() / "out"], "lies inside the built-in sample")
+    pickle = tmp_path / "w.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    refused(["model", "import-weights", pickle, "-o", tmp_path / "run"], "is not a safetensors file")
+    refused(["model", "import-weights", pickle, "-o", tmp_path], "contains the weights file")
+    refused(["model", "import-weights", pickle, "-o", mine], "holds no codemae run")
+    refused(["model", "convert", pickle, "-o", pickle], "is the same file as the weights file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "w.safetensors"]
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import check_writable, sweep_stale
 
 VARIANTS: dict[str, list[str]] = {
     "mae": ["model.okd.enabled=false", "model.ccl.mode=off", "model.cdr.enabled=false"],
@@ -424,9 +425,12 @@ def run_ablation(
         if not torch.cuda.is_available():
             raise UserError(f"scale '{scale}' runs on a CUDA GPU and none is available; use --scale tiny or small")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out_dir, "the ablation folder", folder=True)
     config_path = out / "ablation.json"
+    if out.is_dir() and any(out.iterdir()) and not config_path.is_file():
+        raise UserError(f"the ablation folder '{out}' is not empty and holds no ablation; choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_stale(config_path)
     config = {"scale": scale, "params": asdict(sc)}
     if config_path.is_file():
         previous = json.loads(config_path.read_text())

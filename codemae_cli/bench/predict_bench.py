@@ -266,6 +266,10 @@ def run_predict_bench(sizes: list[int], *, preset: str = "tiny", device: str = "
     own_tmp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="codemae-bench-predict-")) if own_tmp else Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
+    for name in [f"{kind}_{size}.tif" for size in sizes for kind in ("scene", "pred", "plain")]:
+        if not own_tmp and (root / name).exists():  # the bench writes and then deletes these files
+            raise UserError(f"'{root / name}' exists and the bench would replace and delete it; choose another "
+                            "--workdir")
     results = []
     try:
         for size in sizes:

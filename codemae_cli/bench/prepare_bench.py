@@ -105,7 +105,8 @@ def run_prepare_bench(size: int = 4096, tile: int = 256, workers: int = 1, sar_c
         echo(f"generating a {size} x {size} pair (optical 4 x uint16, SAR 2 x float32 linear power in {sar_crs}) ...")
         t, c = time.perf_counter(), time.process_time()
         pair = write_scene_pair(root / "scene", size, size, seed=0, optical_bands=4, optical_dtype="uint16",
-                                sar_bands=2, sar_scale="linear", sar_crs=sar_crs, labels=False)
+                                sar_bands=2, sar_scale="linear", sar_crs=sar_crs, labels=False,
+                                overwrite=True)  # replaces only the scenes an earlier bench generated
         gen, gen_cpu = time.perf_counter() - t, time.process_time() - c
         with rasterio.open(pair["sar"]) as s:
             sar_px = s.width * s.height * s.count

@@ -18,6 +18,7 @@ import typer
 
 from codemae_cli.commands._common import cli_command
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import guard_outputs
 
 MARKER = ".codemae-demo"
 
@@ -64,7 +65,12 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     console = Console()
     if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
+    from codemae_cli.data.samples import sample_dir
+    from codemae_cli.defaults import packaged_recipes_dir
+
     out = out.resolve()
+    guard_outputs([(out, "the demo folder")],
+                  [(sample_dir(), "the built-in sample"), (packaged_recipes_dir(), "the installed recipes")], folder=True)
     if out.exists():
         if not overwrite:
             raise UserError(f"'{out}' already exists; pass --overwrite to replace it")

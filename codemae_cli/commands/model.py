@@ -67,13 +67,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Turn the published CoDe-MAE checkpoint (reference `itpn_base_dec512d8b` state dict) into a
         codemae pretraining checkpoint for `codemae finetune`, `codemae analyze` and linear probing."""
         from codemae_cli.errors import UserError
+        from codemae_cli.fsutil import check_safetensors, guard_run_dir
         from codemae_cli.tasks.import_weights import import_reference_checkpoint
 
         target = output / "checkpoints" / "last"
+        guard_run_dir(output, [(weights, "the weights file")])
         if target.exists():
             raise UserError(f"'{target}' already exists; choose another --output")
-        if output.resolve() == weights.resolve() or weights.resolve().is_relative_to(output.resolve()):
-            raise UserError("--output must not contain the weights file")
+        if weights.suffix.lower() == ".safetensors":
+            check_safetensors(weights)
         def names(text: Optional[str]) -> Optional[list[str]]:
             return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
@@ -96,6 +98,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         if output.suffix != ".safetensors":
             raise UserError("--output must end in .safetensors")
+        from codemae_cli.fsutil import guard_outputs
+
+        guard_outputs([(output, "--output")], [(weights, "the weights file")])
         if output.exists():
             raise UserError(f"'{output}' already exists; choose another --output")
         n = convert_to_safetensors(weights, output)
