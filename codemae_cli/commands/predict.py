@@ -75,7 +75,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         probabilities: Optional[Path] = typer.Option(None, "--probabilities", help="Also write class probabilities (COG)."),
         probabilities_dtype: str = typer.Option("uint8", "--probabilities-dtype", help="uint8 (p x 254, 255 = nodata) | float32."),
         vectorize: Optional[Path] = typer.Option(None, "--vectorize", help="Also write polygons per class (GeoPackage)."),
-        min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this (CRS units squared, m^2)."),
+        min_area: float = typer.Option(0.0, "--min-area", help="Drop polygons smaller than this many m^2 (in any CRS, degrees included)."),
         simplify: float = typer.Option(0.0, "--simplify", help="Polygon simplification tolerance (CRS units)."),
         sar_scale: str = typer.Option(
             "auto", "--sar-scale", help="Units of the SAR scene: auto (those of the training data, as the checkpoint "
