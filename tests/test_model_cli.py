@@ -55,7 +55,7 @@ def test_model_and_bench_import_neither_rasterio_nor_cli_stack():
 
 
 def test_itpn_model_info_and_bench_on_cpu():
-    result = runner.invoke(app, ["model", "info", "--backbone", "itpn", "--preset", "base"])
+    result = runner.invoke(app, ["model", "--preset", "base", "--backbone", "itpn"])
     assert result.exit_code == 0, result.output
     assert "77.8 M" in result.output and "81.5 M" in result.output  # encoder, encoder + pyramid neck
     result = runner.invoke(app, ["bench", "model", "--backbone", "itpn", "--preset", "tiny", "--batch", "2",

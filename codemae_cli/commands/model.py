@@ -55,6 +55,18 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             table.add_row(*cells)
         Console().print(table)
 
+    @model_app.callback(invoke_without_command=True)
+    def model_main(
+        ctx: typer.Context,
+        backbone: Optional[str] = typer.Option(None, "--backbone", help="vit | itpn: the table of `model info`."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="Only this preset."),
+    ) -> None:
+        """The CoDe-MAE model: presets, parameter counts, FLOPs, pretrained weights.
+        `codemae model --backbone itpn --preset base` is `codemae model info` for that preset."""
+        if ctx.invoked_subcommand is None:
+            info_cmd(optical_bands=3, sar_bands=2, img_size=224, patch_size=16, backbone=backbone or "vit",
+                     preset=preset)
+
     @model_app.command("import-weights")
     @cli_command
     def import_cmd(
