@@ -98,11 +98,12 @@ TINY = ["model.img_size=32", "data.img_size=32", "data.num_workers=0", "data.pin
 def test_flood_example_end_to_end(flood, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prepare = ["prepare", "--manifest", str(flood["manifest"]), "--optical-bands", "4,3,2,8,12",
-               "--classes", "dry,water", "--sar-scale", "db", "--tile", "32", "--block", "1", "--split", "0.7,0.3,0", "-q"]
+               "--classes", "dry,water", "--sar-scale", "db", "--tile", "32", "--block", "1", "--split", "0.7,0.3,0"]
     # The labels declare no nodata: the -1 is refused with the value and the fix in one sentence.
     res = runner.invoke(app, prepare)
     assert res.exit_code == 2
     assert "-1" in res.output and "--label-nodata -1" in res.output and "Traceback" not in res.output
+    assert "chips" not in res.output  # found while planning, before any chip was cut
     assert not Path("data").exists()
     _ok([*prepare, "--label-nodata", "-1"])
 

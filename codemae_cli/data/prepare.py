@@ -282,6 +282,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
                       "nodata": R.effective_nodata(src, R.parse_nodata(o.label_nodata)),
                       "resampling": resampling_kernel(src.grid, grid, "label"),
                       "classes": raster_classes(src.tags, classes)}
+            _check_label_sample(labels)
         _check_labels_overlap(labels, grid, window, sid)
     return ScenePlan(
         scene_id=sid,
@@ -301,6 +302,20 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         optical_select=optical_select,
         sar_select=sar_select,
     )
+
+
+def _check_label_sample(labels: dict, size: int = 1024) -> None:
+    """Read the label raster at most ``size`` px a side (nearest) and check its values before any
+    worker starts: a nodata value the file does not declare (Sen1Floods11's -1) is named at
+    once, not after minutes of chips. Every block is still checked as it is read."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(labels["raster"].path) as ds:
+        step = max(1, math.ceil(max(ds.height, ds.width) / size))
+        sample = ds.read(1, out_shape=(max(1, ds.height // step), max(1, ds.width // step)),
+                         resampling=Resampling.nearest)
+    raster_label_prepare(labels["nodata"], labels["source"])(sample[None])
 
 
 def _check_labels_overlap(labels: dict, grid: Grid, window: tuple, sid: str) -> None:
