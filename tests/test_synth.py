@@ -83,3 +83,35 @@ def test_synth_bad_input_one_sentence_nothing_written(tmp_path):
     (tmp_path / "f.tif").write_text("a file")
     res = runner.invoke(app, ["synth", "-o", str(tmp_path / "f.tif"), "--size", "16"])
     assert res.exit_code == 2 and "is a file, not a folder" in res.output and res.output.count("\n") == 1, res.output
+
+
+def test_failure_part_way_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    """The SAR stage failing after the optical raster was written: no file replaced or left behind."""
+    import pytest
+
+    from codemae_cli.data import synth
+
+    write_scene_pair(tmp_path / "s", 32, 32, seed=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(synth, "_write_sar", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_scene_pair(tmp_path / "s", 32, 32, seed=2, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "s").iterdir()} == before
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_scene_pair(tmp_path / "new" / "deep", 32, 32)
+    assert not (tmp_path / "new").exists()
+
+
+def test_optical_encoding_never_writes_the_nodata_value():
+    from codemae_cli.data.synth import OpticalEncoding
+
+    refl = np.array([0.0, 2 / 255, 3 / 255, 0.5, 1.0], dtype=np.float32)
+    below = OpticalEncoding.for_dtype("uint8", 0).encode(refl)  # nodata under the range: a floor of 1
+    assert below.dtype == np.uint8 and below.tolist() == [1, 2, 3, 128, 255]
+    inside = OpticalEncoding.for_dtype("uint8", 3).encode(refl)  # nodata inside the range: moved off it
+    assert inside.tolist() == [0, 2, 4, 128, 255]
+    assert OpticalEncoding.for_dtype("float32", None).encode(refl).min() >= 1e-4

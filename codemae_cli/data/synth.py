@@ -35,14 +35,18 @@ Classes (label raster values): 0 water, 1 vegetation, 2 bare/field, 3 built-up.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
+from codemae_cli.data.geo import power_to_db
 from codemae_cli.errors import UserError
 from codemae_cli.fsutil import (
     check_replaceable,
@@ -308,6 +312,72 @@ def _optical_to_float_pixels(xs, ys, opt_transform):
     return inv.a * xs + inv.b * ys + inv.c, inv.d * xs + inv.e * ys + inv.f
 
 
+@dataclass(frozen=True)
+class SceneGrids:
+    """Where the pair lies: the optical (and label) grid and the SAR grid over the same ground."""
+
+    optical_crs: Any  # rasterio CRS
+    optical_transform: Any  # affine.Affine
+    height: int
+    width: int
+    sar_crs: Any
+    sar_transform: Any
+    sar_height: int
+    sar_width: int
+
+    @property
+    def reprojected(self) -> bool:
+        return self.sar_crs != self.optical_crs
+
+
+@dataclass(frozen=True)
+class OpticalEncoding:
+    """Reflectance in [0, 1] -> stored optical values: scaled to the dtype, never the nodata value."""
+
+    dtype: str
+    scale: float  # uint16: x10000, uint8: x255, float32: as is
+    floor: Optional[float]  # lowest stored value when nodata lies below the data range, else None
+    nodata: Optional[float]
+
+    @classmethod
+    def for_dtype(cls, dtype: str, nodata: Optional[float]) -> OpticalEncoding:
+        floor: Optional[float] = 1.0 if dtype != "float32" else 1e-4
+        if nodata is not None and float(nodata) >= floor:
+            floor = None  # a nodata value inside the data range: values are moved off it instead
+        return cls(dtype, {"uint16": 10000.0, "uint8": 255.0, "float32": 1.0}[dtype], floor, nodata)
+
+    def encode(self, reflectance: np.ndarray) -> np.ndarray:
+        vals = reflectance * np.float32(self.scale)
+        if self.dtype != "float32":
+            vals = np.rint(vals)
+        if self.floor is not None:
+            vals = np.maximum(vals, self.floor)
+        elif self.nodata is not None:
+            vals[vals == np.float32(self.nodata)] += 1
+        return vals.astype(self.dtype)
+
+
+@dataclass(frozen=True)
+class ScenePaths:
+    """The files of one scene pair (``labels`` None when no label raster is written)."""
+
+    optical: Path
+    sar: Path
+    labels: Optional[Path]
+
+    @classmethod
+    def in_folder(cls, out: Path, name: str, labels: bool) -> ScenePaths:
+        return cls(out / f"{name}_optical.tif", out / f"{name}_sar.tif", out / f"{name}_labels.tif" if labels else None)
+
+    def files(self) -> list[Path]:
+        return [p for p in (self.optical, self.sar, self.labels) if p is not None]
+
+    def beside(self) -> ScenePaths:
+        """Temporary siblings of the files, renamed onto them when the scene is complete."""
+        return ScenePaths(temp_sibling(self.optical), temp_sibling(self.sar),
+                          temp_sibling(self.labels) if self.labels is not None else None)
+
+
 def write_scene_pair(
     out_dir: str | Path,
     height: int,
@@ -343,11 +413,23 @@ def write_scene_pair(
     names and renamed at the end, so a failure leaves the folder as it was.
     """
     import rasterio
-    from rasterio.crs import CRS
-    from rasterio.transform import from_origin
-    from rasterio.warp import transform_bounds
-    from rasterio.windows import Window
 
+    _check_request(height, width, sar_scale, optical_dtype, optical_bands, sar_bands, res, sar_res)
+    grids = _scene_grids(height, width, crs, sar_crs, res, sar_res, origin)
+    out = check_writable(out_dir, "the output folder", folder=True)
+    encoding = OpticalEncoding.for_dtype(optical_dtype, nodata_optical)
+    final = ScenePaths.in_folder(out, name, labels)
+    created = _prepare_folder(out, final.files(), overwrite)
+    with _written_beside(final, created) as tmp:
+        # GDAL keeps dirty blocks of the written rasters in its cache (5 % of RAM by default):
+        # a small cache keeps the generator's memory independent of the scene size.
+        with rasterio.Env(GDAL_CACHEMAX=64):
+            _write_optical_and_labels(tmp, grids, encoding, optical_bands, seed, block)
+            _write_sar(tmp.sar, grids, sar_bands, sar_scale, seed, block)
+    return {"optical": final.optical, "sar": final.sar, "labels": final.labels, "classes": list(CLASSES)}
+
+
+def _check_request(height, width, sar_scale, optical_dtype, optical_bands, sar_bands, res, sar_res) -> None:
     if height < 1 or width < 1:
         raise UserError("the synthetic scene needs a height and width of at least 1 pixel")
     if sar_scale not in ("linear", "db", "amplitude"):
@@ -358,7 +440,16 @@ def write_scene_pair(
         raise UserError("the synthetic scene needs at least one optical and one SAR band")
     if not res > 0 or (sar_res is not None and not sar_res > 0):
         raise UserError("the pixel sizes --res and --sar-res must be positive numbers")
+
+
+def _scene_grids(height: int, width: int, crs: str, sar_crs: Optional[str], res: float,
+                 sar_res: Optional[float], origin: tuple[float, float]) -> SceneGrids:
+    """The optical grid from its origin and pixel size; the SAR grid covering its bounds."""
+    import rasterio
+    from rasterio.crs import CRS
     from rasterio.errors import CRSError
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_bounds
 
     try:
         with rasterio.Env():  # GDAL's messages go to logging, not straight to stderr
@@ -366,8 +457,6 @@ def write_scene_pair(
             s_crs = CRS.from_user_input(sar_crs) if sar_crs else opt_crs
     except CRSError:
         raise UserError(f"'{sar_crs if sar_crs else crs}' is not a CRS that PROJ knows (try e.g. EPSG:32632)") from None
-    out = check_writable(out_dir, "the output folder", folder=True)
-    opt_tf = from_origin(origin[0], origin[1], res, res)
     left, top = origin
     right, bottom = left + width * res, top - height * res
     if s_crs == opt_crs:
@@ -378,106 +467,121 @@ def write_scene_pair(
     if s_crs != opt_crs and not sar_res:
         # Keep about the same number of pixels across the scene in the other CRS.
         s_res = (sb[2] - sb[0]) / width
-    s_w = max(1, int(math.ceil((sb[2] - sb[0]) / s_res)))
-    s_h = max(1, int(math.ceil((sb[3] - sb[1]) / s_res)))
-    sar_tf = from_origin(sb[0], sb[3], s_res, s_res)
+    return SceneGrids(
+        optical_crs=opt_crs, optical_transform=from_origin(left, top, res, res), height=height, width=width,
+        sar_crs=s_crs, sar_transform=from_origin(sb[0], sb[3], s_res, s_res),
+        sar_height=max(1, int(math.ceil((sb[3] - sb[1]) / s_res))),
+        sar_width=max(1, int(math.ceil((sb[2] - sb[0]) / s_res))),
+    )
 
-    scale = {"uint16": 10000.0, "uint8": 255.0, "float32": 1.0}[optical_dtype]
-    lo = 1.0 if optical_dtype != "float32" else 1e-4
-    if nodata_optical is not None and float(nodata_optical) >= lo:
-        lo = None  # a nodata value inside the data range: values are moved off it below
-    tiled = dict(tiled=True, blockxsize=256, blockysize=256) if min(height, width) >= 256 else {}
-    paths = {
-        "optical": out / f"{name}_optical.tif",
-        "sar": out / f"{name}_sar.tif",
-        "labels": out / f"{name}_labels.tif" if labels else None,
-    }
-    created = _prepare_folder(out, [p for p in paths.values() if p is not None], overwrite)
-    final, paths = paths, {k: temp_sibling(p) if p is not None else None for k, p in paths.items()}
-    opt_profile = dict(driver="GTiff", width=width, height=height, count=optical_bands, dtype=optical_dtype,
-                       crs=opt_crs, transform=opt_tf, nodata=nodata_optical, interleave="pixel", **tiled)
-    s_tiled = dict(tiled=True, blockxsize=256, blockysize=256) if min(s_h, s_w) >= 256 else {}
-    sar_profile = dict(driver="GTiff", width=s_w, height=s_h, count=sar_bands, dtype="float32", crs=s_crs,
-                       transform=sar_tf, nodata=float("nan"), interleave="pixel", **s_tiled)
-    lab_profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs=opt_crs,
-                       transform=opt_tf, nodata=255, **tiled)
-    opt_names = {4: ["blue", "green", "red", "nir"], 3: ["red", "green", "blue"]}.get(
-        optical_bands, [f"B{k + 1}" for k in range(optical_bands)])
-    sar_names = {1: ["VV"], 2: ["VV", "VH"], 4: ["HH", "HV", "VH", "VV"]}.get(
-        sar_bands, [f"P{k + 1}" for k in range(sar_bands)])
 
-    # GDAL keeps dirty blocks of the written rasters in its cache (5 % of RAM by default):
-    # a small cache keeps the generator's memory independent of the scene size.
+@contextlib.contextmanager
+def _written_beside(final: ScenePaths, created: Optional[Path]) -> Iterator[ScenePaths]:
+    """Yield temporary siblings of ``final``; rename them onto it on success, else remove them
+    (and the folder this run created)."""
+    tmp = final.beside()
     try:
-        with rasterio.Env(GDAL_CACHEMAX=64):
-            with rasterio.open(paths["optical"], "w", **opt_profile) as dst_o:
-                dst_l = rasterio.open(paths["labels"], "w", **lab_profile) if labels else None
-                try:
-                    for k, nm in enumerate(opt_names):
-                        dst_o.set_band_description(k + 1, nm)
-                    for r, c, h, w in _windows(height, width, block):
-                        rng = np.random.default_rng([seed, 1, r, c])
-                        yy, xx = np.mgrid[r:r + h, c:c + w].astype(np.float32) + np.float32(0.5)
-                        refl, cls = _optical_window(xx, yy, seed, optical_bands, rng)
-                        vals = refl * np.float32(scale)
-                        if optical_dtype != "float32":
-                            vals = np.rint(vals)
-                        if lo is not None:
-                            vals = np.maximum(vals, lo)
-                        elif nodata_optical is not None:
-                            vals[vals == np.float32(nodata_optical)] += 1
-                        dst_o.write(vals.astype(optical_dtype), window=Window(c, r, w, h))
-                        if dst_l is not None:
-                            dst_l.write(cls[None], window=Window(c, r, w, h))
-                    dst_o.update_tags(codemae_product="synthetic_optical")
-                    if dst_l is not None:
-                        dst_l.update_tags(CLASSES=",".join(CLASSES), codemae_product="synthetic_labels")
-                finally:
-                    if dst_l is not None:
-                        dst_l.close()
-
-            from rasterio.warp import transform as warp_transform
-
-            with rasterio.open(paths["sar"], "w", **sar_profile) as dst_s:
-                for k, nm in enumerate(sar_names):
-                    dst_s.set_band_description(k + 1, nm)
-                dst_s.update_tags(SAR_SCALE=sar_scale, codemae_product="synthetic_sar")
-                for r, c, h, w in _windows(s_h, s_w, block):
-                    rng = np.random.default_rng([seed, 2, r, c])
-                    # SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is
-                    # transformed exactly and interpolated: projections are smooth at this scale.
-                    step = 32
-                    gr = np.arange(0, h + step, step, dtype=np.float64)
-                    gc = np.arange(0, w + step, step, dtype=np.float64)
-                    GC, GR = np.meshgrid(c + gc + 0.5, r + gr + 0.5)
-                    X = sar_tf.a * GC + sar_tf.c
-                    Y = sar_tf.e * GR + sar_tf.f
-                    if s_crs != opt_crs:
-                        X, Y = (np.asarray(a).reshape(GC.shape) for a in warp_transform(s_crs, opt_crs, X.ravel(), Y.ravel()))
-                    px, py = _optical_to_float_pixels(X, Y, opt_tf)
-                    fr = (np.arange(h, dtype=np.float32)) / step
-                    fc = (np.arange(w, dtype=np.float32)) / step
-                    xx = _bilinear_grid(px.astype(np.float32), fr, fc)
-                    yy = _bilinear_grid(py.astype(np.float32), fr, fc)
-                    power = _sar_window(xx, yy, seed, sar_bands, rng)
-                    if sar_scale == "db":
-                        vals = 10.0 * np.log10(power)
-                    elif sar_scale == "amplitude":
-                        vals = np.sqrt(power)
-                    else:
-                        vals = power
-                    dst_s.write(vals.astype(np.float32), window=Window(c, r, w, h))
-        for k, p in paths.items():
-            if p is not None:
-                os.replace(p, final[k])
+        yield tmp
+        for src, dst in zip(tmp.files(), final.files(), strict=True):
+            os.replace(src, dst)
     except BaseException:
-        for p in paths.values():
-            if p is not None:
-                Path(p).unlink(missing_ok=True)
+        for p in tmp.files():
+            p.unlink(missing_ok=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    return {"optical": final["optical"], "sar": final["sar"], "labels": final["labels"], "classes": list(CLASSES)}
+
+
+def _tiling(height: int, width: int) -> dict:
+    return dict(tiled=True, blockxsize=256, blockysize=256) if min(height, width) >= 256 else {}
+
+
+def _optical_band_names(count: int) -> list[str]:
+    return {4: ["blue", "green", "red", "nir"], 3: ["red", "green", "blue"]}.get(
+        count, [f"B{k + 1}" for k in range(count)])
+
+
+def _sar_band_names(count: int) -> list[str]:
+    return {1: ["VV"], 2: ["VV", "VH"], 4: ["HH", "HV", "VH", "VV"]}.get(count, [f"P{k + 1}" for k in range(count)])
+
+
+def _write_optical_and_labels(paths: ScenePaths, grids: SceneGrids, encoding: OpticalEncoding, bands: int,
+                              seed: int, block: int) -> None:
+    """Optical reflectance (and the class of every pixel) window by window on the optical grid."""
+    import rasterio
+    from rasterio.windows import Window
+
+    common = dict(driver="GTiff", width=grids.width, height=grids.height, crs=grids.optical_crs,
+                  transform=grids.optical_transform)
+    tiled = _tiling(grids.height, grids.width)
+    opt_profile = dict(common, count=bands, dtype=encoding.dtype, nodata=encoding.nodata, interleave="pixel", **tiled)
+    lab_profile = dict(common, count=1, dtype="uint8", nodata=255, **tiled)
+    with contextlib.ExitStack() as stack:
+        dst_o = stack.enter_context(rasterio.open(paths.optical, "w", **opt_profile))
+        dst_l = stack.enter_context(rasterio.open(paths.labels, "w", **lab_profile)) if paths.labels else None
+        for k, nm in enumerate(_optical_band_names(bands)):
+            dst_o.set_band_description(k + 1, nm)
+        for r, c, h, w in _windows(grids.height, grids.width, block):
+            rng = np.random.default_rng([seed, 1, r, c])
+            yy, xx = np.mgrid[r:r + h, c:c + w].astype(np.float32) + np.float32(0.5)
+            refl, cls = _optical_window(xx, yy, seed, bands, rng)
+            dst_o.write(encoding.encode(refl), window=Window(c, r, w, h))
+            if dst_l is not None:
+                dst_l.write(cls[None], window=Window(c, r, w, h))
+        dst_o.update_tags(codemae_product="synthetic_optical")
+        if dst_l is not None:
+            dst_l.update_tags(CLASSES=",".join(CLASSES), codemae_product="synthetic_labels")
+
+
+def _write_sar(path: Path, grids: SceneGrids, bands: int, scale: str, seed: int, block: int) -> None:
+    """SAR sigma0 in ``scale``, window by window on the SAR grid."""
+    import rasterio
+    from rasterio.windows import Window
+
+    profile = dict(driver="GTiff", width=grids.sar_width, height=grids.sar_height, count=bands, dtype="float32",
+                   crs=grids.sar_crs, transform=grids.sar_transform, nodata=float("nan"), interleave="pixel",
+                   **_tiling(grids.sar_height, grids.sar_width))
+    with rasterio.open(path, "w", **profile) as dst:
+        for k, nm in enumerate(_sar_band_names(bands)):
+            dst.set_band_description(k + 1, nm)
+        dst.update_tags(SAR_SCALE=scale, codemae_product="synthetic_sar")
+        for r, c, h, w in _windows(grids.sar_height, grids.sar_width, block):
+            rng = np.random.default_rng([seed, 2, r, c])
+            xx, yy = _sar_window_in_optical_pixels(grids, r, c, h, w)
+            power = _sar_window(xx, yy, seed, bands, rng)
+            dst.write(_power_in_scale(power, scale), window=Window(c, r, w, h))
+
+
+def _sar_window_in_optical_pixels(grids: SceneGrids, r: int, c: int, h: int, w: int):
+    """Optical-pixel coordinates (x, y) of the centres of a SAR window's pixels.
+
+    SAR pixel centres -> ground -> optical pixel coordinates. A coarse grid is transformed
+    exactly and interpolated: projections are smooth at this scale.
+    """
+    from rasterio.warp import transform as warp_transform
+
+    step = 32
+    gr = np.arange(0, h + step, step, dtype=np.float64)
+    gc = np.arange(0, w + step, step, dtype=np.float64)
+    GC, GR = np.meshgrid(c + gc + 0.5, r + gr + 0.5)
+    X = grids.sar_transform.a * GC + grids.sar_transform.c
+    Y = grids.sar_transform.e * GR + grids.sar_transform.f
+    if grids.reprojected:
+        X, Y = (np.asarray(a).reshape(GC.shape)
+                for a in warp_transform(grids.sar_crs, grids.optical_crs, X.ravel(), Y.ravel()))
+    px, py = _optical_to_float_pixels(X, Y, grids.optical_transform)
+    fr = (np.arange(h, dtype=np.float32)) / step
+    fc = (np.arange(w, dtype=np.float32)) / step
+    return _bilinear_grid(px.astype(np.float32), fr, fc), _bilinear_grid(py.astype(np.float32), fr, fc)
+
+
+def _power_in_scale(power: np.ndarray, scale: str) -> np.ndarray:
+    """Linear sigma0 power (always > 0 here) -> float32 values in the written ``scale``."""
+    if scale == "db":
+        return power_to_db(power)
+    if scale == "amplitude":
+        return np.sqrt(power).astype(np.float32)
+    return power.astype(np.float32)
 
 
 def _prepare_folder(out: Path, targets: list[Path], overwrite: bool) -> Optional[Path]:
