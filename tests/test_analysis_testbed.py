@@ -29,6 +29,19 @@ def test_scene_is_deterministic_and_well_formed(scene):
     assert not np.array_equal(generate_scene(128, 128, seed=8).labels, scene.labels)
 
 
+def test_labels_are_the_ground_layers_and_effects_sit_where_the_physics_puts_them(scene):
+    """Labels: buildings over roads over water over parcels; buildings stand on dry land off roads;
+    the double bounce is on a footprint's wall, the sun shadow off every footprint."""
+    lay = scene.layers
+    np.testing.assert_array_equal(scene.labels == 2, lay["building"])
+    np.testing.assert_array_equal(scene.labels == 4, lay["road"])
+    np.testing.assert_array_equal(scene.labels == 3, lay["water"] & ~lay["road"])
+    assert set(np.unique(scene.labels[~(lay["building"] | lay["road"] | lay["water"])])) <= {0, 1}
+    assert not (lay["building"] & (lay["water"] | lay["road"])).any()
+    assert lay["double_bounce"].any() and not (lay["double_bounce"] & ~lay["building"]).any()
+    assert lay["sun_shadow"].any() and not (lay["sun_shadow"] & lay["building"]).any()
+
+
 def test_optical_physics_vegetation_nir_and_dark_water(scene):
     veg, water = scene.labels == 0, scene.labels == 3
     nir, red = scene.optical[3], scene.optical[2]

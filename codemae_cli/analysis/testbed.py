@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,40 @@ def _smooth_field(rng: np.random.Generator, height: int, width: int, cells: int)
     return (c00 * (1 - fy) * (1 - fx) + c01 * (1 - fy) * fx + c10 * fy * (1 - fx) + c11 * fy * fx)
 
 
+@dataclass(frozen=True)
+class _Building:
+    """A rectangular building: top-left pixel, size in pixels, height in metres."""
+
+    r0: int
+    c0: int
+    bh: int
+    bw: int
+    h_m: float
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.r0, self.r0 + self.bh)
+
+
+@dataclass
+class _Ground:
+    """The ground geometry both modalities image; ``labels`` are its footprints."""
+
+    yy: np.ndarray  # (H, W) float32 row coordinate
+    xx: np.ndarray  # (H, W) float32 column coordinate
+    parcel: np.ndarray  # (H, W) int32 parcel id (Voronoi cell)
+    parcel_bare: np.ndarray  # (n_parcels,) bool: bare soil, else vegetation
+    water: np.ndarray  # (H, W) bool
+    road: np.ndarray  # (H, W) bool
+    footprint: np.ndarray  # (H, W) bool building footprints
+    buildings: list[_Building]
+    labels: np.ndarray  # (H, W) uint8 class ids of CLASSES
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.labels.shape
+
+
 def generate_scene(
     height: int = 256,
     width: int = 256,
@@ -94,17 +129,46 @@ def generate_scene(
     buildings: int | None = None,
     building_height: tuple[float, float] = (6.0, 30.0),
 ) -> TestbedScene:
-    """Render one co-registered optical/SAR scene with labels (see the module docstring)."""
+    """Render one co-registered optical/SAR scene with labels (see the module docstring).
+
+    Stages, in the order they draw from the one random generator (so a seed is one scene):
+    ground geometry -> optical rendering -> SAR rendering.
+    """
     if height < 16 or width < 16:
         raise ValueError("a testbed scene needs at least 16 x 16 pixels")
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     area = height * width
     n_parcels = parcels if parcels is not None else max(4, area // 3000)
     n_buildings = buildings if buildings is not None else max(2, area // 2500)
+    ground = _ground(rng, height, width, gsd, n_parcels, n_buildings, building_height)
+    optical, sun_shadow = _render_optical(rng, ground, gsd)
+    sar, sar_layers = _render_sar(rng, ground, gsd, looks, incidence_deg)
+    layers = {"water": ground.water, "road": ground.road, "building": ground.footprint, "sun_shadow": sun_shadow,
+              **sar_layers}
+    return TestbedScene(optical=optical.astype(np.float32), sar=sar, labels=ground.labels, layers=layers)
 
-    # --- ground geometry (shared by both modalities) ------------------------------------------
-    # Parcels: nearest of n seeds (Voronoi), computed in row bands to keep memory small.
+
+# --- ground geometry (shared by both modalities) ----------------------------------------------
+def _ground(rng: np.random.Generator, height: int, width: int, gsd: float, n_parcels: int, n_buildings: int,
+            building_height: tuple[float, float]) -> _Ground:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    parcel, parcel_bare = _draw_parcels(rng, yy, xx, n_parcels)
+    labels = np.where(parcel_bare[parcel], 1, 0).astype(np.uint8)
+    water = _draw_water(rng, yy, xx, gsd)
+    labels[water] = 3
+    road = _draw_roads(rng, yy, xx, gsd)
+    labels[road] = 4
+    footprint, boxes = _draw_buildings(rng, water, road, gsd, n_buildings, building_height)
+    labels[footprint] = 2
+    return _Ground(yy=yy, xx=xx, parcel=parcel, parcel_bare=parcel_bare, water=water, road=road,
+                   footprint=footprint, buildings=boxes, labels=labels)
+
+
+def _draw_parcels(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, n_parcels: int):
+    """Parcels: nearest of n seeds (Voronoi), computed in row bands to keep memory small.
+
+    Returns the (H, W) parcel ids and which parcels are bare soil."""
+    height, width = yy.shape
     seeds = rng.uniform([0, 0], [height, width], size=(n_parcels, 2)).astype(np.float32)
     parcel = np.empty((height, width), dtype=np.int32)
     for r0 in range(0, height, 64):
@@ -112,9 +176,12 @@ def generate_scene(
         dx = xx[r0 : r0 + 64, :, None] - seeds[None, None, :, 1]
         parcel[r0 : r0 + 64] = np.argmin(dy * dy + dx * dx, axis=-1)
     parcel_bare = rng.uniform(size=n_parcels) < 0.35
-    labels = np.where(parcel_bare[parcel], 1, 0).astype(np.uint8)
+    return parcel, parcel_bare
 
-    # Water: a lobed lake and, half of the time, a meandering river.
+
+def _draw_water(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, gsd: float) -> np.ndarray:
+    """Water: a lobed lake and, half of the time, a meandering river."""
+    height, width = yy.shape
     water = np.zeros((height, width), dtype=bool)
     cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
     radius = rng.uniform(0.08, 0.18) * min(height, width)
@@ -127,21 +194,27 @@ def generate_scene(
         )
         half = rng.uniform(2.0, 5.0) / gsd
         water |= np.abs(xx - centre[:, None]) < half
-    labels[water] = 3
+    return water
 
-    # Roads: straight lines of 3-6 m width at random angles.
+
+def _draw_roads(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, gsd: float) -> np.ndarray:
+    """Roads: straight lines of 3-6 m width at random angles."""
+    height, width = yy.shape
     road = np.zeros((height, width), dtype=bool)
     for _ in range(rng.integers(1, 4)):
         angle = rng.uniform(0, np.pi)
         py, px = rng.uniform(0, height), rng.uniform(0, width)
         dist = np.abs((yy - py) * np.cos(angle) - (xx - px) * np.sin(angle))
         road |= dist < rng.uniform(1.5, 3.0) / gsd
-    labels[road] = 4
+    return road
 
-    # Buildings: rectangles on dry land off the roads, each with a height in metres.
+
+def _draw_buildings(rng: np.random.Generator, water: np.ndarray, road: np.ndarray, gsd: float, n_buildings: int,
+                    building_height: tuple[float, float]) -> tuple[np.ndarray, list[_Building]]:
+    """Buildings: rectangles on dry land off the roads, each with a height in metres."""
+    height, width = water.shape
     footprint = np.zeros((height, width), dtype=bool)
-    height_map = np.zeros((height, width), dtype=np.float32)
-    boxes = []
+    boxes: list[_Building] = []
     for _ in range(n_buildings * 4):  # rejection sampling, bounded
         if len(boxes) >= n_buildings:
             break
@@ -154,82 +227,132 @@ def generate_scene(
             continue
         h_m = float(rng.uniform(*building_height))
         footprint[box] = True
-        height_map[box] = h_m
-        boxes.append((r0, c0, bh, bw, h_m))
-    labels[footprint] = 2
+        boxes.append(_Building(r0, c0, bh, bw, h_m))
+    return footprint, boxes
 
-    # --- optical rendering (colour, texture, sun shadows: optical-only signals) ---------------
-    optical = np.zeros((4, height, width), dtype=np.float32)
+
+# --- optical rendering (colour, texture, sun shadows: optical-only signals) -------------------
+def _render_optical(rng: np.random.Generator, ground: _Ground, gsd: float) -> tuple[np.ndarray, np.ndarray]:
+    """(4, H, W) reflectance in [0, 1] and the (H, W) sun-shadow mask."""
+    height, width = ground.shape
+    optical = _parcel_colours(rng, ground, gsd)
+    optical[:, ground.water] = np.array([0.06, 0.06, 0.03, 0.015], dtype=np.float32)[:, None]
+    optical[:, ground.road] = (rng.uniform(0.12, 0.18) * np.ones(4, dtype=np.float32))[:, None]
+    sun_shadow = _roofs_and_sun_shadows(rng, optical, ground, gsd)
+    optical[:, sun_shadow] *= 0.35
+    illumination = 1 + 0.08 * _smooth_field(rng, height, width, 64)
+    optical *= illumination[None].astype(np.float32)
+    optical += rng.normal(0, 0.004, size=optical.shape).astype(np.float32)
+    return np.clip(optical, 0.0, 1.0), sun_shadow
+
+
+def _parcel_colours(rng: np.random.Generator, ground: _Ground, gsd: float) -> np.ndarray:
+    """Each parcel's crop or soil colour with its own row texture, (4, H, W)."""
+    yy, xx = ground.yy, ground.xx
+    optical = np.zeros((4, *ground.shape), dtype=np.float32)
     veg_base = np.array([0.04, 0.08, 0.05, 0.40], dtype=np.float32)
     soil_base = np.array([0.09, 0.14, 0.19, 0.26], dtype=np.float32)
-    for k in range(n_parcels):
-        mask = parcel == k
-        base = soil_base if parcel_bare[k] else veg_base
+    for k in range(ground.parcel_bare.size):
+        mask = ground.parcel == k
+        base = soil_base if ground.parcel_bare[k] else veg_base
         colour = base * rng.uniform(0.7, 1.3, size=4).astype(np.float32)
         # Row texture: crops are sown in rows; period and direction vary per parcel.
         angle, period = rng.uniform(0, np.pi), rng.uniform(3.0, 9.0) / gsd
         rows = np.sin(2 * np.pi * (yy * np.cos(angle) + xx * np.sin(angle)) / period)
         texture = 1 + rng.uniform(0.05, 0.25) * rows
         optical[:, mask] = colour[:, None] * texture[mask][None]
-    optical[:, water] = np.array([0.06, 0.06, 0.03, 0.015], dtype=np.float32)[:, None]
-    optical[:, road] = (rng.uniform(0.12, 0.18) * np.ones(4, dtype=np.float32))[:, None]
-    roof_palette = np.array(
-        [[0.10, 0.12, 0.30, 0.32], [0.25, 0.25, 0.25, 0.28], [0.45, 0.47, 0.48, 0.50], [0.15, 0.18, 0.20, 0.22]],
-        dtype=np.float32,
-    )
+    return optical
+
+
+_ROOF_PALETTE = np.array(
+    [[0.10, 0.12, 0.30, 0.32], [0.25, 0.25, 0.25, 0.28], [0.45, 0.47, 0.48, 0.50], [0.15, 0.18, 0.20, 0.22]],
+    dtype=np.float32,
+)
+
+
+def _roofs_and_sun_shadows(rng: np.random.Generator, optical: np.ndarray, ground: _Ground, gsd: float) -> np.ndarray:
+    """Paint each roof's colour into ``optical``; return the sun-shadow mask off the footprints.
+
+    Sun in the south-west at 45 degrees elevation: shadow length = height, toward north-east.
+    """
+    height, width = ground.shape
     sun_shadow = np.zeros((height, width), dtype=bool)
-    # Sun in the south-west at 45 degrees elevation: shadow length = height, toward north-east.
-    for r0, c0, bh, bw, h_m in boxes:
-        roof = roof_palette[rng.integers(len(roof_palette))] * rng.uniform(0.85, 1.15)
-        optical[:, r0 : r0 + bh, c0 : c0 + bw] = roof[:, None, None]
-        length = int(h_m / gsd / math.sqrt(2))
+    for b in ground.buildings:
+        roof = _ROOF_PALETTE[rng.integers(len(_ROOF_PALETTE))] * rng.uniform(0.85, 1.15)
+        optical[:, b.rows, b.c0 : b.c0 + b.bw] = roof[:, None, None]
+        length = int(b.h_m / gsd / math.sqrt(2))
         for step in range(1, length + 1):
-            rs, cs = r0 - step, c0 + step
-            rr = slice(max(0, rs), max(0, min(height, rs + bh)))
-            cc = slice(max(0, cs), max(0, min(width, cs + bw)))
+            rs, cs = b.r0 - step, b.c0 + step
+            rr = slice(max(0, rs), max(0, min(height, rs + b.bh)))
+            cc = slice(max(0, cs), max(0, min(width, cs + b.bw)))
             sun_shadow[rr, cc] = True
-    sun_shadow &= ~footprint
-    optical[:, sun_shadow] *= 0.35
-    illumination = 1 + 0.08 * _smooth_field(rng, height, width, 64)
-    optical *= illumination[None].astype(np.float32)
-    optical += rng.normal(0, 0.004, size=optical.shape).astype(np.float32)
-    optical = np.clip(optical, 0.0, 1.0)
+    sun_shadow &= ~ground.footprint
+    return sun_shadow
 
-    # --- SAR rendering (speckle, layover, double bounce, shadow: SAR-only signals) ------------
-    def db(v):
-        return 10 ** (np.asarray(v, dtype=np.float32) / 10)
 
+# --- SAR rendering (speckle, layover, double bounce, shadow: SAR-only signals) ----------------
+def _power(db: Any) -> np.ndarray:
+    """dB -> linear power, float32."""
+    return 10 ** (np.asarray(db, dtype=np.float32) / 10)
+
+
+def _render_sar(rng: np.random.Generator, ground: _Ground, gsd: float, looks: float,
+                incidence_deg: float) -> tuple[np.ndarray, dict]:
+    """(2, H, W) VV/VH sigma0 in dB with the noise floor, and the SAR effect masks by name."""
+    vv, vh = _ground_backscatter(rng, ground)
+    layers = _building_echoes(rng, vv, vh, ground, gsd, math.tan(math.radians(incidence_deg)))
+    vv[layers["radar_shadow"]], vh[layers["radar_shadow"]] = _power(_NOISE_FLOOR_DB), _power(_NOISE_FLOOR_DB)
+    # Fully developed speckle: unit-mean Gamma(L, 1/L) intensity, independent per polarisation.
+    vv *= rng.gamma(looks, 1.0 / looks, size=vv.shape).astype(np.float32)
+    vh *= rng.gamma(looks, 1.0 / looks, size=vh.shape).astype(np.float32)
+    sar = np.stack([vv, vh])
+    sar = np.maximum(10 * np.log10(np.maximum(sar, 1e-12)), _NOISE_FLOOR_DB).astype(np.float32)
+    return sar, layers
+
+
+def _ground_backscatter(rng: np.random.Generator, ground: _Ground) -> tuple[np.ndarray, np.ndarray]:
+    """Linear VV and VH power of parcels, water and roads, before buildings and speckle."""
+    height, width = ground.shape
     vv = np.zeros((height, width), dtype=np.float32)
     vh = np.zeros((height, width), dtype=np.float32)
-    for k in range(n_parcels):
-        mask = parcel == k
+    for k in range(ground.parcel_bare.size):
+        mask = ground.parcel == k
         # Moisture/roughness: drawn independently of the optical colour on purpose.
-        if parcel_bare[k]:
+        if ground.parcel_bare[k]:
             s_vv = rng.uniform(-16, -7)
             s_vh = s_vv - rng.uniform(9, 13)  # little volume scattering
         else:
             s_vv = rng.uniform(-12, -7)
             s_vh = s_vv - rng.uniform(4, 7)  # canopy volume scattering lifts cross-pol
-        vv[mask], vh[mask] = db(s_vv), db(s_vh)
-    vv *= db(1.5 * _smooth_field(rng, height, width, 48))  # soil moisture varies smoothly
-    vv[water], vh[water] = db(-23), db(-30)
-    vv[road], vh[road] = db(-18), db(-26)
+        vv[mask], vh[mask] = _power(s_vv), _power(s_vh)
+    vv *= _power(1.5 * _smooth_field(rng, height, width, 48))  # soil moisture varies smoothly
+    vv[ground.water], vh[ground.water] = _power(-23), _power(-30)
+    vv[ground.road], vh[ground.road] = _power(-18), _power(-26)
+    return vv, vh
 
-    tan_inc = math.tan(math.radians(incidence_deg))
+
+def _building_echoes(rng: np.random.Generator, vv: np.ndarray, vh: np.ndarray, ground: _Ground, gsd: float,
+                     tan_inc: float) -> dict:
+    """Add layover and double bounce of every building to ``vv``/``vh``; return the effect masks.
+
+    The radar shadow is returned, not applied: it is set to the noise floor after all buildings.
+    """
+    height, width = ground.shape
     layover = np.zeros((height, width), dtype=bool)
     double_bounce = np.zeros((height, width), dtype=bool)
     radar_shadow = np.zeros((height, width), dtype=bool)
-    for r0, c0, bh, bw, h_m in boxes:
-        rows = slice(r0, r0 + bh)
-        roof_vv, roof_vh = db(rng.uniform(-9, -5)), db(rng.uniform(-17, -13))
+    for b in ground.buildings:
+        rows, c0, bw = b.rows, b.c0, b.bw
+        roof_vv, roof_vh = _power(rng.uniform(-9, -5)), _power(rng.uniform(-17, -13))
         # Radar shadow behind the building (east, away from the sensor): no return.
-        shadow_len = int(round(h_m * tan_inc / gsd))
+        shadow_len = int(round(b.h_m * tan_inc / gsd))
         s0, s1 = c0 + bw, min(width, c0 + bw + shadow_len)
         radar_shadow[rows, s0:s1] = True
         # Roof: the building top is imaged closer to the sensor by h / tan(incidence).
-        shift = int(round(h_m / tan_inc / gsd))
+        shift = int(round(b.h_m / tan_inc / gsd))
         l0, l1 = max(0, c0 - shift), max(0, c0 + bw - shift)
-        vv[rows, c0 : c0 + bw], vh[rows, c0 : c0 + bw] = db(-20), db(-28)  # true footprint: wall/ground seen under roof clutter
+        # True footprint: wall/ground seen under roof clutter.
+        vv[rows, c0 : c0 + bw], vh[rows, c0 : c0 + bw] = _power(-20), _power(-28)
         if l1 > l0:
             vv[rows, l0:l1] += roof_vv
             vh[rows, l0:l1] += roof_vh
@@ -243,27 +366,10 @@ def generate_scene(
         # Double bounce ground-wall dihedral at the base of the wall facing the sensor.
         if 0 <= c0 < width:
             w_db = max(1, int(round(1.0 / gsd)))
-            vv[rows, c0 : c0 + w_db] = db(rng.uniform(8, 14))
-            vh[rows, c0 : c0 + w_db] = db(rng.uniform(-4, 0))
+            vv[rows, c0 : c0 + w_db] = _power(rng.uniform(8, 14))
+            vh[rows, c0 : c0 + w_db] = _power(rng.uniform(-4, 0))
             double_bounce[rows, c0 : c0 + w_db] = True
-    vv[radar_shadow], vh[radar_shadow] = db(_NOISE_FLOOR_DB), db(_NOISE_FLOOR_DB)
-
-    # Fully developed speckle: unit-mean Gamma(L, 1/L) intensity, independent per polarisation.
-    vv *= rng.gamma(looks, 1.0 / looks, size=vv.shape).astype(np.float32)
-    vh *= rng.gamma(looks, 1.0 / looks, size=vh.shape).astype(np.float32)
-    sar = np.stack([vv, vh])
-    sar = np.maximum(10 * np.log10(np.maximum(sar, 1e-12)), _NOISE_FLOOR_DB).astype(np.float32)
-
-    layers = {
-        "water": water,
-        "road": road,
-        "building": footprint,
-        "sun_shadow": sun_shadow,
-        "layover": layover,
-        "double_bounce": double_bounce,
-        "radar_shadow": radar_shadow,
-    }
-    return TestbedScene(optical=optical.astype(np.float32), sar=sar, labels=labels, layers=layers)
+    return {"layover": layover, "double_bounce": double_bounce, "radar_shadow": radar_shadow}
 
 
 def write_scene_tifs(scene: TestbedScene, out_dir: str | Path, name: str, *, gsd: float = 1.0,
