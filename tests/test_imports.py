@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "codemae_cli"
 # below every room and import no room. Top-level helpers of the commands (default folders,
 # checks before work) sit with the commands. A new top-level module goes in one of these lists
 # and in docs/architecture.md.
-ROOMS = ["data", "model", "train", "tasks", "infer", "analysis", "bench", "commands", "cli", "__main__"]
+ROOMS = ["data", "model", "train", "tasks", "infer", "analysis", "bench", "commands", "cli", "__main__", "launch"]
 BASE = {"errors", "config", "fsutil", "device", "threads", "__init__"}
 WITH_COMMANDS = {"defaults", "preflight"}
 

@@ -363,3 +363,22 @@ def test_ablate_demo_and_model_import_keep_their_inputs_and_foreign_folders(tmp_
     refused(["model", "convert", pickle, "-o", pickle], "is the same file as the weights file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "w.safetensors"]
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_filesystem_faults_are_one_sentence(tmp_path, capsys):
+    """A permission error that no guard foresaw (root passes every access test) is still one sentence."""
+    import errno
+
+    import typer
+
+    from codemae_cli.commands._common import cli_command
+
+    @cli_command
+    def writes():
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x.tif"))
+
+    with pytest.raises(typer.Exit) as exit_info:
+        writes()
+    assert exit_info.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert err == f"Error: cannot use '{tmp_path / 'x.tif'}': permission denied.\n"
