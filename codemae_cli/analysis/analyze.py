@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,13 +72,6 @@ def _checkpoint_name(ckpt: Path) -> str:
         run = ckpt.parent.parent.name
         return run if ckpt.name in ("last", "best") else f"{run}/{ckpt.name}"
     return ckpt.name
-
-
-def _normalise(x: np.ndarray, stats: dict) -> np.ndarray:
-    """(C, H, W) in stored units -> per-band z-scores with NaN (nodata) set to 0 (the mean)."""
-    from codemae_cli.data.stats import BandNorm
-
-    return BandNorm.from_stats(stats).apply(x)
 
 
 def select_chips(dataset, split: str, max_chips: int) -> np.ndarray:
@@ -373,6 +367,27 @@ def _guard_output(out: Path, checkpoints, dataset_dir, overwrite: bool) -> None:
                       maker="codemae analyze")
 
 
+@dataclass(frozen=True)
+class AnalysisChips:
+    """The chips every checkpoint is analysed on, in stored units, and their structure images."""
+
+    chip_ids: list[str]
+    optical: np.ndarray  # (N, Co, T, T) stored optical, NaN = nodata
+    sar: np.ndarray  # (N, Cs, T, T) stored SAR (dB), NaN = nodata
+    valid: np.ndarray  # (N, T, T) both modalities have data
+    luminance: np.ndarray  # (N, T, T) optical luminance (the SSIM's optical channel)
+    sar_intensity: np.ndarray  # (N, T, T) SAR intensity (the SSIM's SAR channel)
+
+
+@dataclass
+class CheckpointAnalysis:
+    """One checkpoint's numbers (the JSON entry) and its reconstruction images, if any."""
+
+    name: str
+    metrics: dict
+    reconstruction: Optional[dict] = None
+
+
 def run_analyze(
     checkpoints: Sequence[str | Path],
     dataset_dir: str | Path,
@@ -392,8 +407,6 @@ def run_analyze(
     ``layer``: encoder block whose tokens are analysed (default: the last one).
     ``reconstructions``: how many chips to show in the reconstruction figures (0: none).
     """
-    import torch
-
     from codemae_cli.data.shards import PreparedDataset
 
     if not checkpoints:
@@ -405,6 +418,28 @@ def run_analyze(
     _guard_output(out, checkpoints, dataset_dir, overwrite)
     if not data.meta.get("paired", True):
         raise UserError(f"dataset '{dataset_dir}' is not paired; the cross-modal analyses need co-registered pairs")
+    chips = load_analysis_chips(data, split, max_chips)
+    with staged_directory(out) as tmp:
+        analyses: list[CheckpointAnalysis] = []
+        for path in checkpoints:
+            a = analyse_checkpoint(path, chips, data.stats, layer=layer, reconstructions=reconstructions,
+                                   batch_size=batch_size, device=device, taken={x.name for x in analyses})
+            analyses.append(a)
+        doc = {
+            "dataset": str(dataset_dir),
+            "split": split,
+            "chips": chips.chip_ids,
+            "checkpoints": _json_clean({a.name: a.metrics for a in analyses}),
+        }
+        (tmp / "analysis.json").write_text(json.dumps(doc, indent=2))
+        if plots:
+            _write_plots(analyses, tmp)
+    return doc
+
+
+def load_analysis_chips(data, split: str, max_chips: int) -> AnalysisChips:
+    """Up to ``max_chips`` chips of ``split`` and their structure images; refused when no pixel
+    is valid in both modalities."""
     idx = select_chips(data, split, max_chips)
     chips = [data.read(i) for i in idx]
     raw_opt = np.stack([c["optical"] for c in chips])
@@ -413,64 +448,76 @@ def run_analyze(
     if not valid.any():
         raise UserError(f"the selected '{split}' chips have no pixel valid in both modalities")
     rgb = _rgb_indices(data.meta.get("optical", {}).get("bands", []))
-    lum = M.optical_luminance(raw_opt, rgb)
-    sar_int = M.sar_intensity(raw_sar)
+    return AnalysisChips(chip_ids=[c["chip_id"] for c in chips], optical=raw_opt, sar=raw_sar, valid=valid,
+                         luminance=M.optical_luminance(raw_opt, rgb), sar_intensity=M.sar_intensity(raw_sar))
 
-    with staged_directory(out) as tmp:
-        results: dict[str, dict] = {}
-        recs: dict[str, dict] = {}
-        for path in checkpoints:
-            model, meta, name = load_pretrained(path, device=device)
-            if name in results:  # two checkpoints of one run (e.g. best and last)
-                name = f"{name}#{len(results)}"
-            ck_bands = meta["bands"]
-            if len(ck_bands["optical"]) != raw_opt.shape[1] or len(ck_bands["sar"]) != raw_sar.shape[1]:
-                raise UserError(
-                    f"checkpoint '{path}' expects {len(ck_bands['optical'])} optical and {len(ck_bands['sar'])} "
-                    f"SAR bands, the dataset has {raw_opt.shape[1]} and {raw_sar.shape[1]}"
-                )
-            stats = meta.get("stats") or data.stats
-            x_opt = np.stack([_normalise(c, stats["optical"]) for c in raw_opt])
-            x_sar = np.stack([_normalise(c, stats["sar"]) for c in raw_sar])
-            p = int(model.encoder.patch_size)
-            t = (min(x_opt.shape[-2:]) // p) * p
-            if t == 0:
-                raise UserError(f"chips of {x_opt.shape[-1]} px are smaller than the model's {p}-px patch")
-            crop = (slice(None), slice(None), slice(0, t), slice(0, t))
-            start = time.perf_counter()
-            feats = extract_features(model, x_opt[crop], x_sar[crop], layer=layer, batch_size=batch_size,
-                                     device=device)
-            r = representation_metrics(feats["optical"], feats["sar"], lum[:, :t, :t], sar_int[:, :t, :t],
-                                       valid[:, :t, :t], p)
-            r["checkpoint"] = str(path)
-            r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
-            r["step"] = meta.get("step")
-            r["components"] = _components(meta)
-            if reconstructions > 0:
-                k = min(reconstructions, x_opt.shape[0])
-                rec = cross_reconstructions(model, x_opt[:k], x_sar[:k], device=device)
-                if rec is not None:
-                    recs[name] = rec
-                    r["reconstructions"] = f"reconstructions_{_safe_name(name)}.png"
-            r["seconds"] = round(time.perf_counter() - start, 2)
-            results[name] = r
-            del model
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
 
-        doc = {
-            "dataset": str(dataset_dir),
-            "split": split,
-            "chips": [c["chip_id"] for c in chips],
-            "checkpoints": _json_clean(results),
-        }
-        (tmp / "analysis.json").write_text(json.dumps(doc, indent=2))
-        if plots:
-            _plot_spectra(results, tmp / "spectra.png")
-            _plot_scatter(results, tmp / "similarity_vs_ssim.png")
-            for name, rec in recs.items():
-                _plot_reconstructions(rec, name, tmp / f"reconstructions_{_safe_name(name)}.png")
-    return doc
+def normalise_chips(raw: np.ndarray, stats: dict) -> np.ndarray:
+    """(N, C, H, W) stored values -> per-band z-scores with NaN (nodata) set to 0 (the mean)."""
+    from codemae_cli.data.stats import BandNorm
+
+    norm = BandNorm.from_stats(stats)
+    return np.stack([norm.apply(c) for c in raw])
+
+
+def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer: Optional[int] = None,
+                       reconstructions: int = 4, batch_size: int = 16, device: str = "cpu",
+                       taken: Collection[str] = ()) -> CheckpointAnalysis:
+    """Load one pretraining checkpoint and measure its representations on ``chips``.
+
+    ``taken``: names of the checkpoints analysed before (a second checkpoint of one run, e.g.
+    best and last, gets a ``#k`` suffix).
+    """
+    import torch
+
+    model, meta, name = load_pretrained(path, device=device)
+    if name in taken:
+        name = f"{name}#{len(taken)}"
+    _check_bands(path, meta["bands"], chips)
+    stats = meta.get("stats") or dataset_stats
+    x_opt, x_sar = normalise_chips(chips.optical, stats["optical"]), normalise_chips(chips.sar, stats["sar"])
+    p = int(model.encoder.patch_size)
+    t = (min(x_opt.shape[-2:]) // p) * p  # tokens need whole patches: crop to a multiple of p
+    if t == 0:
+        raise UserError(f"chips of {x_opt.shape[-1]} px are smaller than the model's {p}-px patch")
+    crop = (slice(None), slice(None), slice(0, t), slice(0, t))
+    start = time.perf_counter()
+    feats = extract_features(model, x_opt[crop], x_sar[crop], layer=layer, batch_size=batch_size, device=device)
+    r = representation_metrics(feats["optical"], feats["sar"], chips.luminance[:, :t, :t],
+                               chips.sar_intensity[:, :t, :t], chips.valid[:, :t, :t], p)
+    r["checkpoint"] = str(path)
+    r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
+    r["step"] = meta.get("step")
+    r["components"] = _components(meta)
+    rec = None
+    if reconstructions > 0:
+        k = min(reconstructions, x_opt.shape[0])
+        rec = cross_reconstructions(model, x_opt[:k], x_sar[:k], device=device)
+        if rec is not None:
+            r["reconstructions"] = f"reconstructions_{_safe_name(name)}.png"
+    r["seconds"] = round(time.perf_counter() - start, 2)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return CheckpointAnalysis(name=name, metrics=r, reconstruction=rec)
+
+
+def _check_bands(path, bands: dict, chips: AnalysisChips) -> None:
+    n_opt, n_sar = chips.optical.shape[1], chips.sar.shape[1]
+    if len(bands["optical"]) != n_opt or len(bands["sar"]) != n_sar:
+        raise UserError(
+            f"checkpoint '{path}' expects {len(bands['optical'])} optical and {len(bands['sar'])} "
+            f"SAR bands, the dataset has {n_opt} and {n_sar}"
+        )
+
+
+def _write_plots(analyses: list[CheckpointAnalysis], folder: Path) -> None:
+    results = {a.name: a.metrics for a in analyses}
+    _plot_spectra(results, folder / "spectra.png")
+    _plot_scatter(results, folder / "similarity_vs_ssim.png")
+    for a in analyses:
+        if a.reconstruction is not None:
+            _plot_reconstructions(a.reconstruction, a.name, folder / f"reconstructions_{_safe_name(a.name)}.png")
 
 
 def _components(meta: dict) -> dict:
@@ -484,5 +531,6 @@ def _components(meta: dict) -> dict:
     }
 
 
-__all__ = ["cross_reconstructions", "extract_features", "load_pretrained", "representation_metrics",
-           "run_analyze", "select_chips"]
+__all__ = ["AnalysisChips", "CheckpointAnalysis", "analyse_checkpoint", "cross_reconstructions", "extract_features",
+           "load_analysis_chips", "load_pretrained", "normalise_chips", "representation_metrics", "run_analyze",
+           "select_chips"]

@@ -19,14 +19,14 @@ from typing import Optional
 
 import numpy as np
 
-from codemae_cli.analysis.analyze import _normalise
+from codemae_cli.analysis.analyze import normalise_chips
 
 
 def chip_arrays(dataset, indices: Sequence[int], stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised optical (N, Co, T, T), SAR (N, Cs, T, T) and labels (N, T, T) of ``indices``."""
     chips = [dataset.read(int(i)) for i in indices]
-    opt = np.stack([_normalise(c["optical"], stats["optical"]) for c in chips])
-    sar = np.stack([_normalise(c["sar"], stats["sar"]) for c in chips])
+    opt = normalise_chips(np.stack([c["optical"] for c in chips]), stats["optical"])
+    sar = normalise_chips(np.stack([c["sar"] for c in chips]), stats["sar"])
     if chips[0]["label"] is None:
         raise ValueError("the dataset has no labels to probe on")
     lab = np.stack([c["label"] for c in chips])
