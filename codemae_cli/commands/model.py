@@ -110,9 +110,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         if output.suffix != ".safetensors":
             raise UserError("--output must end in .safetensors")
-        from codemae_cli.fsutil import guard_outputs
+        from codemae_cli.fsutil import guard_outputs, sweep_stale
 
         guard_outputs([(output, "--output")], [(weights, "the weights file")])
+        sweep_stale(output)
         if output.exists():
             raise UserError(f"'{output}' already exists; choose another --output")
         n = convert_to_safetensors(weights, output)

@@ -52,7 +52,7 @@ from codemae_cli.data.source_scale import optical_range_rule, source_range_meta
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
-from codemae_cli.fsutil import check_writable, guard_outputs, read_json_object, sweep_stale
+from codemae_cli.fsutil import check_writable, guard_outputs, notice, read_json_object, sweep_stale
 
 SEGMENT_PX = 2048  # columns read at once: bounds memory by tile x SEGMENT_PX, not the scene
 
@@ -554,6 +554,9 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool, fingerprint: str)
             raise UserError(f"refusing to overwrite '{out}': it is not empty and not a prepared dataset")
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out)  # OUT.tmp-PID folders of killed runs (a --resume run's OUT.partial is reused)
+    if not resume and (out.parent / f"{out.name}.partial").is_dir():
+        notice(f"note: '{out.name}.partial' holds an interrupted --resume run; rerun with --resume to finish it, "
+               "or delete it")
     if resume:
         # A fixed name, kept when a --resume run fails or is interrupted.
         tmp = out.parent / f"{out.name}.partial"
