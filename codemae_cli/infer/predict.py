@@ -25,11 +25,11 @@ How memory stays bounded by a band of rows of a panel, never by the scene (heigh
 - within a panel windows are visited in raster order, in batches that span at most two
   consecutive window rows; the pixels of one window row are read as one strip of ``window`` rows
   and the panel's window columns (prefetched by reader threads while the model runs);
-- the blended probabilities live in an accumulator of ``window + stride`` rows by the panel's
-  window span on the compute device;
-- once no later window can touch a row, the panel's columns of the row are finished and handed
-  to the writer thread (class map, validity mask, windowed write into a tiled temporary
-  GeoTIFF), and the accumulator slides down;
+- the weighted probability sums live in segments of rows between window-row starts, at most
+  ``window + stride`` rows of the panel's window span open at once, on the compute device;
+- once no later window can touch a segment, its buffer (the panel's own columns) is handed as
+  it is to the writer thread (division by the weight sum, class map, validity mask, windowed
+  write into a tiled temporary GeoTIFF);
 - at the end GDAL copies the temporary file into a COG with overviews beside the output and
   renames it onto the output path, so an error or Ctrl-C leaves nothing at the output path.
 """
@@ -209,14 +209,16 @@ class ScenePredictor:
                                                                      self.batch_size)):
             self.run_batch(batch)
             advance(len(batch.windows))
-        self.writer.put(self.acc.finish(self.layout.padded_height))
+        for rows in self.acc.finish(self.layout.padded_height):
+            self.writer.put(rows)
 
     def run_batch(self, batch) -> None:
         """One :class:`~codemae_cli.infer.strips.BatchInputs`: finish the rows above it, run, blend."""
         import torch
 
         # every window of earlier window rows is done: the rows above this one are final
-        self.writer.put(self.acc.finish(self.layout.row_starts[batch.windows[0].ri]))
+        for rows in self.acc.finish(self.layout.row_starts[batch.windows[0].ri]):
+            self.writer.put(rows)
         for s in batch.new_strips:
             self.acc.place_valid(s.row, s.valid)
         with torch.inference_mode():

@@ -5,8 +5,8 @@
     writer.put(finished_rows)                          # queued; a writer thread does the rest
     counts = writer.close()                            # pixels per class id (256 bins)
 
-For each :class:`~codemae_cli.infer.blend.FinishedRows` the writer thread builds the class map
-(:func:`class_map`), masks invalid input pixels with nodata, counts pixels per class and writes
+For each :class:`~codemae_cli.infer.blend.FinishedRows` the writer thread divides the weighted
+sums by the weight sums, builds the class map (:func:`class_map`), masks invalid input pixels with nodata, counts pixels per class and writes
 the rows with a windowed write; with probabilities it also writes them (uint8 ``p * 254`` or
 float32). The queue is bounded, so at most a few bands of rows wait in memory, and the model
 never waits for GDAL. An error in the thread is raised again by the next ``put`` or ``close``.
@@ -167,15 +167,16 @@ class PredictionWriter:
         import torch
 
         ok = rows.valid
-        cls = class_map(rows.probs).masked_fill_(~ok, self.nodata).cpu().numpy()
+        probs = rows.probs()
+        cls = class_map(probs).masked_fill_(~ok, self.nodata).cpu().numpy()
         self.counts += np.bincount(cls.reshape(-1), minlength=256)
         self._cls.write_rows(rows.row, cls, col=rows.col)
         if self._prob is None:
             return
         if self.prob_dtype == "uint8":
-            q = torch.round(rows.probs * PROB_SCALE).to(torch.uint8).masked_fill_(~ok, 255)
+            q = torch.round(probs * PROB_SCALE).to(torch.uint8).masked_fill_(~ok, 255)
         else:
-            q = rows.probs.masked_fill(~ok, float("nan"))
+            q = probs.masked_fill_(~ok, float("nan"))
         self._prob.write_rows(rows.row, q.cpu().numpy(), col=rows.col)
 
     def _raise_thread_error(self) -> None:
