@@ -67,7 +67,7 @@ def test_cross_reconstructions_match_the_model_targets(testbed):
     from codemae_cli.data.shards import PreparedDataset
 
     ck = _checkpoint(testbed.parent, "xrec", cdr=True, degradation="none", seed=2)
-    model, _, _ = load_pretrained(ck)
+    model = load_pretrained(ck).model
     ds = PreparedDataset(testbed)
     x = np.stack([np.nan_to_num(ds.read(i)["optical"]) for i in range(2)])
     s = np.stack([np.nan_to_num(ds.read(i)["sar"]) for i in range(2)])

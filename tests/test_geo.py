@@ -223,3 +223,13 @@ def test_one_rasteriser_for_prepare_and_evaluate():
     assert full[5, 5] == 2 and full[7, 3] == 1 and full[0, 0] == 0  # later shapes win, pixel centres
     np.testing.assert_array_equal(rasterize_shapes(shapes, g, 3, 2, 4, 5, fill=0), full[3:7, 2:7])
     assert rasterize_shapes([], g, fill=255, dtype=np.int32).dtype == np.int32
+
+
+def test_rgb_band_indices_from_band_names():
+    from codemae_cli.data.raster import rgb_band_indices
+
+    assert rgb_band_indices(["blue", "green", "red", "nir"]) == (2, 1, 0)
+    assert rgb_band_indices(["B1", "B02", "B03", "B04", "B8"]) == (3, 2, 1)
+    assert rgb_band_indices(["R", "G", "B"]) == (0, 1, 2)
+    assert rgb_band_indices(["B1", "B2", "B3"]) is None  # B2 is blue, but no red or green
+    assert rgb_band_indices(["VV", "VH"]) is None

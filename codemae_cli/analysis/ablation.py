@@ -207,8 +207,8 @@ def _cached_probes(run_dir: Path, ds, scale: Scale, seed: int, cell_dir: Path, l
     if done.is_file():
         return json.loads(done.read_text())
     device = _torch_device(scale.device)
-    model, meta, _ = load_pretrained(run_dir, device=device)
-    stats = meta.get("stats") or ds.stats
+    pre = load_pretrained(run_dir, device=device)
+    model, stats = pre.model, pre.meta.stats or ds.stats
     classes = ds.classes
     feats, labels = {}, {}
     for split in ("train", "test"):

@@ -24,45 +24,55 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from codemae_cli.analysis import metrics as M
+from codemae_cli.data.raster import rgb_band_indices
 from codemae_cli.errors import UserError
 from codemae_cli.fsutil import check_replaceable, guard_outputs, read_json_object, staged_directory
+
+if TYPE_CHECKING:
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
 
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def load_pretrained(path, device: str = "cpu"):
-    """Rebuild the CoDe-MAE model of a pretraining checkpoint: ``(model, meta, name)``."""
+@dataclass
+class Pretrained:
+    """A pretraining checkpoint rebuilt for analysis: the model (eval mode), its record, a short name."""
+
+    model: Any
+    meta: CheckpointMeta
+    name: str  # "<run>" for runs/<run>/checkpoints/last|best, "<run>/<checkpoint>" otherwise
+
+
+def load_pretrained(path, device: str = "cpu") -> Pretrained:
+    """Rebuild the CoDe-MAE model of a pretraining checkpoint (without its distillation branch)."""
     from codemae_cli.config import from_dict
     from codemae_cli.model import ModelConfig, build_model
-    from codemae_cli.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from codemae_cli.train.checkpoint import load_weights, read_checkpoint_meta
 
-    ckpt = resolve_checkpoint(path)
-    state, meta = load_checkpoint(ckpt)
-    if meta.get("kind", "pretrain") != "pretrain":
-        raise UserError(f"checkpoint '{path}' is a {meta.get('kind')} checkpoint; analyze needs a pretraining checkpoint")
-    recipe = meta.get("recipe") or {}
-    bands = meta.get("bands") or {}
-    if "model" not in recipe or not bands.get("optical") or not bands.get("sar"):
+    meta = read_checkpoint_meta(path)
+    if meta.kind != "pretrain":
+        raise UserError(f"checkpoint '{path}' is a {meta.kind} checkpoint; analyze needs a pretraining checkpoint")
+    if "model" not in meta.recipe or not meta.bands.get("optical") or not meta.bands.get("sar"):
         raise UserError(f"checkpoint '{path}' lacks the recipe's model section or its band lists")
-    cfg = from_dict(ModelConfig, dict(recipe["model"]), "model")
+    cfg = from_dict(ModelConfig, dict(meta.recipe["model"]), "model")
     # The analyses need the encoder and the decoders, not the distillation branch: its teacher
     # is not in the checkpoint and may need weights (or a download) this machine lacks.
     cfg.okd.enabled = False
-    model = build_model(cfg, optical_bands=len(bands["optical"]), sar_bands=len(bands["sar"]))
+    model = build_model(cfg, optical_bands=len(meta.bands["optical"]), sar_bands=len(meta.bands["sar"]))
+    state = load_weights(meta.path)
     own = model.state_dict()
     wrong = [k for k in own if k.startswith("encoder.") and (k not in state or state[k].shape != own[k].shape)]
     if wrong:
         raise UserError(f"checkpoint '{path}' does not match the model its recipe describes (key '{wrong[0]}')")
     model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
     model.to(device).eval()
-    name = _checkpoint_name(ckpt)
-    return model, meta, name
+    return Pretrained(model=model, meta=meta, name=_checkpoint_name(meta.path))
 
 
 def _checkpoint_name(ckpt: Path) -> str:
@@ -83,23 +93,6 @@ def select_chips(dataset, split: str, max_chips: int) -> np.ndarray:
     if idx.size > max_chips:
         idx = idx[np.linspace(0, idx.size - 1, max_chips).round().astype(int)]
     return idx
-
-
-def _rgb_indices(bands: Sequence[str]) -> Optional[tuple[int, int, int]]:
-    """Indices of red, green, blue in an optical band list, when they can be recognised."""
-    names = [str(b).lower() for b in bands]
-    aliases = {"r": ("red", "r", "b04", "b4"), "g": ("green", "g", "b03", "b3"), "b": ("blue", "b", "b02", "b2")}
-    found = {}
-    for key, options in aliases.items():
-        for i, n in enumerate(names):
-            if n in options:
-                found[key] = i
-                break
-    if len(found) == 3:
-        return (found["r"], found["g"], found["b"])
-    if len(names) == 3:
-        return (0, 1, 2)  # a plain 3-band image is RGB
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,13 +229,13 @@ def _fit(x: np.ndarray, size: int) -> np.ndarray:
 
 def _unpatchify(t, p: int, img: int) -> np.ndarray:
     """(B, L, p*p*c) per-patch values (all L patches) -> (B, c, H, W)."""
+    from codemae_cli.model.targets import unpatchify
+
     b, L, k = t.shape
-    c = k // (p * p)
     g = img // p
     if L != g * g:
         raise ValueError(f"expected {g * g} patches, got {L}")
-    x = t.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
-    return x.numpy()
+    return unpatchify(t, p, k // (p * p), (g, g)).numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +440,8 @@ def load_analysis_chips(data, split: str, max_chips: int) -> AnalysisChips:
     valid = np.isfinite(raw_opt).all(1) & np.isfinite(raw_sar).all(1)
     if not valid.any():
         raise UserError(f"the selected '{split}' chips have no pixel valid in both modalities")
-    rgb = _rgb_indices(data.meta.get("optical", {}).get("bands", []))
+    names = data.meta.get("optical", {}).get("bands", [])
+    rgb = rgb_band_indices(names) or ((0, 1, 2) if len(names) == 3 else None)  # a plain 3-band image is RGB
     return AnalysisChips(chip_ids=[c["chip_id"] for c in chips], optical=raw_opt, sar=raw_sar, valid=valid,
                          luminance=M.optical_luminance(raw_opt, rgb), sar_intensity=M.sar_intensity(raw_sar))
 
@@ -470,11 +464,12 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
     """
     import torch
 
-    model, meta, name = load_pretrained(path, device=device)
+    pre = load_pretrained(path, device=device)
+    model, meta, name = pre.model, pre.meta, pre.name
     if name in taken:
         name = f"{name}#{len(taken)}"
-    _check_bands(path, meta["bands"], chips)
-    stats = meta.get("stats") or dataset_stats
+    _check_bands(path, meta.bands, chips)
+    stats = meta.stats or dataset_stats
     x_opt, x_sar = normalise_chips(chips.optical, stats["optical"]), normalise_chips(chips.sar, stats["sar"])
     p = int(model.encoder.patch_size)
     t = (min(x_opt.shape[-2:]) // p) * p  # tokens need whole patches: crop to a multiple of p
@@ -487,8 +482,8 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
                                chips.sar_intensity[:, :t, :t], chips.valid[:, :t, :t], p)
     r["checkpoint"] = str(path)
     r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
-    r["step"] = meta.get("step")
-    r["components"] = _components(meta)
+    r["step"] = meta.raw.get("step")
+    r["components"] = _components(meta.recipe)
     rec = None
     if reconstructions > 0:
         k = min(reconstructions, x_opt.shape[0])
@@ -496,7 +491,7 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
         if rec is not None:
             r["reconstructions"] = f"reconstructions_{_safe_name(name)}.png"
     r["seconds"] = round(time.perf_counter() - start, 2)
-    del model
+    del model, pre
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return CheckpointAnalysis(name=name, metrics=r, reconstruction=rec)
@@ -520,9 +515,9 @@ def _write_plots(analyses: list[CheckpointAnalysis], folder: Path) -> None:
             _plot_reconstructions(a.reconstruction, a.name, folder / f"reconstructions_{_safe_name(a.name)}.png")
 
 
-def _components(meta: dict) -> dict:
+def _components(recipe: dict) -> dict:
     """Which of OKD/CCL/CDR the checkpoint was trained with (from its resolved recipe)."""
-    m = (meta.get("recipe") or {}).get("model") or {}
+    m = recipe.get("model") or {}
     okd, ccl, cdr = m.get("okd") or {}, m.get("ccl") or {}, m.get("cdr") or {}
     return {
         "okd": bool(okd.get("enabled")) and okd.get("teacher"),
@@ -531,6 +526,6 @@ def _components(meta: dict) -> dict:
     }
 
 
-__all__ = ["AnalysisChips", "CheckpointAnalysis", "analyse_checkpoint", "cross_reconstructions", "extract_features",
+__all__ = ["AnalysisChips", "CheckpointAnalysis", "Pretrained", "analyse_checkpoint", "cross_reconstructions", "extract_features",
            "load_analysis_chips", "load_pretrained", "normalise_chips", "representation_metrics", "run_analyze",
            "select_chips"]

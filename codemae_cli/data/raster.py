@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -180,6 +181,20 @@ def band_names(sources: list[RasterSource], default_prefix: str) -> list[str]:
             else:
                 names.append(core if s.count == 1 else f"{core}_{k + 1}")
     return names
+
+
+_RGB_ALIASES = {"red": ("red", "r", "b04", "b4"), "green": ("green", "g", "b03", "b3"),
+                "blue": ("blue", "b", "b02", "b2")}
+
+
+def rgb_band_indices(names: Sequence[str]) -> Optional[tuple[int, int, int]]:
+    """Indices of the red, green and blue bands when the band names say which they are
+    (red/green/blue, R/G/B, Sentinel-2 B04/B03/B02 or B4/B3/B2, any case), else None."""
+    lower = [str(n).lower() for n in names]
+    found = [next((i for i, n in enumerate(lower) if n in aliases), None) for aliases in _RGB_ALIASES.values()]
+    if any(i is None for i in found):
+        return None
+    return found[0], found[1], found[2]
 
 
 def detect_sar_scale(src: RasterSource, requested: str) -> str:
