@@ -27,14 +27,7 @@ from typing import Optional
 # Shared by both contenders: peak-RSS reader, arguments, clock start.
 _PROLOGUE = r"""
 import json, resource, sys, time
-
-def hwm():
-    # Peak RSS of this process image. Not ru_maxrss: Linux carries the parent's peak across
-    # fork + exec into it, so it would report the benchmark driver's memory.
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from codemae_cli.bench.memory import peak_rss_kb as hwm
 a = json.loads(sys.argv[1])
 
 def start_clocks():
