@@ -96,7 +96,9 @@ def test_normalisation_nodata_and_validation_mode(tmp_path):
 def test_sampler_shards_ranks_epochs_and_resume(tmp_path):
     root = make_synthetic_dataset(tmp_path / "d", n_chips=20, tile=16)
     chips = PairedChips([root], "train", img_size=16)
-    per_rank = [list(PairedBatchSampler(chips, 3, seed=4, rank=r, world_size=2)) for r in range(2)]
+    with pytest.warns(UserWarning, match="2 of 20 chips per epoch are not served"):
+        per_rank = [list(PairedBatchSampler(chips, 3, seed=4, rank=r, world_size=2, drop_last=True))
+                    for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 20 // 6
     seen = [i for r in per_rank for b in r for i, _ in b]
     assert len(seen) == len(set(seen)) == 18, "ranks must see disjoint chips"
@@ -113,7 +115,8 @@ def test_sampler_shards_ranks_epochs_and_resume(tmp_path):
     seeds1 = {i: sd for b in e1 for i, sd in b}
     assert all(seeds0[i] != seeds1[i] for i in set(seeds0) & set(seeds1))
     with pytest.raises(UserError, match="fewer than one batch"):
-        PairedBatchSampler(chips, 21)
+        PairedBatchSampler(chips, 21, drop_last=True)
+    assert len(PairedBatchSampler(chips, 21)) == 1  # serving every chip: one short batch
 
 
 def test_weighted_mix_pairing_pure_batches_and_band_check(tmp_path):
@@ -274,3 +277,24 @@ def test_uint16_dataset_round_trips_to_the_same_normalised_values(tmp_path):
         z = (win - src.mean[:4, None, None]) * src.inv_std[:4, None, None]  # the float32 path of v1
         np.testing.assert_array_equal(item["optical"].numpy(), np.where(valid, z, np.float32(0)))
         np.testing.assert_array_equal(item["valid"].numpy(), valid)
+
+
+@pytest.mark.parametrize("world_size,batch", [(1, 4), (2, 3), (3, 4)])
+def test_loader_serves_every_chip_of_an_epoch_once(tmp_path, world_size, batch):
+    """Default sampler: no chip dropped, none repeated, in every epoch and across ranks; the
+    short last batch is split evenly between ranks."""
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=23, tile=16)
+    chips = PairedChips([root], "train", img_size=16)
+    samplers = [PairedBatchSampler(chips, batch, seed=2, rank=r, world_size=world_size) for r in range(world_size)]
+    for epoch in range(2):
+        served = []
+        for s in samplers:
+            s.set_epoch(epoch)
+            batches = list(s)
+            assert len(batches) == len(samplers[0]) == s.batches_per_epoch  # ranks stay in step
+            served += [i for b in batches for i, _ in b]
+        assert sorted(served) == list(range(23)), f"epoch {epoch}: every chip exactly once"
+    # The same through the DataLoader (whole batches, main process).
+    s = PairedBatchSampler(chips, 5, seed=0)
+    got = torch.cat([b["index"] for b in build_loader(chips, s, num_workers=0, pin_memory=False)])
+    assert sorted(got.tolist()) == list(range(23)) and s.left_out == 0

@@ -149,6 +149,7 @@ def test_spacenet6_sample_pair(tmp_path, sample_pair):
     m = ds.meta
     assert m["optical"]["count"] == 3 and m["sar"]["count"] == 4 and m["sar"]["input_scale"] == "db"
     assert m["scenes"][0]["resampling"] == {"optical": ["none"], "sar": ["none"]}
+    assert m["shards"] == {"optical": "uint8", "optical_valid": "packbits", "sar": "float16"}
     assert len(ds) > 0 and m["dropped"].get("no_sar", 0) + m["dropped"].get("low_valid", 0) > 0  # swath edge
     with rasterio.open(sar) as src:
         r, c = int(ds.index.iloc[0]["row"]), int(ds.index.iloc[0]["col"])
@@ -182,6 +183,9 @@ def test_slc_input_becomes_intensity(tmp_path, real_dir, sample_pair):
     assert ds.meta["sar"]["input_scale"] == "slc" and s["chips"] >= 1
     sar = ds.read(0)["sar"]
     assert np.isfinite(sar).mean() > 0.5 and np.nanmax(sar) < 200
+    # Uncalibrated SLC intensities reach about 90 dB, where float16 would round by up to
+    # 0.031 dB: this SAR is kept as float32; calibrated sigma0 (the sample pair) as float16.
+    assert ds.meta["shards"]["sar"] == "float32"
 
 
 def test_yaml_manifest_with_band_lists(tmp_path):

@@ -47,6 +47,29 @@ def _mix(*values: int) -> int:
     return x & (2**63 - 1)
 
 
+class SampleDraws:
+    """Uniform draws from a counter-based hash of one sample's seed (splitmix64 of
+    ``(seed, k)``): the part of ``np.random.Generator`` the augmentation uses, without
+    building a generator per sample (which costs more than the draws)."""
+
+    __slots__ = ("seed", "n")
+
+    def __init__(self, seed: int):
+        self.seed, self.n = int(seed), 0
+
+    def random(self) -> float:
+        """Uniform in [0, 1) with 53 random bits."""
+        self.n += 1
+        return (_mix(self.seed, self.n) >> 10) / 9007199254740992.0
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.random()
+
+    def integers(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high)."""
+        return low + min(int(self.random() * (high - low)), high - low - 1)
+
+
 def open_datasets(datasets: Sequence) -> list:
     """PreparedDataset objects from paths (or PreparedDataset objects, passed through)."""
     from codemae_cli.data.shards import PreparedDataset
@@ -64,9 +87,10 @@ def open_datasets(datasets: Sequence) -> list:
     return out
 
 
-def random_resized_crop_params(rng: np.random.Generator, height: int, width: int,
+def random_resized_crop_params(rng, height: int, width: int,
                                scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a RandomResizedCrop window (torchvision's algorithm)."""
+    """(top, left, h, w) of a RandomResizedCrop window (torchvision's algorithm); ``rng`` is a
+    :class:`SampleDraws` or an ``np.random.Generator``."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -301,7 +325,7 @@ class PairedChips:
         tile = src.tile
         flip = False
         if self.train:
-            rng = np.random.default_rng(sample_seed)
+            rng = SampleDraws(sample_seed)
             top, left, h, w = random_resized_crop_params(rng, tile, tile, self.crop_scale, self.ratio)
             flip = self.hflip and bool(rng.random() < 0.5)
         else:
@@ -324,65 +348,72 @@ class PairedChips:
 
         B, S = len(parsed), self.img_size
         co, cs = self.optical_bands, self.sar_bands
-        C = co + cs
         spec = [("optical", (B, co, S, S), torch.float32), ("sar", (B, cs, S, S), torch.float32),
                 ("valid", (B, S, S), torch.bool)]
         if self.with_labels:
             spec.append(("label", (B, S, S), torch.int64))
         bufs, tag = _batch_buffers(spec)
-        opt, sar, valid, label = bufs["optical"], bufs["sar"], bufs["valid"], bufs.get("label")
+        valid, label = bufs["valid"], bufs.get("label")
         valid.fill_(True)
         meta = np.empty((3, B), dtype=np.int64)  # dataset, paired, index
-        res = None
         for j, (index, sample_seed) in enumerate(parsed):
-            d, src, k, off, (top, left, h, w), flip, whole = self._window(index, sample_seed)
-            meta[:, j] = (d, src.paired, index)
-            rows = slice(top, top + h)
-            # The flip is folded into the copy out of the memory map (a negative-stride read), so
-            # it costs nothing, and the same window/flip is applied to optical, SAR and label.
-            cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if flip else slice(left, left + w)
-            x = self._scratch("x", C * h * w, np.float32).reshape(C, h, w)                # (Co+Cs, h, w)
-            # Copy out of the map and subtract the mean in one pass, then scale in place.
-            np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
-            np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
-            np.multiply(x, src.inv_std[:, None, None], out=x)
-            # The index says which chips have nodata at all; masks are built only for those.
-            has_nodata = not whole
-            if has_nodata:
-                bad = ~np.isfinite(x)                                                     # NaN: float shards
-                bad_opt = src.optical_invalid(k, off, rows, cols)                         # integer shards
-                if bad_opt is not None:
-                    bad[:co] |= bad_opt
-                v = ~(bad[:co].any(0) | bad[co:].any(0))                                  # (h, w)
-                x[bad] = 0.0
-            t = torch.from_numpy(x)
-            resize = (h, w) != (S, S)
-            if resize:
-                if res is None:
-                    res = torch.from_numpy(self._scratch("res", C * S * S, np.float32)).view(1, C, S, S)
-                # Antialiasing only pays when shrinking a lot; at <= 1.5x it is invisible and 3x
-                # slower. The out= forms are F.interpolate's kernels writing into a reused buffer.
-                if h > 1.5 * S or w > 1.5 * S:
-                    torch._C._nn._upsample_bilinear2d_aa(t[None], [S, S], False, None, None, out=res)
-                else:
-                    torch._C._nn.upsample_bilinear2d(t[None], [S, S], False, None, None, out=res)
-                t = res[0]
-            opt[j].copy_(t[:co])                                                          # (Co, S, S)
-            sar[j].copy_(t[co:])                                                          # (Cs, S, S)
-            if has_nodata:
-                vt = torch.from_numpy(v)
-                if resize:
-                    vt = torch.nn.functional.interpolate(vt[None, None].float(), size=(S, S), mode="bilinear",
-                                                         align_corners=False)[0, 0] > 0.5
-                valid[j].copy_(vt)                                                        # (S, S)
-            if label is not None:
-                # Fancy indexing of the memmap already copies; np.array makes it writable for torch.
-                lab = torch.from_numpy(np.array(src.array("label", k)[off, rows, cols]))
-                if resize:
-                    lab = torch.nn.functional.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
-                label[j].copy_(lab)                                                       # (S, S) int64
-        out = {"optical": opt, "sar": sar, "valid": valid}
+            win = self._window(index, sample_seed)
+            meta[:, j] = (win.dataset, win.src.paired, index)
+            self._augment_into(win, bufs["optical"][j:j + 1], bufs["sar"][j:j + 1], valid[j],
+                               label[j] if label is not None else None)
+        out = {"optical": bufs["optical"], "sar": bufs["sar"], "valid": valid}
         return self._batch(out, meta, label, tag)
+
+    def _augment_into(self, win: _Window, opt, sar, valid, label) -> None:
+        """Crop, flip, normalise and resize one pair straight into its batch slots
+        ``opt`` (1, Co, S, S), ``sar`` (1, Cs, S, S), ``valid`` (S, S) and ``label`` (S, S)."""
+        import torch
+
+        S, co = self.img_size, self.optical_bands
+        src, k, off = win.src, win.shard, win.offset
+        top, left, h, w = win.box
+        rows = slice(top, top + h)
+        # The flip is folded into the copy out of the memory map (a negative-stride read), so
+        # it costs nothing, and the same window/flip is applied to optical, SAR and label.
+        cols = slice(left + w - 1, left - 1 if left > 0 else None, -1) if win.flip else slice(left, left + w)
+        x = self._scratch("x", (co + self.sar_bands) * h * w, np.float32).reshape(-1, h, w)  # (Co+Cs, h, w)
+        # Copy out of the map (any stored dtype) and subtract the mean in one pass, then scale in
+        # place: normalising before the resize keeps nodata handling exact (filled with the mean).
+        np.subtract(src.array("optical", k)[off, :, rows, cols], src.mean[:co, None, None], out=x[:co])
+        np.subtract(src.array("sar", k)[off, :, rows, cols], src.mean[co:, None, None], out=x[co:])
+        np.multiply(x, src.inv_std[:, None, None], out=x)
+        v = None
+        if not win.whole:  # the index says which chips have nodata at all; masks only for those
+            bad = ~np.isfinite(x)                                                         # NaN: float shards
+            bad_opt = src.optical_invalid(k, off, rows, cols)                             # integer shards
+            if bad_opt is not None:
+                bad[:co] |= bad_opt
+            v = ~(bad[:co].any(0) | bad[co:].any(0))                                      # (h, w)
+            x[bad] = 0.0
+        t = torch.from_numpy(x)[None]                                                     # (1, C, h, w)
+        resize = (h, w) != (S, S)
+        if resize:
+            # Antialiasing only pays when shrinking a lot; at <= 1.5x it is invisible and 3x
+            # slower. The out= forms are F.interpolate's kernels writing into the batch itself.
+            kernel = torch._C._nn._upsample_bilinear2d_aa if h > 1.5 * S or w > 1.5 * S \
+                else torch._C._nn.upsample_bilinear2d
+            kernel(t[:, :co], [S, S], False, None, None, out=opt)                         # (1, Co, S, S)
+            kernel(t[:, co:], [S, S], False, None, None, out=sar)                         # (1, Cs, S, S)
+        else:
+            opt.copy_(t[:, :co])
+            sar.copy_(t[:, co:])
+        if v is not None:
+            vt = torch.from_numpy(v)
+            if resize:
+                vt = torch.nn.functional.interpolate(vt[None, None].float(), size=(S, S), mode="bilinear",
+                                                     align_corners=False)[0, 0] > 0.5
+            valid.copy_(vt)                                                               # (S, S)
+        if label is not None:
+            # Fancy indexing of the memmap already copies; np.array makes it writable for torch.
+            lab = torch.from_numpy(np.array(src.array("label", k)[off, rows, cols]))
+            if resize:
+                lab = torch.nn.functional.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
+            label.copy_(lab)                                                              # (S, S) int64
 
     def _batch(self, out: dict, meta: np.ndarray, label, tag) -> ChipBatch:
         """The per-sample bookkeeping, labels and the worker's buffer tag, added to a batch."""
@@ -602,11 +633,17 @@ class PairedBatchSampler:
     - Each global batch of ``batch_size * world_size`` is split between ranks
       (DistributedSampler-style); ``set_epoch`` reshuffles; ``set_epoch(e, start_batch=k)``
       resumes at batch ``k`` of epoch ``e``.
+    - ``drop_last=False`` (the default): every chip of an epoch is served exactly once; the
+      last batch of each pairing group is smaller (split evenly between ranks; only when it
+      holds fewer chips than there are ranks, a rank gets a repeated chip so none is empty).
+      ``drop_last=True``: full batches only; the ``left_out`` chips per epoch that do not fill
+      a batch (a different random subset each epoch) are not served, and a warning says how
+      many when there are any.
     """
 
     def __init__(self, chips: PairedChips, batch_size: int, weights: Sequence[float] | None = None,
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, num_samples: int | None = None):
+                 drop_last: bool = False, num_samples: int | None = None):
         if batch_size < 1:
             raise UserError("batch size must be at least 1")
         self.chips = chips
@@ -639,11 +676,16 @@ class PairedBatchSampler:
             per_group[flag] = per_group.get(flag, 0) + int(q)
         if self.drop_last:
             self._n_global = sum(n // global_batch for n in per_group.values())
+            self.left_out = sum(n % global_batch for n in per_group.values())
         else:
             self._n_global = sum(math.ceil(n / global_batch) for n in per_group.values())
+            self.left_out = 0
         if self._n_global == 0:
             raise UserError(f"the split has {int(sizes.sum())} chips, fewer than one batch of {global_batch} "
                             f"({self.batch_size} per process x {self.world_size} processes); lower the batch size")
+        if self.left_out:
+            warnings.warn(f"full batches only (drop_last): {self.left_out} of {sum(per_group.values())} chips per "
+                          f"epoch are not served, a different random subset each epoch", stacklevel=2)
 
     def __len__(self) -> int:
         return self._n_global - self.start_batch
@@ -687,9 +729,9 @@ class PairedBatchSampler:
                 batches.append(items[b * global_batch:(b + 1) * global_batch])
             rest = items[n_full * global_batch:]
             if len(rest) and not self.drop_last:
-                # Pad with the group's first items so every rank gets the same number of batches.
-                pad = np.resize(items, global_batch - len(rest))
-                batches.append(np.concatenate([rest, pad]))
+                if len(rest) < self.world_size:  # every rank needs a chip: repeat the fewest possible
+                    rest = np.concatenate([rest, np.resize(items, self.world_size - len(rest))])
+                batches.append(rest)
         if self.shuffle:
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
@@ -699,7 +741,10 @@ class PairedBatchSampler:
         batches = self._epoch_batches()
         B = self.batch_size
         for b in range(self.start_batch, len(batches)):
-            mine = batches[b][self.rank * B:(self.rank + 1) * B]
+            if len(batches[b]) == B * self.world_size:
+                mine = batches[b][self.rank * B:(self.rank + 1) * B]
+            else:  # the short last batch of a group: split evenly between the ranks
+                mine = np.array_split(batches[b], self.world_size)[self.rank]
             base = b * B * self.world_size + self.rank * B
             yield [(int(i), _mix(self.seed, self.epoch, base + j)) for j, i in enumerate(mine)]
 
@@ -809,6 +854,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PairedBatchSampler",
     "PairedChips",
+    "SampleDraws",
     "build_loader",
     "collate_chips",
     "open_datasets",

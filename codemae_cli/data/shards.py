@@ -41,6 +41,14 @@ MODALITIES = ("optical", "optical_valid", "sar", "label")
 # Integer optical kept as is: every value of these fits float32 exactly and costs <= 2 bytes.
 INTEGER_OPTICAL = ("uint8", "int8", "uint16", "int16")
 SAR_DTYPE = "float16"  # dB; rounding error <= 2**-6 dB below 64 dB (docs/architecture.md s.1)
+# SAR whose |dB| reaches this (uncalibrated SLC or digital numbers) is kept as float32: float16's
+# step above 64 dB would round by up to 0.031 dB, over the 0.02 dB the format promises.
+FLOAT16_DB_LIMIT = 60.0
+
+
+def sar_dtype_for(db_extent: float) -> str:
+    """float16 dB when the largest |dB| of the SAR stays under FLOAT16_DB_LIMIT, else float32."""
+    return SAR_DTYPE if db_extent < FLOAT16_DB_LIMIT else "float32"
 # Fixed header size: the header is written once with a placeholder count and rewritten with the
 # final count, so it must not change length. 128 bytes holds any 4-D shape of realistic size.
 _HEADER_BYTES = 128
@@ -112,7 +120,8 @@ class ShardLayout:
 
     @classmethod
     def for_source(cls, source_dtype: str, **kwargs) -> ShardLayout:
-        """The layout that keeps integer optical in its source dtype (else float32)."""
+        """The layout that keeps integer optical in its source dtype (else float32); SAR is
+        float16 unless ``sar_dtype`` says otherwise (see :func:`sar_dtype_for`)."""
         dt = str(np.dtype(source_dtype)) if source_dtype else "float32"
         return cls(optical_dtype=dt if dt in INTEGER_OPTICAL else "float32", **kwargs)
 
