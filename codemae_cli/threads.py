@@ -78,7 +78,8 @@ def apply_threads(requested: Optional[int] = None, echo=None) -> int:
     torch.set_num_threads(choice.threads)
     os.environ["OMP_NUM_THREADS"] = str(choice.threads)
     if echo is not None:
-        echo(f"CPU threads: {choice.threads} ({choice.reason}; --threads N to change)")
+        hint = "" if choice.reason == "--threads" else "; --threads N to change"
+        echo(f"CPU threads: {choice.threads} (from {choice.reason}{hint})")
     return choice.threads
 
 
