@@ -1,6 +1,7 @@
 """Checks that can fail early, run on the resolved recipe before any data is read or worker
 started: every weights file a recipe names exists (else one sentence naming the file and the
-one ``--set`` that runs without it), and built-in sample datasets are resolved.
+one ``--set`` that runs without it), built-in sample datasets are resolved, and the folders
+the run reads (datasets, the pretrained run) exist.
 
     preflight(recipe, echo=print)
 """
@@ -62,14 +63,33 @@ def check_weight_files(recipe) -> None:
         check_safetensors(path, f"the weights file ({key})")
 
 
+def check_input_folders(recipe) -> None:
+    """The folders a run reads exist, else one sentence naming the command that writes them."""
+    from codemae_cli.defaults import DATA_DIR, PRETRAIN_DIR
+
+    for d in getattr(getattr(recipe, "data", None), "datasets", None) or []:
+        if not Path(d).exists():
+            hint = (" (`codemae prepare --optical A.tif --sar B.tif` writes it)" if Path(d) == Path(DATA_DIR)
+                    else "")
+            raise UserError(f"the dataset folder '{d}' does not exist{hint}; prepare it first, or point "
+                            "--set data.datasets=[FOLDER] at a prepared one")
+    task = getattr(recipe, "task", None)
+    if task is not None and not task.from_scratch and task.pretrained and not Path(task.pretrained).exists():
+        hint = " (`codemae pretrain hr` writes it)" if Path(task.pretrained) == Path(PRETRAIN_DIR) else ""
+        raise UserError(f"the pretrained run '{task.pretrained}' does not exist{hint}; pretrain first, point "
+                        "--set task.pretrained=RUN at another run, or train from scratch with "
+                        "--set task.from_scratch=true --set task.pretrained=null")
+
+
 def preflight(recipe, echo: Optional[Callable[[str], None]] = None) -> None:
-    """Everything a run can check before it starts: weights files, then sample datasets."""
+    """Everything a run can check before it starts: weights files, sample datasets, input folders."""
     check_weight_files(recipe)
     data = getattr(recipe, "data", None)
     if data is not None and getattr(data, "datasets", None):
         from codemae_cli.data.samples import resolve_datasets
 
         data.datasets = resolve_datasets(list(data.datasets), echo)
+    check_input_folders(recipe)
 
 
-__all__ = ["check_weight_files", "preflight"]
+__all__ = ["check_input_folders", "check_weight_files", "preflight"]

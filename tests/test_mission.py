@@ -182,3 +182,13 @@ def test_smoke_recipe_runs_on_a_fresh_checkout(tmp_path, monkeypatch):
     res = _ok(["pretrain", "smoke", "--set", "optim.max_steps=1", "--set", "run.tensorboard=false",
                "--set", "run.progress=false", "-o", "runs/smoke2"])
     assert "preparing" not in res.output  # the prepared copy is reused
+
+
+def test_missing_input_folders_name_the_command_that_writes_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["pretrain", "hr", "--set", "model.okd.teacher=ema"])
+    assert res.exit_code == 2 and "'data/' does not exist" in res.output and "codemae prepare" in res.output
+    Path("data").mkdir()
+    res = runner.invoke(app, ["finetune", "seg"])
+    assert res.exit_code == 2 and "runs/pretrain" in res.output and "codemae pretrain hr" in res.output
+    assert "task.from_scratch=true" in res.output and not Path("runs").exists()
