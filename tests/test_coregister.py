@@ -8,6 +8,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
+from rasters import write_raster
 
 from codemae_cli.data.coregister import reference_grid
 from codemae_cli.data.geo import Grid, resampling_kernel, same_grid_offset
@@ -19,18 +20,11 @@ OPT_LEFT, OPT_TOP, OPT_RES, OPT_N = 600000.0, 5750000.0, 1.0, 160
 FEATURE = (600071.3, 5749917.6)  # ground position of the bright target, EPSG:32631
 
 
-def _write(path, arr, crs, transform, nodata=None):
-    arr = arr if arr.ndim == 3 else arr[None]
-    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, crs=crs, transform=transform, nodata=nodata) as dst:
-        dst.write(arr)
-    return path
-
-
 def _pair(tmp_path, sar_crs, sar_res):
     rng = np.random.default_rng(0)
     opt = rng.integers(100, 200, (3, OPT_N, OPT_N)).astype(np.uint16)
-    _write(tmp_path / "opt.tif", opt, "EPSG:32631", from_origin(OPT_LEFT, OPT_TOP, OPT_RES, OPT_RES), nodata=0)
+    write_raster(tmp_path / "opt.tif", opt, "EPSG:32631", transform=from_origin(OPT_LEFT, OPT_TOP, OPT_RES, OPT_RES),
+                 nodata=0)
     # SAR grid in another CRS covering the optical footprint with a margin.
     xs, ys = warp_transform("EPSG:32631", sar_crs, [OPT_LEFT - 20, OPT_LEFT + OPT_N + 20],
                             [OPT_TOP + 20, OPT_TOP - OPT_N - 20])
@@ -45,7 +39,7 @@ def _pair(tmp_path, sar_crs, sar_res):
     ci, ri = int(col), int(row)
     sar[0, ri - 1: ri + 2, ci - 1: ci + 2] = 100.0
     centre = (left + (ci + 0.5) * sar_res, top - (ri + 0.5) * sar_res)
-    _write(tmp_path / "sar.tif", sar, sar_crs, from_origin(left, top, sar_res, sar_res))
+    write_raster(tmp_path / "sar.tif", sar, sar_crs, transform=from_origin(left, top, sar_res, sar_res))
     gx, gy = warp_transform(sar_crs, "EPSG:32631", [centre[0]], [centre[1]])
     return tmp_path / "opt.tif", tmp_path / "sar.tif", (gx[0], gy[0])
 

@@ -12,7 +12,7 @@ import pytest
 rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 
-from rasterio.transform import from_origin  # noqa: E402
+from rasters import write_raster  # noqa: E402
 from shapely.geometry import box  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -25,13 +25,7 @@ ORIGIN = (590000.0, 5760000.0)
 
 
 def _write(path: Path, data: np.ndarray, crs="EPSG:32631", res=1.0, origin=ORIGIN, nodata=255, tags=None) -> Path:
-    profile = dict(driver="GTiff", width=data.shape[1], height=data.shape[0], count=1, dtype=data.dtype, crs=crs,
-                   transform=from_origin(origin[0], origin[1], res, res), nodata=nodata)
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data[None])
-        if tags:
-            dst.update_tags(**tags)
-    return path
+    return Path(write_raster(path, data, crs=crs, res=res, nodata=nodata, origin=origin, tags=tags))
 
 
 def test_raster_vs_raster_equals_hand_computed_confusion(tmp_path):

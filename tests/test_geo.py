@@ -54,9 +54,7 @@ def _sar_scene(tmp_path, case: str):
     w, h = int((max(xs) - left) / rx) + 1, int((top - min(ys)) / ry) + 1
     power = rng.gamma(1.0, 0.05, (1, h, w)).astype(np.float32)  # speckle in linear power
     power[0, h // 3: h // 3 + 7, w // 2: w // 2 + 9] = 0.0  # <= 0: nodata
-    with rasterio.open(tmp_path / "sar.tif", "w", driver="GTiff", width=w, height=h, count=1, dtype="float32",
-                       crs="EPSG:4326", transform=rasterio.Affine(rx, 0, left, 0, -ry, top)) as dst:
-        dst.write(power)
+    write_raster(tmp_path / "sar.tif", power, "EPSG:4326", transform=rasterio.Affine(rx, 0, left, 0, -ry, top))
     return optical, str(tmp_path / "sar.tif"), "linear", {"finer": "average", "coarser": "bilinear"}[case]
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import geopandas as gpd
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
+from rasters import write_raster
 
 from codemae_cli.errors import UserError
 from codemae_cli.infer.vectorize import vectorize_classes
@@ -19,9 +18,7 @@ def class_raster(tmp_path):
     data[80:83, 5:8] = 1  # 9 px: dropped by min_area below
     data[0:5, 0:5] = 255  # nodata: never a polygon
     path = tmp_path / "cls.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=120, height=100, count=1, dtype="uint8", nodata=255,
-                       crs="EPSG:32616", transform=from_origin(740000.0, 3730000.0, 0.5, 0.5)) as dst:
-        dst.write(data, 1)
+    write_raster(path, data, crs="EPSG:32616", res=0.5, nodata=255, origin=(740000.0, 3730000.0))
     return path
 
 
