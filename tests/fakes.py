@@ -1,5 +1,6 @@
-"""A fake prepared dataset for tests: random chips written by the one writer of the format
-(``codemae_cli.data.shards``), so tests of the loader, pretraining and DDP need no rasters."""
+"""Fakes for tests. A prepared dataset: random chips written by the one writer of the format
+(``codemae_cli.data.shards``), so tests of the loader, pretraining and DDP need no rasters. A
+pretraining checkpoint as ``codemae pretrain`` writes it, with random weights."""
 
 from __future__ import annotations
 
@@ -72,3 +73,32 @@ def make_synthetic_dataset(root, n_chips: int = 64, tile: int = 256, optical_ban
         "dropped": {}, "synthetic": True,
     })
     return root
+
+
+def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), sar_bands=("VV", "VH"),
+                        preset: str = "tiny", img_size: int = 32, patch_size: int = 8, ccl: str = "off",
+                        cdr: bool | None = None, degradation: str | None = None, stats: dict | None = None,
+                        seed: int = 0) -> Path:
+    """A CoDe-MAE pretraining checkpoint directory at ``path`` (random weights, no distillation).
+
+    ``cdr``/``degradation``: the cross decoder switch and its degradation (None: the defaults);
+    ``stats``: the normalisation the checkpoint records (None: none, readers use the dataset's).
+    """
+    import torch
+
+    from codemae_cli.config import to_dict
+    from codemae_cli.model import ModelConfig, build_model
+    from codemae_cli.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(preset=preset, img_size=img_size, patch_size=patch_size)
+    cfg.okd.enabled = False
+    cfg.ccl.mode = ccl
+    if cdr is not None:
+        cfg.cdr.enabled = cdr
+    if degradation is not None:
+        cfg.cdr.degradation = degradation
+    model = build_model(cfg, optical_bands=len(optical_bands), sar_bands=len(sar_bands))
+    meta = {"kind": "pretrain", "step": 0, "epoch": 0, "recipe": {"model": to_dict(cfg)},
+            "bands": {"optical": list(optical_bands), "sar": list(sar_bands)}, "stats": stats}
+    return save_checkpoint(Path(path), model, meta)

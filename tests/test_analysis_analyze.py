@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from fakes import pretrain_checkpoint  # noqa: E402
+
 from codemae_cli.analysis.testbed import OPTICAL_BANDS, SAR_BANDS, write_testbed  # noqa: E402
 
 
@@ -19,23 +21,12 @@ def testbed(tmp_path_factory):
 
 
 def _checkpoint(root, name, *, cdr: bool, degradation="channel", seed=0):
-    """A pretraining checkpoint as ``codemae pretrain`` writes it (random weights)."""
-    from codemae_cli.config import to_dict
+    """A pretraining checkpoint of run ``name`` (random weights) normalising with the dataset's stats."""
     from codemae_cli.data.shards import PreparedDataset
-    from codemae_cli.model import ModelConfig, build_model
-    from codemae_cli.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(seed)
-    cfg = ModelConfig(preset="tiny", img_size=32, patch_size=8)
-    cfg.okd.enabled = False
-    cfg.ccl.mode = "off"
-    cfg.cdr.enabled = cdr
-    cfg.cdr.degradation = degradation
-    model = build_model(cfg, optical_bands=4, sar_bands=2)
     stats = PreparedDataset(root / "data").stats if (root / "data").exists() else None
-    meta = {"kind": "pretrain", "step": 0, "epoch": 0, "recipe": {"model": to_dict(cfg)},
-            "bands": {"optical": OPTICAL_BANDS, "sar": SAR_BANDS}, "stats": stats}
-    return save_checkpoint(root / name / "checkpoints" / "last", model, meta)
+    return pretrain_checkpoint(root / name / "checkpoints" / "last", optical_bands=OPTICAL_BANDS, sar_bands=SAR_BANDS,
+                               cdr=cdr, degradation=degradation, stats=stats, seed=seed)
 
 
 def test_run_analyze_writes_json_and_plots(testbed, tmp_path):
