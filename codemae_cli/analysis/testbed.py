@@ -44,7 +44,7 @@ sun shadows, and draws each parcel's SAR backscatter independently of its optica
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -397,22 +397,6 @@ def write_scene_tifs(scene: TestbedScene, out_dir: str | Path, name: str, *, gsd
     return {k: str(v) for k, v in paths.items()}
 
 
-def _split_of(col: int, n_cols: int, val_fraction: float, test_fraction: float) -> str:
-    """Spatial split by bands of chip columns: west train, then val, then test (east).
-
-    Whole column bands keep neighbouring chips in one split, so the probes are not scored on
-    chips that overlap what they were trained on; every scene contributes to every split, and
-    val and test get at least one column each when the scene has three or more.
-    """
-    n_test = max(1, round(n_cols * test_fraction)) if n_cols >= 3 and test_fraction > 0 else 0
-    n_val = max(1, round(n_cols * val_fraction)) if n_cols >= 3 and val_fraction > 0 else 0
-    if col >= n_cols - n_test:
-        return "test"
-    if col >= n_cols - n_test - n_val:
-        return "val"
-    return "train"
-
-
 def write_testbed(
     out_dir: str | Path,
     *,
@@ -435,8 +419,6 @@ def write_testbed(
     Scene ``k`` uses seed ``seed * 1000 + k``; scene origins are spread apart so footprints
     never overlap. Written to a temporary sibling and renamed at the end.
     """
-    from shapely.geometry import box
-
     from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
 
     if size < tile:
@@ -444,10 +426,11 @@ def write_testbed(
     out = Path(out_dir)
     layout = ShardLayout.for_source("float32", tile=tile, optical_bands=len(OPTICAL_BANDS),
                                     sar_bands=len(SAR_BANDS), labels=True)
+    splits = _ColumnSplit(size // tile, val_fraction, test_fraction)
     with staged_directory(out) as tmp:
         writer = ShardWriter(tmp / "shards", layout, shard_size=4096, prefix="part")
-        rows, geoms, manifest = [], [], []
-        n = size // tile
+        index = _ChipIndex()
+        manifest = []
         for k in range(scenes):
             scene = generate_scene(size, size, seed=seed * 1000 + k, gsd=gsd, looks=looks)
             origin = (500000.0 + k * (size * gsd + 1000.0), 5750000.0)
@@ -455,25 +438,12 @@ def write_testbed(
             if write_tifs:
                 paths = write_scene_tifs(scene, tmp / "scenes", scene_id, gsd=gsd, origin=origin)
                 manifest.append({"scene_id": scene_id, **{m: str(out / "scenes" / Path(p).name) for m, p in paths.items()}})
-            for r in range(n):
-                for c in range(n):
-                    win = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
-                    split = _split_of(c, n, val_fraction, test_fraction)
-                    part, offset = writer.write(scene.optical[(slice(None),) + win], scene.sar[(slice(None),) + win],
-                                                scene.labels[win], train=split == "train")
-                    x0, y0 = origin[0] + c * tile * gsd, origin[1] - r * tile * gsd
-                    rows.append({
-                        "chip_id": f"{scene_id}_r{r * tile:05d}_c{c * tile:05d}",
-                        "scene_id": scene_id, "optical_src": f"{scene_id}_optical.tif", "sar_src": f"{scene_id}_sar.tif",
-                        "row": r * tile, "col": c * tile, "valid_optical": 1.0, "valid_sar": 1.0, "valid_joint": 1.0,
-                        "split": split, "shard": part, "offset": offset,
-                    })
-                    geoms.append(box(x0, y0 - tile * gsd, x0 + tile * gsd, y0))
+            _write_chips(writer, index, scene, scene_id, origin, tile, gsd, splits)
         parts = writer.close()
         from pyproj import CRS
 
         crs = CRS.from_user_input("EPSG:32631").to_wkt()
-        finish_dataset(tmp, layout, parts, rows, geoms, crs, writer.stats, {
+        finish_dataset(tmp, layout, parts, index.rows, index.geoms, crs, writer.stats, {
             "stride": tile, "crs": crs, "res": [gsd, gsd], "ref": "optical", "paired": True,
             "optical": {"bands": list(OPTICAL_BANDS), "source_dtype": "float32", "nodata": None},
             "sar": {"bands": list(SAR_BANDS), "scale": "db", "input_scale": "db"},
@@ -485,6 +455,59 @@ def write_testbed(
                         "generator": "codemae_cli.analysis.testbed.generate_scene"},
         })
     return out
+
+
+@dataclass(frozen=True)
+class _ColumnSplit:
+    """Spatial split by bands of chip columns: west train, then val, then test (east).
+
+    Whole column bands keep neighbouring chips in one split, so the probes are not scored on
+    chips that overlap what they were trained on; every scene contributes to every split, and
+    val and test get at least one column each when the scene has three or more.
+    """
+
+    n_cols: int
+    val_fraction: float
+    test_fraction: float
+
+    def of(self, col: int) -> str:
+        n_cols = self.n_cols
+        n_test = max(1, round(n_cols * self.test_fraction)) if n_cols >= 3 and self.test_fraction > 0 else 0
+        n_val = max(1, round(n_cols * self.val_fraction)) if n_cols >= 3 and self.val_fraction > 0 else 0
+        if col >= n_cols - n_test:
+            return "test"
+        if col >= n_cols - n_test - n_val:
+            return "val"
+        return "train"
+
+
+@dataclass
+class _ChipIndex:
+    """The rows and footprints of index.gpkg, in the order the chips were written."""
+
+    rows: list = field(default_factory=list)
+    geoms: list = field(default_factory=list)
+
+
+def _write_chips(writer, index: _ChipIndex, scene: TestbedScene, scene_id: str, origin: tuple[float, float],
+                 tile: int, gsd: float, splits: _ColumnSplit) -> None:
+    """Cut one scene into ``tile`` chips, row by row; write them and index them."""
+    from shapely.geometry import box
+
+    for r in range(splits.n_cols):
+        for c in range(splits.n_cols):
+            win = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
+            split = splits.of(c)
+            part, offset = writer.write(scene.optical[(slice(None),) + win], scene.sar[(slice(None),) + win],
+                                        scene.labels[win], train=split == "train")
+            x0, y0 = origin[0] + c * tile * gsd, origin[1] - r * tile * gsd
+            index.rows.append({
+                "chip_id": f"{scene_id}_r{r * tile:05d}_c{c * tile:05d}",
+                "scene_id": scene_id, "optical_src": f"{scene_id}_optical.tif", "sar_src": f"{scene_id}_sar.tif",
+                "row": r * tile, "col": c * tile, "valid_optical": 1.0, "valid_sar": 1.0, "valid_joint": 1.0,
+                "split": split, "shard": part, "offset": offset,
+            })
+            index.geoms.append(box(x0, y0 - tile * gsd, x0 + tile * gsd, y0))
 
 
 __all__ = ["CLASSES", "OPTICAL_BANDS", "SAR_BANDS", "TestbedScene", "generate_scene", "write_scene_tifs", "write_testbed"]
