@@ -241,12 +241,18 @@ def _unpatchify(t, p: int, img: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
-def _plot_spectra(results: dict, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_spectra(results: dict, path: Path) -> None:
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, mod in zip(axes, ("optical", "sar"), strict=False):
         for name, r in results.items():
@@ -265,11 +271,7 @@ def _plot_spectra(results: dict, path: Path) -> None:
 
 
 def _plot_scatter(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     n = len(results)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -290,11 +292,7 @@ def _plot_scatter(results: dict, path: Path) -> None:
 
 
 def _plot_reconstructions(rec: dict, name: str, path: Path, max_rows: int = 4) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     directions = [d for d in ("sar_to_optical", "optical_to_sar") if d in rec]
     n = min(max_rows, rec["optical"].shape[0])
     cols = 2 + 2 * len(directions)
