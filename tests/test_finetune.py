@@ -272,6 +272,9 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(water_land, tmp_path):
     recipe.run.keep_every = 3  # keeps checkpoints/step_00000003 (mid-epoch, with resume state)
     full = run_finetune(recipe)
     ckpts = Path(full["run_dir"]) / "checkpoints"
+    # a step kept at an epoch end (6 steps per epoch) is written after that epoch's validation
+    at_epoch_end = json.loads((ckpts / "step_00000006" / "meta.json").read_text())
+    assert at_epoch_end["epoch"] == 1 and at_epoch_end["best"]["epoch"] == 1 and "miou" in at_epoch_end["metrics"]
     # an interrupted copy: only the step-3 checkpoint survives as "last"
     cut = tmp_path / "cut"
     (cut / "checkpoints").mkdir(parents=True)

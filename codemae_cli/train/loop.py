@@ -214,8 +214,10 @@ class TrainLoop:
                 self._epoch(pos, bar)
                 self.check_finite(pos)
                 self.task.end_epoch(self, pos, epoch)
-                if s.save_each_epoch:
+                if s.save_each_epoch:  # after end_epoch, so these hold the epoch's validation
                     self.save("last", pos)
+                    if self._keep_due(pos):
+                        self.save(f"step_{pos.step:08d}", pos)
         return pos
 
     def _epoch(self, pos: Position, bar) -> None:
@@ -283,11 +285,15 @@ class TrainLoop:
             self._log(pos, bar)
         else:
             bar.advance(pos.step)
-        due = pos.step % s.ckpt_every == 0 or pos.step == s.total_steps
-        if due and not (epoch_end and s.save_each_epoch):  # the epoch-end save comes after end_epoch
+        if epoch_end and s.save_each_epoch:
+            return  # the epoch-end saves come after end_epoch
+        if pos.step % s.ckpt_every == 0 or pos.step == s.total_steps:
             self.save("last", pos)
-        if s.keep_every and pos.step % s.keep_every == 0:
+        if self._keep_due(pos):
             self.save(f"step_{pos.step:08d}", pos)
+
+    def _keep_due(self, pos: Position) -> bool:
+        return bool(self.s.keep_every) and pos.step % self.s.keep_every == 0
 
     def _log(self, pos: Position, bar) -> None:
         from codemae_cli.train.distributed import all_reduce_mean
