@@ -397,13 +397,16 @@ def run_analyze(
 
     ``layer``: encoder block whose tokens are analysed (default: the last one).
     ``reconstructions``: how many chips to show in the reconstruction figures (0: none).
+    ``device``: auto | cpu | cuda | cuda:N.
     """
     from codemae_cli.data.shards import PreparedDataset
+    from codemae_cli.device import resolve_device
 
     if not checkpoints:
         raise UserError("give at least one checkpoint to analyse")
     if max_chips < 2:
         raise UserError("max_chips must be at least 2 (paired vs unpaired similarity needs two chips)")
+    device = str(resolve_device(device))
     out = Path(out_dir)
     data = PreparedDataset(dataset_dir)
     _guard_output(out, checkpoints, dataset_dir, overwrite)

@@ -32,9 +32,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """
         from codemae_cli.analysis.analyze import run_analyze
 
-        dev = _device(device)
         doc = run_analyze(checkpoints, data, out, split=split, max_chips=max_chips, layer=layer,
-                          reconstructions=reconstructions, device=dev, overwrite=overwrite)
+                          reconstructions=reconstructions, device=device, overwrite=overwrite)
         typer.echo(f"{len(doc['chips'])} '{split}' chips, {len(doc['checkpoints'])} checkpoint(s) -> {out}")
         for name, r in doc["checkpoints"].items():
             er, gap, sim = r["effective_rank"], r["modality_gap"]["chips"], r["similarity"]["chips"]
@@ -81,12 +80,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                      log=typer.echo)
         typer.echo((out / "table.md").read_text())
         typer.echo(f"wrote {out / 'table.md'} and {out / 'table.json'}")
-
-
-def _device(name: str) -> str:
-    from codemae_cli.device import resolve_device
-
-    return str(resolve_device(name))
 
 
 def _fmt(v) -> str:
