@@ -355,6 +355,9 @@ def test_ablate_demo_and_model_import_keep_their_inputs_and_foreign_folders(tmp_
     (mine / "notes.txt").write_text("keep")
     refused(["ablate", "-o", mine, "--seeds", "1", "--pretrain-steps", "1"], "holds no ablation")
     refused(["demo", "-o", sample_dir() / "out"], "lies inside the built-in sample")
+    from codemae_cli.defaults import packaged_recipes_dir
+
+    refused(["recipes", "hr", "-o", packaged_recipes_dir()], "is the same file as the installed recipes")
     pickle = tmp_path / "w.safetensors"
     torch.save({"w": torch.zeros(2)}, pickle)
     refused(["model", "import-weights", pickle, "-o", tmp_path / "run"], "is not a safetensors file")

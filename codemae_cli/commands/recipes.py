@@ -32,5 +32,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
                 typer.echo(f"{name:<{width}}  {recipe_summary(root / f'{name}.yaml')}")
             typer.echo(f"\n{root}\nCopy one out to edit it: codemae recipes hr seg  (writes {output}/hr.yaml ...)")
             return
+        from codemae_cli.fsutil import guard_outputs
+
+        guard_outputs([(output, "--output")], [(packaged_recipes_dir(), "the installed recipes")], folder=True)
         for path in copy_recipes(list(names or []), output):
             typer.echo(f"wrote {path}")
