@@ -358,6 +358,9 @@ def test_ablate_demo_and_model_import_keep_their_inputs_and_foreign_folders(tmp_
     from codemae_cli.defaults import packaged_recipes_dir
 
     refused(["recipes", "hr", "-o", packaged_recipes_dir()], "is the same file as the installed recipes")
+    refused(["bench", "prepare", "--size", "64", "--tile", "32", "--workdir", mine], "holds files the bench did not write")
+    (mine / "scene_64.tif").write_text("keep")
+    refused(["bench", "predict", "--size", "64", "--window", "32", "--workdir", mine], "would replace and delete it")
     pickle = tmp_path / "w.safetensors"
     torch.save({"w": torch.zeros(2)}, pickle)
     refused(["model", "import-weights", pickle, "-o", tmp_path / "run"], "is not a safetensors file")
@@ -365,7 +368,8 @@ def test_ablate_demo_and_model_import_keep_their_inputs_and_foreign_folders(tmp_
     refused(["model", "import-weights", pickle, "-o", mine], "holds no codemae run")
     refused(["model", "convert", pickle, "-o", pickle], "is the same file as the weights file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "w.safetensors"]
-    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "scene_64.tif"]
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "scene_64.tif").read_text() == "keep"
 
 
 def test_filesystem_faults_are_one_sentence(tmp_path, capsys):

@@ -93,6 +93,9 @@ def run_prepare_bench(size: int = 4096, tile: int = 256, workers: int = 1, sar_c
         raise UserError(f"--size must be at least one tile ({tile} px)")
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="codemae-bench-prepare-")) if own else Path(workdir)
+    known = {"scene", "prepared", "baseline_opt.tif", "baseline_sar.tif"}  # what the bench writes there
+    if not own and root.is_dir() and {p.name for p in root.iterdir()} - known:
+        raise UserError(f"--workdir '{root}' holds files the bench did not write; choose an empty folder")
     root.mkdir(parents=True, exist_ok=True)
     try:
         echo(f"generating a {size} x {size} pair (optical 4 x uint16, SAR 2 x float32 linear power in {sar_crs}) ...")
