@@ -119,26 +119,47 @@ def extract_features(model, optical: np.ndarray, sar: np.ndarray, *, layer: Opti
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def representation_metrics(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray, sar_int: np.ndarray,
-                           valid: np.ndarray, patch: int) -> dict:
-    """All numbers of one checkpoint from token maps (N, D, h, w) and raw structure images.
+@dataclass(frozen=True)
+class PatchPairs:
+    """Co-located optical/SAR patches of the analysed chips, (N, h, w) each: the cosine similarity
+    of their tokens and the SSIM of their structure images (NaN where a pixel is invalid)."""
 
-    ``lum``/``sar_int``: (N, H, W) optical luminance and SAR intensity in stored units;
-    ``valid``: (N, H, W) where both modalities have data.
-    """
-    n, d, h, w = f_opt.shape
-    tok_o = f_opt.transpose(0, 2, 3, 1).reshape(-1, d)
-    tok_s = f_sar.transpose(0, 2, 3, 1).reshape(-1, d)
-    emb_o, emb_s = f_opt.mean(axis=(2, 3)), f_sar.mean(axis=(2, 3))
+    cosine: np.ndarray
+    ssim: np.ndarray
 
+    @property
+    def valid(self) -> np.ndarray:
+        return np.isfinite(self.ssim)
+
+
+def patch_pairs(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray, sar_int: np.ndarray, valid: np.ndarray,
+                patch: int) -> PatchPairs:
+    """Token similarity and structure SSIM of every co-located patch pair (see representation_metrics)."""
+    n, _, h, w = f_opt.shape
     # Patch SSIM on per-chip stretched structure channels; invalid pixels make the patch NaN.
     ssim = np.empty((n, h, w))
     for i in range(n):
         a = np.where(valid[i], lum[i], np.nan)
         b = np.where(valid[i], sar_int[i], np.nan)
         ssim[i] = M.patch_ssim(M.unit_range(a), M.unit_range(b), patch)[:h, :w]
-    cos = M.patch_cosine(f_opt, f_sar)  # (N, h, w)
-    keep = np.isfinite(ssim)
+    return PatchPairs(cosine=M.patch_cosine(f_opt, f_sar), ssim=ssim)
+
+
+def representation_metrics(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray, sar_int: np.ndarray,
+                           valid: np.ndarray, patch: int, *, pairs: Optional[PatchPairs] = None) -> dict:
+    """All numbers of one checkpoint from token maps (N, D, h, w) and raw structure images.
+
+    ``lum``/``sar_int``: (N, H, W) optical luminance and SAR intensity in stored units;
+    ``valid``: (N, H, W) where both modalities have data; ``pairs``: their :func:`patch_pairs`
+    when already computed.
+    """
+    n, d, h, w = f_opt.shape
+    tok_o = f_opt.transpose(0, 2, 3, 1).reshape(-1, d)
+    tok_s = f_sar.transpose(0, 2, 3, 1).reshape(-1, d)
+    emb_o, emb_s = f_opt.mean(axis=(2, 3)), f_sar.mean(axis=(2, 3))
+    if pairs is None:
+        pairs = patch_pairs(f_opt, f_sar, lum, sar_int, valid, patch)
+    cos, ssim, keep = pairs.cosine, pairs.ssim, pairs.valid
 
     spec_o, spec_s = M.singular_spectrum(tok_o), M.singular_spectrum(tok_s)
     return {
@@ -164,7 +185,6 @@ def representation_metrics(f_opt: np.ndarray, f_sar: np.ndarray, lum: np.ndarray
         "similarity_vs_ssim": {**M.similarity_ssim_correlation(cos[keep], ssim[keep]),
                                "spearman_abs": M.rank_correlation(cos[keep], np.abs(ssim[keep]))},
         "spectrum": {"optical": spec_o.tolist(), "sar": spec_s.tolist()},
-        "_scatter": (cos[keep], ssim[keep]),  # for the plot; dropped before JSON
     }
 
 
@@ -270,17 +290,17 @@ def _plot_spectra(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_scatter(results: dict, path: Path) -> None:
+def _plot_scatter(analyses: list[CheckpointAnalysis], path: Path) -> None:
     plt = _pyplot()
-    n = len(results)
+    n = len(analyses)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
-    for ax, (name, r) in zip(axes.ravel(), results.items(), strict=False):
-        cos, ssim = r["_scatter"]
-        ax.scatter(ssim, cos, s=3, alpha=0.4)
-        c = r["similarity_vs_ssim"]
-        ax.set_title(f"{name}\nSpearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f}", fontsize=9)
+    for ax, a in zip(axes.ravel(), analyses, strict=False):
+        keep = a.patch_pairs.valid
+        ax.scatter(a.patch_pairs.ssim[keep], a.patch_pairs.cosine[keep], s=3, alpha=0.4)
+        c = a.metrics["similarity_vs_ssim"]
+        ax.set_title(f"{a.name}\nSpearman {c['spearman']:.2f}, Pearson {c['pearson']:.2f}", fontsize=9)
         ax.set_xlabel("optical/SAR patch SSIM")
         ax.set_ylabel("token cosine similarity")
         ax.grid(alpha=0.3)
@@ -329,7 +349,7 @@ def _safe_name(name: str) -> str:
 
 def _json_clean(obj):
     if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items() if not str(k).startswith("_")}
+        return {k: _json_clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_clean(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -372,10 +392,11 @@ class AnalysisChips:
 
 @dataclass
 class CheckpointAnalysis:
-    """One checkpoint's numbers (the JSON entry) and its reconstruction images, if any."""
+    """One checkpoint's numbers (the JSON entry), its patch pairs and its reconstruction images, if any."""
 
     name: str
-    metrics: dict
+    metrics: dict  # the checkpoint's entry of analysis.json
+    patch_pairs: PatchPairs  # for the similarity-vs-SSIM figure
     reconstruction: Optional[dict] = None
 
 
@@ -479,8 +500,9 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
     crop = (slice(None), slice(None), slice(0, t), slice(0, t))
     start = time.perf_counter()
     feats = extract_features(model, x_opt[crop], x_sar[crop], layer=layer, batch_size=batch_size, device=device)
-    r = representation_metrics(feats["optical"], feats["sar"], chips.luminance[:, :t, :t],
-                               chips.sar_intensity[:, :t, :t], chips.valid[:, :t, :t], p)
+    lum, sar_int, valid = chips.luminance[:, :t, :t], chips.sar_intensity[:, :t, :t], chips.valid[:, :t, :t]
+    pairs = patch_pairs(feats["optical"], feats["sar"], lum, sar_int, valid, p)
+    r = representation_metrics(feats["optical"], feats["sar"], lum, sar_int, valid, p, pairs=pairs)
     r["checkpoint"] = str(path)
     r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
     r["step"] = meta.raw.get("step")
@@ -495,7 +517,7 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
     del model, pre
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return CheckpointAnalysis(name=name, metrics=r, reconstruction=rec)
+    return CheckpointAnalysis(name=name, metrics=r, patch_pairs=pairs, reconstruction=rec)
 
 
 def _check_bands(path, bands: dict, chips: AnalysisChips) -> None:
@@ -510,7 +532,7 @@ def _check_bands(path, bands: dict, chips: AnalysisChips) -> None:
 def _write_plots(analyses: list[CheckpointAnalysis], folder: Path) -> None:
     results = {a.name: a.metrics for a in analyses}
     _plot_spectra(results, folder / "spectra.png")
-    _plot_scatter(results, folder / "similarity_vs_ssim.png")
+    _plot_scatter(analyses, folder / "similarity_vs_ssim.png")
     for a in analyses:
         if a.reconstruction is not None:
             _plot_reconstructions(a.reconstruction, a.name, folder / f"reconstructions_{_safe_name(a.name)}.png")
@@ -527,6 +549,6 @@ def _components(recipe: dict) -> dict:
     }
 
 
-__all__ = ["AnalysisChips", "CheckpointAnalysis", "Pretrained", "analyse_checkpoint", "cross_reconstructions", "extract_features",
-           "load_analysis_chips", "load_pretrained", "normalise_chips", "representation_metrics", "run_analyze",
+__all__ = ["AnalysisChips", "CheckpointAnalysis", "PatchPairs", "Pretrained", "analyse_checkpoint", "cross_reconstructions", "extract_features",
+           "load_analysis_chips", "load_pretrained", "normalise_chips", "patch_pairs", "representation_metrics", "run_analyze",
            "select_chips"]
