@@ -114,11 +114,22 @@ SCALES: dict[str, Scale] = {
 }
 
 
-def _atomic_json(path: Path, obj) -> None:
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it over ``path``: a kill leaves the old file or the new."""
+    from codemae_cli.fsutil import temp_sibling
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_json(path: Path, obj) -> None:
+    _replace_text(path, json.dumps(obj, indent=2))
 
 
 def _torch_device(name: str) -> str:
@@ -462,9 +473,7 @@ def run_ablation(
 def _write_table(out: Path, table: dict, scale_name: str, sc: Scale) -> None:
     machine = _machine(sc.device)
     md = render_markdown(table, scale_name, sc, machine)
-    tmp = out / f".table.md.tmp-{os.getpid()}"
-    tmp.write_text(md)
-    tmp.replace(out / "table.md")
+    _replace_text(out / "table.md", md)
     _atomic_json(out / "table.json", {"scale": scale_name, "machine": machine, "params": asdict(sc),
                                       "columns": [k for k, _, _ in COLUMNS], "variants": table})
 
