@@ -166,6 +166,9 @@ def test_accumulator_bounded_by_a_band_of_rows(tmp_path):
     stride = window - overlap
     assert stats.band_rows == window + stride < h
     assert stats.max_open_rows <= stats.band_rows
+    # segments between window-row starts: the last one a batch touches may stick out (by less than
+    # a window: the last segment, below the snapped last window row, is a window tall)
+    assert stats.band_rows <= stats.max_alloc_rows < stats.band_rows + window
     assert stats.max_strip_rows == window
     # each row written exactly once, in order, in bands no taller than the open band
     rows = [r for top, n in stats.flushes for r in range(top, top + n)]

@@ -111,6 +111,9 @@ class BandAccumulator:
             if seg is None:
                 sums = self._zeros(self.classes, s1 - s0) if self.classes is not None else None
                 seg = self.open[i] = _Segment(s0, s1, sums, self._zeros(s1 - s0, dtype=torch.bool))
+                if self.instrument is not None:
+                    rows = sum(g.end - g.start for g in self.open.values())
+                    self.instrument.max_alloc_rows = max(self.instrument.max_alloc_rows, rows)
             lo, hi = max(s0, row), min(s1, end)
             yield seg, slice(lo - s0, hi - s0), slice(lo - row, hi - row)
 

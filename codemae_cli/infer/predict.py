@@ -63,8 +63,9 @@ PANEL_WIDTH = 4096
 class PredictStats:
     """What an instrumented run observed (used by tests and the benchmark, reported in the summary)."""
 
-    band_rows: int = 0  # rows allocated in the accumulator
+    band_rows: int = 0  # rows a batch can touch at once: window + stride (two consecutive window rows)
     max_open_rows: int = 0  # most rows ever open at once (must stay <= band_rows)
+    max_alloc_rows: int = 0  # most rows of the accumulator's segments allocated at once (< band_rows + window)
     max_strip_rows: int = 0  # most rows read in one strip
     max_strip_cols: int = 0  # most columns read in one strip (<= the widest panel span)
     strips_read: int = 0
