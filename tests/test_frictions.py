@@ -84,3 +84,31 @@ def test_evaluate_json_refuses_a_missing_folder_like_predict(tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--pred", pred, "--ref", ref, "--json", str(tmp_path / "no/m.json")])
     assert res.exit_code == 2 and "does not exist" in res.output
     assert not (tmp_path / "no").exists()
+
+
+def test_sar_band_selection_is_recorded_and_predict_reads_the_same_bands(tmp_path):
+    from pathlib import Path
+
+    import rasterio
+
+    from codemae_cli.data.prepare import run_prepare
+    from codemae_cli.infer.sources import SarSource
+    from tests.test_flood import flood_chip
+
+    chip = flood_chip(tmp_path / "raw", "Mekong_000001", 64, seed=2)
+    meta = run_prepare(out=str(tmp_path / "d"), optical=[str(chip["optical"])], sar=[str(chip["sar"])],
+                       sar_bands="2", optical_bands="4,3,2", tile=32, block=1, quicklook=False)
+    import json
+
+    md = json.loads((Path(meta["out"]) / "metadata.json").read_text())
+    assert md["sar"]["bands"] == ["VH"] and md["sar"]["selected"] == [2] and md["sar"]["count"] == 1
+    src = SarSource(chip["sar"], indexes=[2])
+    db, valid = src.read_strip(10, 4)
+    with rasterio.open(chip["sar"]) as ds:
+        vh = ds.read(2, window=((10, 14), (0, 64)))
+    assert db.shape == (1, 4, 64) and np.allclose(db[0][valid], vh[valid], atol=1e-4)
+    src.close()
+    with pytest.raises(UserError, match="has 2 band"):
+        SarSource(chip["sar"], indexes=[3])
+    with pytest.raises(UserError, match="--sar-bands"):
+        run_prepare(out=str(tmp_path / "e"), optical=[str(chip["optical"])], sar=[str(chip["sar"])], sar_bands="0,1")
