@@ -78,11 +78,12 @@ def make_synthetic_dataset(root, n_chips: int = 64, tile: int = 256, optical_ban
 def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), sar_bands=("VV", "VH"),
                         preset: str = "tiny", img_size: int = 32, patch_size: int = 8, ccl: str = "off",
                         cdr: bool | None = None, degradation: str | None = None, stats: dict | None = None,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, source_range: dict | None = None) -> Path:
     """A CoDe-MAE pretraining checkpoint directory at ``path`` (random weights, no distillation).
 
     ``cdr``/``degradation``: the cross decoder switch and its degradation (None: the defaults);
-    ``stats``: the normalisation the checkpoint records (None: none, readers use the dataset's).
+    ``stats``: the normalisation the checkpoint records (None: none, readers use the dataset's);
+    ``source_range``: the source scale it records (None: none, as checkpoints written before it).
     """
     import torch
 
@@ -101,4 +102,6 @@ def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), 
     model = build_model(cfg, optical_bands=len(optical_bands), sar_bands=len(sar_bands))
     meta = {"kind": "pretrain", "step": 0, "epoch": 0, "recipe": {"model": to_dict(cfg)},
             "bands": {"optical": list(optical_bands), "sar": list(sar_bands)}, "stats": stats}
+    if source_range is not None:
+        meta["source_ranges"] = [source_range]
     return save_checkpoint(Path(path), model, meta)

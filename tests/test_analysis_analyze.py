@@ -20,13 +20,13 @@ def testbed(tmp_path_factory):
                          write_tifs=False)
 
 
-def _checkpoint(root, name, *, cdr: bool, degradation="channel", seed=0):
+def _checkpoint(root, name, *, cdr: bool, degradation="channel", seed=0, source_range=None):
     """A pretraining checkpoint of run ``name`` (random weights) normalising with the dataset's stats."""
     from codemae_cli.data.shards import PreparedDataset
 
     stats = PreparedDataset(root / "data").stats if (root / "data").exists() else None
     return pretrain_checkpoint(root / name / "checkpoints" / "last", optical_bands=OPTICAL_BANDS, sar_bands=SAR_BANDS,
-                               cdr=cdr, degradation=degradation, stats=stats, seed=seed)
+                               cdr=cdr, degradation=degradation, stats=stats, seed=seed, source_range=source_range)
 
 
 def test_run_analyze_writes_json_and_plots(testbed, tmp_path):
@@ -112,3 +112,54 @@ def test_checkpoint_that_does_not_match_its_recipe_is_refused(testbed):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not match the model"):
         load_pretrained(ck)
+
+
+def test_sar_gradient_targets_at_the_source_scale_the_checkpoint_records(testbed):
+    """A saved sar_gradient model's cross targets are recomputed on the stored chips at the run's
+    recorded source range: (stored - lo) / (hi - lo), not the normalised values clamped."""
+    from codemae_cli.analysis.analyze import (
+        _unpatchify,
+        cross_reconstructions,
+        load_pretrained,
+        normalise_chips,
+        set_source_scale,
+    )
+    from codemae_cli.data.shards import PreparedDataset
+    from codemae_cli.model.targets import degraded_target
+
+    ds = PreparedDataset(testbed)
+    rng = {"optical": [0.0, 3000.0], "sar": [-35.0, 5.0]}
+    ck = _checkpoint(testbed.parent, "sargrad", cdr=True, degradation="sar_gradient", seed=5, source_range=rng)
+    pre = load_pretrained(ck)
+    assert pre.meta.source_range == rng
+    assert set_source_scale(pre.model, pre.meta, ds.stats, ds.meta) == "checkpoint"
+    raw_o = np.stack([ds.read(i)["optical"] for i in range(2)])
+    raw_s = np.stack([ds.read(i)["sar"] for i in range(2)])
+    o, s = normalise_chips(raw_o, ds.stats["optical"]), normalise_chips(raw_s, ds.stats["sar"])
+    rec = cross_reconstructions(pre.model, o, s)
+
+    def target(raw, stats, lo, hi):
+        mean = np.asarray(stats["mean"], np.float32)[None, :, None, None]
+        src = np.clip((np.where(np.isfinite(raw), raw, mean) - lo) / (hi - lo), 0, 1)  # nodata: the band mean
+        t = degraded_target(torch.from_numpy(s), "sar", "sar_gradient", 8, None, pre.model.cfg.norm_pix_loss,
+                            torch.from_numpy(src.astype(np.float32)))
+        return _unpatchify(t, 8, 32)
+
+    exact = target(raw_s, ds.stats["sar"], *rng["sar"])
+    np.testing.assert_allclose(rec["optical_to_sar"]["target"], exact, rtol=1e-4, atol=1e-4)
+    identity = _unpatchify(degraded_target(torch.from_numpy(s), "sar", "sar_gradient", 8, None,
+                                           pre.model.cfg.norm_pix_loss), 8, 32)
+    assert np.abs(exact - identity).max() > 1e-2  # the normalised values clamped would be another target
+
+
+def test_older_checkpoints_take_the_source_scale_of_the_dataset_analysed(testbed):
+    from codemae_cli.analysis.analyze import analyse_checkpoint, load_analysis_chips, load_pretrained
+    from codemae_cli.data.shards import PreparedDataset
+
+    ds = PreparedDataset(testbed)
+    ck = _checkpoint(testbed.parent, "oldsrc", cdr=True, degradation="sar_gradient", seed=6)
+    assert load_pretrained(ck).meta.source_range is None
+    chips = load_analysis_chips(ds, "val", 2)
+    r = analyse_checkpoint(ck, chips, ds.stats, reconstructions=1, dataset_meta=ds.meta).metrics
+    assert r["source_scale"] == "dataset"
+    assert analyse_checkpoint(ck, chips, ds.stats, reconstructions=0).metrics["source_scale"] == "identity"

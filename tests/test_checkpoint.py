@@ -155,6 +155,7 @@ def test_metadata_record_reads_old_checkpoints_with_documented_defaults(tmp_path
     assert meta.backbone == "vit" and meta.preset == "tiny" and meta.patch_size == 8 and meta.img_size == 64
     assert meta.task == "classification" and meta.inputs == "sar" and meta.class_names == ["water", "land"]
     assert meta.stats == {} and meta.raw["bands"] == old["bands"]
+    assert meta.source_ranges == [] and meta.source_range is None  # readers fall back to the dataset's own
     scale, warning = meta.sar_scale_for("auto")
     assert scale == "db" and "does not record" in warning  # what predict assumed before the record existed
     assert meta.sar_scale_for("linear") == ("linear", None)
@@ -176,3 +177,16 @@ def test_metadata_record_sar_scale_follows_the_training_data(tmp_path):
         meta.sar_scale_for("decibel")
     slc = read_checkpoint_meta(save_checkpoint(tmp_path / "slc", _model(), {"kind": "finetune", "sar_scale": "slc"}))
     assert slc.sar_scale_for("auto") == ("linear", None)
+
+
+def test_metadata_record_source_ranges_per_dataset(tmp_path):
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
+
+    a, b = {"optical": [0, 255], "sar": [-30, 0]}, {"optical": [0, 65535], "sar": [-25.5, 2.0]}
+    meta = read_checkpoint_meta(save_checkpoint(tmp_path / "ck", _model(), {
+        "kind": "pretrain", "datasets": ["data/a", "data/b"], "source_ranges": [a, b]}))
+    assert meta.source_range == {"optical": [0.0, 255.0], "sar": [-30.0, 0.0]}  # goes with stats: the first
+    assert meta.recorded_source_range("data/b") == b and meta.recorded_source_range("data/c") is None
+    bad = save_checkpoint(tmp_path / "bad", _model(), {"kind": "pretrain", "source_ranges": [{"optical": [1, 1]}]})
+    with pytest.raises(UserError, match="invalid source_ranges"):
+        read_checkpoint_meta(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from codemae_cli.cli import app
+from codemae_cli.train.checkpoint import read_checkpoint_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -42,6 +44,7 @@ def data(tmp_path_factory) -> Path:
 
 def test_pretrain_cli_outputs_and_refusals(data, tmp_path):
     runner = CliRunner()
+    data = Path(shutil.copytree(data, tmp_path / "data"))  # its metadata changes below
     out = tmp_path / "run"
     same = ["optim.max_steps=4", "optim.clip_grad=1.0"]
     res = runner.invoke(app, _args(data, out, *same, "run.ckpt_every=2"))
@@ -61,6 +64,8 @@ def test_pretrain_cli_outputs_and_refusals(data, tmp_path):
     assert meta["kind"] == "pretrain" and meta["step"] == 4 and meta["stats"] == ds_meta["stats"]
     assert meta["bands"]["optical"] == ds_meta["optical"]["bands"] and meta["recipe"]["optim"]["lr"] == 1e-3
     assert meta["torch_version"] and meta["codemae_version"] and meta["world_size"] == 1
+    ranges = {m: ds_meta[m]["source_range"] for m in ("optical", "sar")}
+    assert read_checkpoint_meta(ck).source_range == ranges  # the source scale of the OKD teacher / CDR targets
     from codemae_cli.config import from_dict
     from codemae_cli.model import build_model
     from codemae_cli.train.recipe import PretrainRecipe
@@ -74,6 +79,13 @@ def test_pretrain_cli_outputs_and_refusals(data, tmp_path):
     assert res.exit_code == 2 and "optim.lr" in res.output
     res = runner.invoke(app, _args(data, out, *same) + ["--resume"])
     assert res.exit_code == 0 and "nothing to do" in res.output
+    # Continued, the run keeps the source scale it was trained at, whatever the dataset now records.
+    ds_meta["sar"]["source_range"] = [-99.0, 99.0]
+    (data / "metadata.json").write_text(json.dumps(ds_meta))
+    res = runner.invoke(app, _args(data, out, "optim.max_steps=6", "optim.clip_grad=1.0") + ["--resume"])
+    assert res.exit_code == 0, res.output
+    resumed = read_checkpoint_meta(ck)
+    assert resumed.raw["step"] == 6 and resumed.source_range == ranges
 
 
 def test_pretrain_refuses_bad_datasets(tmp_path):

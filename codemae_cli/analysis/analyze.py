@@ -75,6 +75,24 @@ def load_pretrained(path, device: str = "cpu") -> Pretrained:
     return Pretrained(model=model, meta=meta, name=_checkpoint_name(meta.path))
 
 
+def set_source_scale(model, meta: CheckpointMeta, stats: dict, dataset_meta: Optional[dict] = None) -> str:
+    """Give the model the source scale its run computed the hog / sar_gradient targets at, for
+    inputs normalised with ``stats``: the one the checkpoint records, else (checkpoints written
+    before it was recorded) the analysed dataset's own; returns which ("checkpoint", "dataset",
+    or "identity" when neither is known: normalised values clamped to [0, 1])."""
+    from codemae_cli.data.source_scale import SourceScale, dataset_source_ranges
+    from codemae_cli.data.stats import BandNorm
+
+    rng, where = meta.source_range, "checkpoint"
+    if rng is None and dataset_meta is not None:
+        rng, where = dataset_source_ranges(dataset_meta, "being analysed"), "dataset"
+    if rng is None:
+        return "identity"
+    norm = BandNorm.from_stats(stats["optical"]).concat(BandNorm.from_stats(stats["sar"]))
+    model.set_source_scale(SourceScale.from_norms([norm], [rng], len(stats["optical"]["mean"])))
+    return where
+
+
 def _checkpoint_name(ckpt: Path) -> str:
     # runs/<run>/checkpoints/<name> -> "<run>" (or "<run>/<name>" when not last/best).
     ckpt = Path(ckpt)
@@ -216,9 +234,11 @@ def cross_reconstructions(model, optical: np.ndarray, sar: np.ndarray, *, seed: 
     with torch.inference_mode():
         out = model(o, s, paired=True)
         deg = cfg.cdr.degradation
+        _, o_src, s_src = model.source_images(o, s, None)  # hog / sar_gradient: the run's source scale
         targets = {
-            "sar_to_optical": degraded_target(o, "optical", deg, p, getattr(model, "rgb_bands", None), cfg.norm_pix_loss),
-            "optical_to_sar": degraded_target(s, "sar", deg, p, None, cfg.norm_pix_loss),
+            "sar_to_optical": degraded_target(o, "optical", deg, p, getattr(model, "rgb_bands", None),
+                                              cfg.norm_pix_loss, o_src),
+            "optical_to_sar": degraded_target(s, "sar", deg, p, None, cfg.norm_pix_loss, s_src),
         }
     preds = {"sar_to_optical": out.get("pred_cdr_optical"), "optical_to_sar": out.get("pred_cdr_sar")}
     result: dict[str, Any] = {"optical": o.cpu().numpy(), "sar": s.cpu().numpy(), "degradation": deg}
@@ -438,7 +458,8 @@ def run_analyze(
         analyses: list[CheckpointAnalysis] = []
         for path in checkpoints:
             a = analyse_checkpoint(path, chips, data.stats, layer=layer, reconstructions=reconstructions,
-                                   batch_size=batch_size, device=device, taken={x.name for x in analyses})
+                                   batch_size=batch_size, device=device, taken={x.name for x in analyses},
+                                   dataset_meta=data.meta)
             analyses.append(a)
         doc = {
             "dataset": str(dataset_dir),
@@ -478,11 +499,12 @@ def normalise_chips(raw: np.ndarray, stats: dict) -> np.ndarray:
 
 def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer: Optional[int] = None,
                        reconstructions: int = 4, batch_size: int = 16, device: str = "cpu",
-                       taken: Collection[str] = ()) -> CheckpointAnalysis:
+                       taken: Collection[str] = (), dataset_meta: Optional[dict] = None) -> CheckpointAnalysis:
     """Load one pretraining checkpoint and measure its representations on ``chips``.
 
     ``taken``: names of the checkpoints analysed before (a second checkpoint of one run, e.g.
-    best and last, gets a ``#k`` suffix).
+    best and last, gets a ``#k`` suffix). ``dataset_meta``: the chips' dataset metadata, whose
+    source range stands in for that of a checkpoint that does not record one.
     """
     import torch
 
@@ -492,6 +514,7 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
         name = f"{name}#{len(taken)}"
     _check_bands(path, meta.bands, chips)
     stats = meta.stats or dataset_stats
+    source_scale = set_source_scale(model, meta, stats, dataset_meta)
     x_opt, x_sar = normalise_chips(chips.optical, stats["optical"]), normalise_chips(chips.sar, stats["sar"])
     p = int(model.encoder.patch_size)
     t = (min(x_opt.shape[-2:]) // p) * p  # tokens need whole patches: crop to a multiple of p
@@ -507,6 +530,7 @@ def analyse_checkpoint(path, chips: AnalysisChips, dataset_stats: dict, *, layer
     r["layer"] = int(model.encoder.depth - 1 if layer is None else layer)
     r["step"] = meta.raw.get("step")
     r["components"] = _components(meta.recipe)
+    r["source_scale"] = source_scale
     rec = None
     if reconstructions > 0:
         k = min(reconstructions, x_opt.shape[0])
@@ -551,4 +575,4 @@ def _components(recipe: dict) -> dict:
 
 __all__ = ["AnalysisChips", "CheckpointAnalysis", "PatchPairs", "Pretrained", "analyse_checkpoint", "cross_reconstructions", "extract_features",
            "load_analysis_chips", "load_pretrained", "normalise_chips", "patch_pairs", "representation_metrics", "run_analyze",
-           "select_chips"]
+           "select_chips", "set_source_scale"]

@@ -19,6 +19,8 @@ Rules applied at prepare time:
 
 Datasets prepared before ``source_range`` was recorded get the same rules from what they do
 record (``source_dtype``; 8-bit when even that is missing; the SAR stats), with a warning.
+Pretraining checkpoints record the range of each of their datasets (``source_ranges``): a
+resumed run keeps them, and ``codemae analyze`` recomputes targets at them.
 
 Normalised batches (what the model sees) go back to the source scale through one affine map
 per dataset and band, ``x_src = x_norm * scale + offset`` (:class:`SourceScale`), which inverts
@@ -35,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from codemae_cli.data.stats import BandNorm
 from codemae_cli.errors import UserError
 
 SAR_WINDOW_STDS = 3.0
@@ -103,6 +106,11 @@ def read_source_range(meta: dict, modality: str, where: str = "") -> tuple[float
     return float(rng[0]), float(rng[1])
 
 
+def dataset_source_ranges(meta: dict, where: str = "") -> dict[str, list[float]]:
+    """``{"optical": [lo, hi], "sar": [lo, hi]}`` of a dataset (what a checkpoint records)."""
+    return {m: list(read_source_range(meta, m, where)) for m in ("optical", "sar")}
+
+
 @dataclass
 class SourceScale:
     """Per dataset (rows) and band (columns: optical bands, then SAR bands):
@@ -113,23 +121,33 @@ class SourceScale:
     optical_bands: int
 
     @classmethod
-    def from_sources(cls, sources: Sequence) -> SourceScale:
-        """From the dataset sources of :class:`codemae_cli.data.dataset.PairedChips` (their
-        ``mean``, ``inv_std``, ``meta``, ``n_opt``): the exact inverse of their normalisation."""
+    def from_norms(cls, norms: Sequence, ranges: Sequence[dict], optical_bands: int) -> SourceScale:
+        """One row per dataset from its normalisation (:class:`codemae_cli.data.stats.BandNorm`,
+        optical bands then SAR bands) and its ``{"optical": [lo, hi], "sar": [lo, hi]}``:
+        the exact inverse of that normalisation, divided by the range."""
         scales, offsets = [], []
-        for src in sources:
-            std = 1.0 / src.inv_std.astype(np.float64)
-            mean = src.mean.astype(np.float64)
-            lo = np.empty_like(mean)
-            span = np.empty_like(mean)
-            for sl, modality in ((slice(0, src.n_opt), "optical"), (slice(src.n_opt, None), "sar")):
-                a, b = read_source_range(src.meta, modality, f"'{src.root}'")
+        for norm, rng in zip(norms, ranges, strict=True):
+            std, mean = norm.std.astype(np.float64), norm.mean.astype(np.float64)
+            lo, span = np.empty_like(mean), np.empty_like(mean)
+            for sl, modality in ((slice(0, optical_bands), "optical"), (slice(optical_bands, None), "sar")):
+                a, b = (float(v) for v in rng[modality])
                 lo[sl], span[sl] = a, b - a
             scales.append(std / span)
             offsets.append((mean - lo) / span)
-        return cls(np.asarray(scales, dtype=np.float32), np.asarray(offsets, dtype=np.float32),
-                   int(sources[0].n_opt))
+        return cls(np.asarray(scales, dtype=np.float32), np.asarray(offsets, dtype=np.float32), int(optical_bands))
+
+    @classmethod
+    def from_sources(cls, sources: Sequence, ranges: Optional[Sequence[Optional[dict]]] = None) -> SourceScale:
+        """From the dataset sources of :class:`codemae_cli.data.dataset.PairedChips` (their
+        ``mean``, ``inv_std``, ``meta``, ``n_opt``). ``ranges``: per source, a range to use
+        instead of the one its metadata records (None: the recorded one); a resumed run keeps
+        those its checkpoint recorded."""
+        ranges = list(ranges) if ranges is not None else [None] * len(sources)
+        norms = [BandNorm(src.mean, 1.0 / src.inv_std.astype(np.float64)) for src in sources]
+        rows = [r if r is not None else dataset_source_ranges(src.meta, f"'{src.root}'")
+                for src, r in zip(sources, ranges, strict=True)]
+        return cls.from_norms(norms, rows, int(sources[0].n_opt))
 
 
-__all__ = ["SourceScale", "optical_range_rule", "read_source_range", "sar_range_rule", "source_range_meta",
+__all__ = ["SourceScale", "dataset_source_ranges", "optical_range_rule", "read_source_range", "sar_range_rule", "source_range_meta",
            "source_ranges"]

@@ -14,6 +14,7 @@ place, so a crash at any moment leaves one complete checkpoint behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -303,6 +304,9 @@ class CheckpointMeta:
     inputs: str  # "optical" | "sar" | "both" (default both)
     recipe: dict  # the resolved recipe of the run
     encoder_config: Optional[dict]  # the encoder's ModelConfig (fine-tuned models)
+    source_ranges: list  # pretraining: per dataset (in the order of raw["datasets"]), the source scale its
+    #                      OKD teacher and hog / sar_gradient targets saw, {"optical": [lo, hi], "sar": [lo, hi]}
+    #                      (data/source_scale.py); default [] (older checkpoints: readers use the dataset's own)
     raw: dict  # the whole meta.json, for fields not typed here (metrics, versions, ...)
 
     @classmethod
@@ -324,7 +328,22 @@ class CheckpointMeta:
             patch_size=meta.get("patch_size") or (enc or {}).get("patch_size") or model.get("patch_size"),
             classes=classes, backbone=str(meta.get("backbone") or (enc or model).get("backbone") or "vit"),
             preset=str(meta.get("preset") or (enc or {}).get("preset") or model.get("preset") or "unknown"),
-            task=task, inputs=str(meta.get("inputs") or "both"), recipe=recipe, encoder_config=enc, raw=meta)
+            task=task, inputs=str(meta.get("inputs") or "both"), recipe=recipe, encoder_config=enc,
+            source_ranges=_source_ranges(meta.get("source_ranges"), path), raw=meta)
+
+    @property
+    def source_range(self) -> Optional[dict]:
+        """The source scale that goes with :attr:`stats` and :attr:`bands` (the first dataset's);
+        None when the checkpoint does not record it."""
+        return self.source_ranges[0] if self.source_ranges else None
+
+    def recorded_source_range(self, dataset) -> Optional[dict]:
+        """The source scale the run used for the dataset at ``dataset`` (its path as the run named
+        it), or None when the checkpoint does not record one for it."""
+        for name, rng in zip(self.raw.get("datasets") or [], self.source_ranges, strict=False):
+            if str(name) == str(dataset):
+                return rng
+        return None
 
     @property
     def class_names(self) -> list[str]:
@@ -350,6 +369,20 @@ class CheckpointMeta:
             return choice, (f"--sar-scale {choice}, but the model was trained on SAR prepared from {trained} rasters; "
                             "right only if this scene's units differ from those of the training scenes")
         return choice, None
+
+
+def _source_ranges(value, path) -> list:
+    """meta.json's ``source_ranges``, checked: a list of {"optical"|"sar": [lo, hi]} with lo < hi."""
+    out = []
+    for entry in value or []:
+        try:
+            pair = {m: [float(v) for v in entry[m]] for m in ("optical", "sar")}
+        except (KeyError, TypeError, ValueError):
+            pair = None
+        if pair is None or not all(len(r) == 2 and -math.inf < r[0] < r[1] < math.inf for r in pair.values()):
+            raise UserError(f"checkpoint '{path}' records an invalid source_ranges entry {entry!r}")
+        out.append(pair)
+    return out
 
 
 def data_provenance(dataset_metas: list[dict]) -> dict:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from codemae_cli.errors import UserError
 from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, plan_steps
 from codemae_cli.train.recipe import PretrainRecipe
+
+if TYPE_CHECKING:
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
 SAMPLES_PER_PAIR = 2  # optical + SAR both pass through the shared trunk
 
@@ -61,10 +64,10 @@ def run_pretrain(recipe: PretrainRecipe, resume: bool = False, output_dir: Optio
         return _run(recipe, dist, resume, output_dir, echo)
 
 
-def _resume_source(recipe: PretrainRecipe, run_dir: Path, resume: bool, dist) -> Optional[Path]:
-    """The checkpoint to resume from (None for a new run), after refusing bad set-ups."""
+def _resume_source(recipe: PretrainRecipe, run_dir: Path, resume: bool, dist) -> Optional[CheckpointMeta]:
+    """The record of the checkpoint to resume from (None for a new run), after refusing bad set-ups."""
     from codemae_cli.config import to_dict
-    from codemae_cli.train.checkpoint import read_meta, resolve_checkpoint
+    from codemae_cli.train.checkpoint import read_checkpoint_meta, resolve_checkpoint
 
     if not recipe.data.datasets:
         raise UserError("data.datasets is empty: list one or more directories written by `codemae prepare`")
@@ -77,8 +80,8 @@ def _resume_source(recipe: PretrainRecipe, run_dir: Path, resume: bool, dist) ->
     if not existing:
         raise UserError(f"--resume was given but '{run_dir}' holds no checkpoint to resume from")
     # checkpoints/last, or the copy a save killed between its two renames moved aside.
-    source = resolve_checkpoint(run_dir, prefer=("last",))
-    meta = read_meta(source)
+    source = read_checkpoint_meta(resolve_checkpoint(run_dir, prefer=("last",)))
+    meta = source.raw
     if meta.get("kind") != "pretrain":
         raise UserError(f"'{run_dir}' is not a pretraining run (its checkpoint kind is {meta.get('kind')!r})")
     changed = [k for k in _diff_recipes(meta.get("recipe", {}), to_dict(recipe))
@@ -95,9 +98,10 @@ def _resume_source(recipe: PretrainRecipe, run_dir: Path, resume: bool, dist) ->
 class PretrainTask(TrainTask):
     """CoDe-MAE on paired chips: the data, model and optimizer of a pretraining run, and its step."""
 
-    def __init__(self, recipe: PretrainRecipe, dist, say: Callable[[str], None], precision: str):
+    def __init__(self, recipe: PretrainRecipe, dist, say: Callable[[str], None], precision: str,
+                 resumed: Optional[CheckpointMeta] = None):
         from codemae_cli.data.dataset import DeviceAugment, PairedBatchSampler, PairedChips, build_loader
-        from codemae_cli.data.source_scale import SourceScale
+        from codemae_cli.data.source_scale import SourceScale, dataset_source_ranges
         from codemae_cli.model import build_model
         from codemae_cli.train.optim import WarmupCosine, build_optimizer, effective_batch, scaled_lr
 
@@ -116,8 +120,12 @@ class PretrainTask(TrainTask):
                                    pin_memory=data.pin_memory and dist.device.type == "cuda")
         self.plan = plan_steps(self.sampler.batches_per_epoch, optim)
         self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands)
-        # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale.
-        self.model.set_source_scale(SourceScale.from_sources(self.chips.sources))
+        # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale:
+        # the one its metadata records, or in a resumed run the one the run has used so far.
+        kept = [resumed.recorded_source_range(s.root) if resumed else None for s in self.chips.sources]
+        self.source_ranges = [r if r is not None else dataset_source_ranges(s.meta, f"'{s.root}'")
+                              for s, r in zip(self.chips.sources, kept, strict=True)]
+        self.model.set_source_scale(SourceScale.from_sources(self.chips.sources, self.source_ranges))
         self.model.to(dist.device)
         self.lr = scaled_lr(optim, dist.world_size, SAMPLES_PER_PAIR)
         self.effective_batch = effective_batch(optim, dist.world_size, SAMPLES_PER_PAIR)
@@ -171,6 +179,7 @@ class PretrainTask(TrainTask):
                 **data_provenance([s.meta for s in self.chips.sources]),
                 "backbone": getattr(self.recipe.model, "backbone", "vit"),
                 "dataset_stats": [s.meta.get("stats") for s in self.chips.sources],
+                "source_ranges": self.source_ranges,
                 "world_size": self.dist.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                 "total_steps": self.plan.total_steps}
 
@@ -191,13 +200,13 @@ def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    task = PretrainTask(recipe, dist, say, precision)
+    task = PretrainTask(recipe, dist, say, precision, resumed=resume_from)
     settings = LoopSettings.from_recipe(recipe, task.plan, precision, unit="pairs", description="pretrain")
     loop = TrainLoop(task, settings, dist, run_dir, recipe, say)
     pos = Position()
     if resume_from is not None:
-        pos = loop.resume(resume_from)
-        say(f"resumed from '{resume_from}' at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
+        pos = loop.resume(resume_from.path)
+        say(f"resumed from '{resume_from.path}' at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     try:
         ran = pos.step < settings.total_steps
         pos = loop.run(pos)
