@@ -29,16 +29,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _task_kind(meta: dict) -> str:
-    task = meta.get("task")
-    if isinstance(task, dict):
-        return str(task.get("kind", "segmentation"))
-    if isinstance(task, str):
-        return task
-    recipe_task = (meta.get("recipe") or {}).get("task") or {}
-    return str(recipe_task.get("kind", "segmentation"))
-
-
 def _default_window(img_size: Optional[int], patch: int) -> int:
     """The chip size the model was fine-tuned on: what it has learnt to see at once."""
     return -(-int(img_size or 224) // patch) * patch
