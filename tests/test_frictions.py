@@ -112,3 +112,17 @@ def test_sar_band_selection_is_recorded_and_predict_reads_the_same_bands(tmp_pat
         SarSource(chip["sar"], indexes=[3])
     with pytest.raises(UserError, match="--sar-bands"):
         run_prepare(out=str(tmp_path / "e"), optical=[str(chip["optical"])], sar=[str(chip["sar"])], sar_bands="0,1")
+
+
+def test_band_reads_cover_files_stacked_in_any_order():
+    from types import SimpleNamespace
+
+    from codemae_cli.data.prepare import _band_reads
+
+    files = [SimpleNamespace(count=1), SimpleNamespace(count=3), SimpleNamespace(count=1)]  # bands 0 | 1 2 3 | 4
+    assert _band_reads(files, None) == ([None, None, None], None)
+    reads, order = _band_reads(files, [3, 1, 4])
+    assert reads == [[], [3, 1], [1]] and order is None  # read file by file: 3, 1, 4 already in order
+    reads, order = _band_reads(files, [4, 2, 0])
+    assert reads == [[1], [2], [1]]
+    assert [[0, 2, 4][i] for i in order] == [4, 2, 0]

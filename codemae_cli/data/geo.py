@@ -193,8 +193,12 @@ def read_on_grid(
     prepare: Callable[[np.ndarray], np.ndarray],
     out_dtype=np.float32,
     fill=np.nan,
+    indexes: Optional[list[int]] = None,
 ) -> np.ndarray:
     """Bands of the open dataset ``ds`` on the grid window ``(row, col, height, width)``.
+
+    ``indexes``: the 1-based bands to read, in that order (default all): unused bands of a
+    13-band product are never read.
 
     ``kernel`` comes from :func:`resampling_kernel`. ``prepare`` turns a raw source block
     (bands, h, w) into what is resampled (float32 with NaN nodata, e.g. SAR in linear power;
@@ -202,26 +206,26 @@ def read_on_grid(
     become ``fill``. Only the source pixels under the window are read.
     """
     src = Grid.of(ds)
-    out = np.full((ds.count, height, width), fill, dtype=out_dtype)
+    out = np.full((len(indexes) if indexes else ds.count, height, width), fill, dtype=out_dtype)
     if kernel == "none":
         offset = same_grid_offset(src, grid)
         if offset is None:
             raise ValueError(f"'{ds.name}' does not lie on the grid; it must be resampled")
-        _read_direct(ds, offset[0] + row, offset[1] + col, prepare, out, fill)
+        _read_direct(ds, offset[0] + row, offset[1] + col, prepare, out, fill, indexes)
         return out
     scale = warp_scale(src, grid)
     # Whole blocks of the grid's column lattice, cropped: see the module docstring.
     first = (col // WARP_BLOCK) * WARP_BLOCK
     for b0 in range(first, col + width, WARP_BLOCK):
         bw = min(WARP_BLOCK, grid.width - b0)
-        block = np.full((ds.count, height, bw), fill, dtype=out_dtype)
-        _warp_block(ds, src, grid, row, b0, block, kernel, scale, prepare, fill)
+        block = np.full((out.shape[0], height, bw), fill, dtype=out_dtype)
+        _warp_block(ds, src, grid, row, b0, block, kernel, scale, prepare, fill, indexes)
         lo, hi = max(b0, col), min(b0 + bw, col + width)
         out[:, :, lo - col:hi - col] = block[:, :, lo - b0:hi - b0]
     return out
 
 
-def _read_direct(ds, r0: int, c0: int, prepare, out: np.ndarray, fill) -> None:
+def _read_direct(ds, r0: int, c0: int, prepare, out: np.ndarray, fill, indexes=None) -> None:
     """The source window at (r0, c0) of ``out``'s size, clipped to the source; the rest stays ``fill``."""
     from rasterio.windows import Window
 
@@ -231,21 +235,21 @@ def _read_direct(ds, r0: int, c0: int, prepare, out: np.ndarray, fill) -> None:
     if rr1 <= rr0 or cc1 <= cc0:
         return
     win = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
-    out[:, rr0 - r0: rr1 - r0, cc0 - c0: cc1 - c0] = _prepared(ds, win, prepare, fill)
+    out[:, rr0 - r0: rr1 - r0, cc0 - c0: cc1 - c0] = _prepared(ds, win, prepare, fill, indexes)
 
 
-def _prepared(ds, win, prepare, fill) -> np.ndarray:
+def _prepared(ds, win, prepare, fill, indexes=None) -> np.ndarray:
     """``prepare`` of the raw window, with pixels of the file's internal mask / alpha set to ``fill``."""
     from rasterio.enums import MaskFlags
 
-    block = prepare(ds.read(window=win))
+    block = prepare(ds.read(indexes, window=win))
     if any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums):
-        block[ds.read_masks(window=win) == 0] = fill
+        block[ds.read_masks(indexes, window=win) == 0] = fill
     return block
 
 
 def _warp_block(ds, src: Grid, grid: Grid, row: int, col: int, dest: np.ndarray, kernel: str, scale: float,
-                prepare, fill) -> None:
+                prepare, fill, indexes=None) -> None:
     from rasterio.enums import Resampling
     from rasterio.warp import reproject
     from rasterio.windows import Window
@@ -256,7 +260,7 @@ def _warp_block(ds, src: Grid, grid: Grid, row: int, col: int, dest: np.ndarray,
         return  # the block lies outside the source: all fill
     r0, c0, h, w = win
     window = Window(c0, r0, w, h)
-    block = _prepared(ds, window, prepare, fill)
+    block = _prepared(ds, window, prepare, fill, indexes)
     # GDAL's kernels run about 2x faster without nodata masks, which only matter where NaN
     # could be blended into valid pixels. Any NaN under a pixel's kernel lies in every source
     # window read for that pixel, so masking only blocks holding NaN gives the same values

@@ -215,6 +215,21 @@ def _band_select(option: str, text: Optional[str], sources: list, what: str) -> 
     return [b - 1 for b in bands]
 
 
+def _band_reads(sources: list, select: Optional[list[int]]) -> tuple[list, Optional[list[int]]]:
+    """Per input file, the 1-based bands to read (None: all; []: none), and the permutation that
+    puts the bands read (file after file) into the order of ``select`` (None: already in order)."""
+    if select is None:
+        return [None] * len(sources), None
+    reads, read_order, start = [], [], 0
+    for s in sources:
+        mine = [g for g in select if start <= g < start + s.count]
+        reads.append([g - start + 1 for g in mine])
+        read_order += mine
+        start += s.count
+    order = [read_order.index(g) for g in select]
+    return reads, None if order == sorted(order) else order
+
+
 def _positions(start: int, length: int, tile: int, stride: int) -> list[int]:
     """Chip offsets covering [start, start+length): regular steps, last one snapped to the edge."""
     if length < tile:
@@ -370,13 +385,17 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
 
     grid = plan.grid
     parts = []
-    for src, nd, rs in zip(plan.optical, plan.optical_nodata, plan.optical_resampling, strict=True):
+    # Only the chosen bands are read (--optical-bands); an unused band never drops a pixel.
+    reads, order = _band_reads(plan.optical, plan.optical_select)
+    for src, nd, rs, idx in zip(plan.optical, plan.optical_nodata, plan.optical_resampling, reads, strict=True):
+        if idx == []:
+            continue
         with rasterio.open(src.path) as ds:
-            parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs,
+            parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs, indexes=idx,
                                       prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
     optical = np.concatenate(parts, axis=0)
-    if plan.optical_select is not None:  # before validity: an unused band's nodata must not drop pixels
-        optical = optical[plan.optical_select]
+    if order is not None:
+        optical = optical[order]
     optical = R.invalidate_pixels(optical)
     parts = []
     for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):

@@ -75,10 +75,10 @@ class OpticalSource:
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         col0, col1 = _cols(self.grid, col0, col1)
         nodata = self.ds.nodata
-        data = read_on_grid(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel="none",
+        # Only the bands chosen at prepare are read, as prepare reads them: the same pixels are valid.
+        indexes = None if self.select is None else [b + 1 for b in self.select]
+        data = read_on_grid(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel="none", indexes=indexes,
                             prepare=lambda block: optical_to_float(block, nodata))
-        if self.select is not None:  # after nodata, as prepare does: the same pixels are valid
-            data = data[self.select]
         return data, np.all(np.isfinite(data), axis=0)
 
     def close(self) -> None:
