@@ -181,15 +181,43 @@ def _is_urban(i: np.ndarray, j: np.ndarray, seed: int) -> np.ndarray:
     return table[j - j0, i - i0]
 
 
-def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Optional[np.ndarray] = None):
-    """Building footprints at float pixel coordinates.
+@dataclass(frozen=True)
+class BuildingSar:
+    """SAR geometry of the buildings, derived in each building's own cell (2-D bool masks)."""
 
-    Returns ``(mask, hash, sar)``: the footprint mask, a per-building hash (roof colour), and
-    the SAR geometry masks derived in the building's own cell (so no second evaluation at
-    shifted coordinates is needed): ``wall`` (east edge, double bounce), ``layover`` (the
-    footprint shifted ``LAYOVER`` px east, toward the sensor) and ``shadow`` (``SHADOW`` px
-    west of the footprint).
-    """
+    wall: np.ndarray  # east edge of a footprint: double bounce
+    layover: np.ndarray  # the footprint shifted LAYOVER px east, toward the sensor
+    shadow: np.ndarray  # SHADOW px west of the footprint
+
+
+@dataclass(frozen=True)
+class Buildings:
+    """Building footprints of a window, a per-building hash (roof colour) and their SAR geometry."""
+
+    mask: np.ndarray
+    hash: np.ndarray
+    sar: BuildingSar
+
+
+@dataclass(frozen=True)
+class SceneSample:
+    """The ground of one window of coordinates, as both sensors see it (2-D arrays)."""
+
+    cls: np.ndarray  # uint8 class of CLASSES
+    building: np.ndarray  # bool footprints (not on water)
+    building_hash: np.ndarray  # per-building draw in [0, 1): roof colour
+    parcel_hash: np.ndarray  # per-parcel draw in [0, 1): brightness, row texture
+    water: np.ndarray  # bool
+    road: np.ndarray  # bool
+    u: np.ndarray  # local parcel coordinates, px
+    v: np.ndarray
+    sar: BuildingSar
+
+
+def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Optional[np.ndarray] = None) -> Buildings:
+    """Building footprints at float pixel coordinates, with a per-building hash (roof colour) and
+    the SAR geometry derived in the building's own cell (so no second evaluation at shifted
+    coordinates is needed)."""
     i, j, u, v = parcels if parcels is not None else _parcels(x, y, seed)
     if urban is None:
         urban = _is_urban(i, j, seed)
@@ -214,15 +242,15 @@ def _buildings(x: np.ndarray, y: np.ndarray, seed: int, parcels=None, urban: Opt
     du = lu - np.take(lo_u, idx)  # position east of the footprint's west edge
     width = np.take(w.astype(np.float32), idx)
     mask = cell & (du >= 0) & (du < width)
-    sar = {
-        "wall": mask & (du >= width - 1.5),
-        "layover": cell & (du >= LAYOVER) & (du < width + LAYOVER),
-        "shadow": cell & (du < 0) & (du >= -SHADOW),
-    }
-    return mask, np.take(h2, idx), sar
+    sar = BuildingSar(
+        wall=mask & (du >= width - 1.5),
+        layover=cell & (du >= LAYOVER) & (du < width + LAYOVER),
+        shadow=cell & (du < 0) & (du >= -SHADOW),
+    )
+    return Buildings(mask=mask, hash=np.take(h2, idx), sar=sar)
 
 
-def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
+def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> SceneSample:
     """Evaluate the scene at float optical-pixel coordinates (pixel centres are ``k + 0.5``).
 
     ``x`` and ``y`` are 2-D windows of coordinates (smooth fields are sampled on a coarse grid
@@ -239,23 +267,22 @@ def scene_at(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
     cls[urban | rural_road] = BUILT
     water = _coarse(lambda a, b: _fbm(a, b, WATER_SCALE, seed + 51), x, y) < 0.29
     cls[water] = WATER
-    building, bh, sar = _buildings(x, y, seed, parcels, urban)
-    building &= ~water
-    return {"cls": cls, "building": building, "building_hash": bh, "parcel_hash": ph, "water": water,
-            "road": town_road | rural_road, "u": u, "v": v, "sar": sar}
+    b = _buildings(x, y, seed, parcels, urban)
+    return SceneSample(cls=cls, building=b.mask & ~water, building_hash=b.hash, parcel_hash=ph, water=water,
+                       road=town_road | rural_road, u=u, v=v, sar=b.sar)
 
 
 def _optical_window(x, y, seed, bands: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     s = scene_at(x, y, seed)
-    cls = s["cls"]
+    cls = s.cls
     sig = _OPTICAL[cls]  # (h, w, 4)
     # Per-parcel brightness and field rows (texture the SAR does not see at this scale).
-    bright = 0.8 + 0.4 * s["parcel_hash"]
-    rows = np.where(cls == BARE, 1.0 + 0.12 * np.sin((s["u"] + s["v"] * (s["parcel_hash"] - 0.5)) * 1.3), 1.0)
+    bright = 0.8 + 0.4 * s.parcel_hash
+    rows = np.where(cls == BARE, 1.0 + 0.12 * np.sin((s.u + s.v * (s.parcel_hash - 0.5)) * 1.3), 1.0)
     factor = (bright * rows).astype(np.float32)[..., None]
-    roof = 0.15 + 0.25 * s["building_hash"]
+    roof = 0.15 + 0.25 * s.building_hash
     sig = sig * factor
-    b = s["building"]
+    b = s.building
     sig[b] = np.stack([roof[b] * 0.9, roof[b] * 0.85, roof[b] * 1.1, roof[b] * 0.9], axis=-1)
     # Band mapping: 4 -> B,G,R,NIR; 3 -> R,G,B; other counts interpolate across the signature.
     if bands == 4:
@@ -276,14 +303,14 @@ def _optical_window(x, y, seed, bands: int, rng: np.random.Generator) -> tuple[n
 def _sar_window(x, y, seed, bands: int, rng: np.random.Generator) -> np.ndarray:
     """Linear sigma0 power (bands, h, w) at float optical-pixel coordinates."""
     s = scene_at(x, y, seed)
-    cls = s["cls"]
-    water = s["water"]
+    cls = s.cls
+    water = s.water
     # Sensor to the east: a roof at ground x appears at x + LAYOVER in the image, the wall
     # facing the sensor is the east edge, the shadow falls west of the footprint.
-    foot = s["building"]
-    wall = s["sar"]["wall"] & ~water
-    roof_img = s["sar"]["layover"] & ~water
-    shadow = s["sar"]["shadow"] & ~foot & ~roof_img & ~water
+    foot = s.building
+    wall = s.sar.wall & ~water
+    roof_img = s.sar.layover & ~water
+    shadow = s.sar.shadow & ~foot & ~roof_img & ~water
     out = np.empty((bands, *cls.shape), dtype=np.float32)
     for b in range(bands):
         p = b % 2  # co-pol / cross-pol pattern
