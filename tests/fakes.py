@@ -76,14 +76,15 @@ def make_synthetic_dataset(root, n_chips: int = 64, tile: int = 256, optical_ban
 
 
 def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), sar_bands=("VV", "VH"),
-                        preset: str = "tiny", img_size: int = 32, patch_size: int = 8, ccl: str = "off",
+                        preset: str = "tiny", img_size: int = 32, patch_size: int = 8, ccl: str | None = "off",
                         cdr: bool | None = None, degradation: str | None = None, stats: dict | None = None,
-                        seed: int = 0, source_range: dict | None = None) -> Path:
+                        seed: int | None = 0, source_range: dict | None = None) -> Path:
     """A CoDe-MAE pretraining checkpoint directory at ``path`` (random weights, no distillation).
 
-    ``cdr``/``degradation``: the cross decoder switch and its degradation (None: the defaults);
-    ``stats``: the normalisation the checkpoint records (None: none, readers use the dataset's);
-    ``source_range``: the source scale it records (None: none, as checkpoints written before it).
+    ``ccl``, ``cdr``, ``degradation``: the CCL mode, the cross decoder switch and its degradation
+    (None: the model's defaults); ``stats``: the normalisation the checkpoint records (None: none,
+    readers use the dataset's); ``source_range``: the source scale it records (None: none, as
+    checkpoints written before it); ``seed``: of the weights (None: the global torch generator).
     """
     import torch
 
@@ -91,10 +92,12 @@ def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), 
     from codemae_cli.model import ModelConfig, build_model
     from codemae_cli.train.checkpoint import save_checkpoint
 
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     cfg = ModelConfig(preset=preset, img_size=img_size, patch_size=patch_size)
     cfg.okd.enabled = False
-    cfg.ccl.mode = ccl
+    if ccl is not None:
+        cfg.ccl.mode = ccl
     if cdr is not None:
         cfg.cdr.enabled = cdr
     if degradation is not None:
