@@ -126,3 +126,15 @@ def test_band_reads_cover_files_stacked_in_any_order():
     reads, order = _band_reads(files, [4, 2, 0])
     assert reads == [[1], [2], [1]]
     assert [[0, 2, 4][i] for i in order] == [4, 2, 0]
+
+
+def test_evaluate_reference_nodata_is_declared_or_named(tmp_path):
+    from codemae_cli.tasks.evaluate import evaluate_raster
+    from tests.rasters import write_raster
+
+    pred = write_raster(tmp_path / "p.tif", np.array([[0, 1], [1, 1]], np.uint8))
+    ref = write_raster(tmp_path / "r.tif", np.array([[0, 1], [-9999, 0]], np.int16))
+    with pytest.raises(UserError, match="value -9999.*--ref-nodata -9999"):
+        evaluate_raster(pred, ref, classes=["dry", "water"])
+    m = evaluate_raster(pred, ref, classes=["dry", "water"], ref_nodata=-9999)
+    assert m["pixels"] == 3 and m["support"] == [2, 1]  # the -9999 pixel is not scored

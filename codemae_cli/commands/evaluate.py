@@ -37,6 +37,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             None, "--classes", help="Comma-separated class names in id order (default: from the raster tags)."
         ),
         ignore_index: int = typer.Option(255, "--ignore-index", help="Reference value that is not scored."),
+        ref_nodata: Optional[float] = typer.Option(
+            None, "--ref-nodata", help="Reference raster value marking unlabelled pixels, e.g. -1 (default: the "
+            "file's nodata); not scored."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
         batch_size: int = typer.Option(8, "--batch-size", help="Chips per forward pass (checkpoint mode)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (checkpoint mode)."),
@@ -75,7 +78,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             if data:
                 raise UserError("--data belongs with --checkpoint; a prediction is compared with --ref")
             names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-            metrics = evaluate_raster(pred, ref, label_column=label_column, classes=names, ignore_index=ignore_index)
+            metrics = evaluate_raster(pred, ref, label_column=label_column, classes=names, ignore_index=ignore_index,
+                                      ref_nodata=ref_nodata)
             title = f"{pred.name} vs {ref.name}"
         console = Console()
         console.print(metrics_table(metrics, title=title))

@@ -229,7 +229,8 @@ def _read_raster(path: Path, what: str):
 
 
 def _reference_on_grid(ref: Path, grid, nodata_value: int, label_column: Optional[str],
-                       class_names: Optional[list[str]]) -> tuple[np.ndarray, Optional[list[str]]]:
+                       class_names: Optional[list[str]],
+                       ref_nodata: Optional[float] = None) -> tuple[np.ndarray, Optional[list[str]]]:
     """The reference as int32 labels on the prediction's grid; ``nodata_value`` where unknown.
 
     A raster reference is read like prepare reads label rasters (directly when on the grid,
@@ -246,7 +247,7 @@ def _reference_on_grid(ref: Path, grid, nodata_value: int, label_column: Optiona
             raise UserError(f"reference raster '{ref}' has no CRS")
         if not _overlap(transform_bounds(src.crs, grid.crs, *src.bounds), grid.bounds):
             raise UserError(f"reference '{ref}' does not overlap the prediction")
-        nodata = src.nodata
+        nodata = ref_nodata if ref_nodata is not None else src.nodata  # --ref-nodata, else the file's
 
         def prepare(block: np.ndarray) -> np.ndarray:
             out = block.astype(np.int32)
@@ -317,8 +318,11 @@ def _overlap(a, b) -> bool:
 
 
 def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Optional[Sequence[str]] = None,
-                    ignore_index: int = 255, band: int = 1) -> dict:
-    """Metrics of a predicted class raster against a reference raster or vector file."""
+                    ignore_index: int = 255, band: int = 1, ref_nodata: Optional[float] = None) -> dict:
+    """Metrics of a predicted class raster against a reference raster or vector file.
+
+    ``ref_nodata``: the reference raster's value for unlabelled pixels when the file does not
+    declare it (e.g. -1 in Sen1Floods11); those pixels are not scored."""
     from codemae_cli.data.geo import Grid
 
     pred = Path(pred)
@@ -337,11 +341,15 @@ def evaluate_raster(pred, ref, label_column: Optional[str] = None, classes: Opti
     if not valid.any():
         raise UserError(f"predicted raster '{pred}' holds only nodata")
     nodata_value = -1
-    reference, ref_names = _reference_on_grid(ref, grid, nodata_value, label_column, names)
+    reference, ref_names = _reference_on_grid(ref, grid, nodata_value, label_column, names, ref_nodata)
     names = names or ref_names
     keep = valid & (reference != nodata_value) & (reference != ignore_index)
     if not keep.any():
         raise UserError("the prediction and the reference share no valid pixel")
+    if (reference[keep] < 0).any():
+        v = int(reference[keep].min())
+        raise UserError(f"reference '{ref}' holds the value {v}, not a class code; if {v} marks unlabelled pixels, "
+                        f"pass --ref-nodata {v}")
     if names:
         k = len(names)
     else:
