@@ -32,9 +32,9 @@ def pattern_ds(tmp_path_factory):
     sar = np.load(root / "shards" / "sar_00000.npy", mmap_mode="r+")
     lab = np.load(root / "shards" / "label_00000.npy", mmap_mode="r+")
     for n in range(opt.shape[0]):
-        opt[n] = pattern + 100 * n
-        sar[n] = pattern + 100 * n
-        lab[n] = (pattern + 100 * n).astype(np.uint8)
+        opt[n] = pattern + 8 * n
+        sar[n] = (pattern + 8 * n) * 256  # SAR shards hold counts of 1/256 dB
+        lab[n] = (pattern + 8 * n).astype(np.uint8)
     opt.flush(), sar.flush(), lab.flush()
     del opt, sar, lab
     _set_stats(root, [0.0] * 3, [1.0] * 3, [0.0] * 2, [1.0] * 2)
@@ -73,8 +73,8 @@ def test_crop_and_flip_identical_for_optical_sar_and_label(pattern_ds):
 def test_normalisation_nodata_and_validation_mode(tmp_path):
     root = make_synthetic_dataset(tmp_path / "d", n_chips=3, tile=32, nodata_fraction=0.25)
     _set_stats(root, [10.0, 20.0, 30.0], [2.0, 4.0, 5.0], [-10.0, -15.0], [2.0, 0.0])
-    raw_o = np.load(root / "shards" / "optical_00000.npy")[1]
-    raw_s = np.load(root / "shards" / "sar_00000.npy")[1]
+    raw = PreparedDataset(root).read(1)  # decoded from the stored dtypes: dB, NaN = nodata
+    raw_o, raw_s = raw["optical"], raw["sar"]
     chips = PairedChips([root], "train", img_size=32, train=False)
     it = chips[1]
     exp = (raw_o - np.array([10, 20, 30], np.float32)[:, None, None]) / np.array([2, 4, 5], np.float32)[:, None, None]

@@ -59,8 +59,8 @@ def test_nodata_validity_footprints_and_stats(tmp_path, holes):
         o[:, invalid] = np.nan
         np.testing.assert_array_equal(item["optical"], o)
         s_db = 10 * np.log10(sar[:, r:r + 32, c:c + 32])
-        # SAR is stored as float16 dB: within half a float16 step (2**-6 dB below 64 dB); NaN where NaN.
-        np.testing.assert_allclose(item["sar"], s_db, rtol=0, atol=2.0**-6)
+        # SAR is stored in steps of 1/256 dB: within half a step; NaN where NaN.
+        np.testing.assert_allclose(item["sar"], s_db, rtol=0, atol=2.0**-9 + 1e-6)
         vo, vs = ~invalid, np.isfinite(s_db[0])
         assert idx.iloc[i]["valid_optical"] == pytest.approx(vo.mean())
         assert idx.iloc[i]["valid_sar"] == pytest.approx(vs.mean())
@@ -149,12 +149,12 @@ def test_spacenet6_sample_pair(tmp_path, sample_pair):
     m = ds.meta
     assert m["optical"]["count"] == 3 and m["sar"]["count"] == 4 and m["sar"]["input_scale"] == "db"
     assert m["scenes"][0]["resampling"] == {"optical": ["none"], "sar": ["none"]}
-    assert m["shards"] == {"optical": "uint8", "optical_valid": "packbits", "sar": "float16"}
+    assert m["shards"]["optical"] == "uint8" and m["shards"]["sar"] == "int16"
     assert len(ds) > 0 and m["dropped"].get("no_sar", 0) + m["dropped"].get("low_valid", 0) > 0  # swath edge
     with rasterio.open(sar) as src:
         r, c = int(ds.index.iloc[0]["row"]), int(ds.index.iloc[0]["col"])
         direct = src.read(window=((r, r + 64), (c, c + 64)))
-    np.testing.assert_allclose(ds.read(0)["sar"], direct, atol=2.0**-6)  # dB -> power -> dB, float16 dB
+    np.testing.assert_allclose(ds.read(0)["sar"], direct, atol=2.0**-9 + 1e-4)  # dB -> power -> dB, 1/256 dB steps
 
 
 def test_bigearthnet_pair_with_10_20_60_m_bands(tmp_path, real_dir):
@@ -183,9 +183,8 @@ def test_slc_input_becomes_intensity(tmp_path, real_dir, sample_pair):
     assert ds.meta["sar"]["input_scale"] == "slc" and s["chips"] >= 1
     sar = ds.read(0)["sar"]
     assert np.isfinite(sar).mean() > 0.5 and np.nanmax(sar) < 200
-    # Uncalibrated SLC intensities reach about 90 dB, where float16 would round by up to
-    # 0.031 dB: this SAR is kept as float32; calibrated sigma0 (the sample pair) as float16.
-    assert ds.meta["shards"]["sar"] == "float32"
+    # Uncalibrated SLC intensities reach about 90 dB: still within the fixed-point range.
+    assert ds.meta["shards"]["sar"] == "int16" and 80 < np.nanmax(sar) < 128
 
 
 def test_yaml_manifest_with_band_lists(tmp_path):

@@ -74,7 +74,7 @@ def test_shard_writer_splits_parts_and_reader_returns_copies(tmp_path):
     for i in range(7):
         item = ds.read(i)
         np.testing.assert_array_equal(item["optical"], chips[i][0])
-        np.testing.assert_array_equal(item["sar"], chips[i][1].astype(np.float16))  # stored as float16 dB
+        np.testing.assert_array_equal(item["sar"], np.rint(chips[i][1] * 256) / 256)  # 1/256 dB steps
         np.testing.assert_array_equal(item["label"], chips[i][2])
         assert item["chip_id"] == f"c{i}"
     item = ds.read(0)
@@ -110,7 +110,7 @@ def test_reader_refuses_non_dataset(tmp_path):
 
 
 def test_integer_optical_keeps_its_dtype_and_nodata_round_trips(tmp_path):
-    """uint16 optical is stored as uint16 with a packed validity mask, SAR as float16 dB;
+    """uint16 optical is stored as uint16 with a packed validity mask, SAR as 1/256 dB counts;
     reads give back the same float values, NaN exactly where the input was nodata."""
     rng = np.random.default_rng(2)
     layout = ShardLayout.for_source("uint16", tile=12, optical_bands=4, sar_bands=2, labels=False)
@@ -128,7 +128,7 @@ def test_integer_optical_keeps_its_dtype_and_nodata_round_trips(tmp_path):
     rows = [{"chip_id": f"c{i}", "split": "train", "shard": i // 2, "offset": i % 2} for i in range(3)]
     meta = finish_dataset(tmp_path, layout, writer.close(), rows, [box(0, 0, 1, 1)] * 3, "EPSG:32631",
                           writer.stats, {})
-    assert meta["shards"] == {"optical": "uint16", "optical_valid": "packbits", "sar": "float16"}
+    assert meta["shards"] == {"optical": "uint16", "optical_valid": "packbits", "sar": "int16", "sar_step_db": 1 / 256}
     assert meta["format_version"] == FORMAT_VERSION == 2
     stored = np.load(tmp_path / "shards" / shard_name("optical", 0), mmap_mode="r")
     assert stored.dtype == np.uint16 and stored.shape == (2, 4, 12, 12)
@@ -136,7 +136,7 @@ def test_integer_optical_keeps_its_dtype_and_nodata_round_trips(tmp_path):
     for i, (o, s) in enumerate(chips):
         item = ds.read(i)
         np.testing.assert_array_equal(item["optical"], o)  # NaN where NaN, same values elsewhere
-        np.testing.assert_allclose(item["sar"], s, rtol=0, atol=2.0**-6)
+        np.testing.assert_allclose(item["sar"], s, rtol=0, atol=2.0**-9)  # half a 1/256 dB step
         assert np.array_equal(np.isnan(item["sar"]), np.isnan(s))
     # Stats are those of the stored values over the valid pixels.
     flat = np.stack([ds.read(i)["optical"] for i in range(3)]).transpose(1, 0, 2, 3).reshape(4, -1)
@@ -171,6 +171,7 @@ def test_newer_format_version_is_refused_in_one_sentence(tmp_path):
 
 
 def test_running_stats_skip_nodata_in_float16_and_masked_integer_chips():
+    """float16 and integer chips (as some stored arrays are) sum in float64, skipping nodata."""
     rng = np.random.default_rng(0)
     x = rng.uniform(-60, 30, (2, 16, 16)).astype(np.float16)
     x[:, :4] = np.nan

@@ -3,9 +3,13 @@
     codemae bench loader [--dataset DIR] [--workers 0,1,2,4] [--img-size 224]
 
 Without ``--dataset`` a synthetic prepared dataset (random optical/SAR chips in the exact
-``codemae prepare`` format) is written to a temporary directory first. The baseline in the
-same run is the raw memmap read of whole chips (no crop, resize, normalisation): the ceiling
-the augmentation pipeline is compared against.
+``codemae prepare`` format: uint8 optical with its validity bits, SAR in 1/256 dB counts) is written to
+a temporary directory first. The baseline in the same run is the raw memmap read of whole chips
+(no crop, resize, normalisation): the ceiling the augmentation pipeline is compared against.
+
+No TorchGeo-shaped baseline is printed: it would need TorchGeo (or a GeoTIFF-window reader
+written here to imitate it) as a dependency. The measured comparison and its settings are in
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -156,7 +160,8 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
     tmp = None
     if dataset is None:
         tmp = tempfile.TemporaryDirectory(prefix="codemae-loader-bench-")
-        echo(f"writing a synthetic dataset of {chips} chips ({tile} px, 3 optical + 2 SAR bands) to {tmp.name} ...")
+        echo(f"writing a synthetic dataset of {chips} chips ({tile} px, 3 uint8 optical + 2 SAR bands in 1/256 dB) "
+             f"to {tmp.name} ...")
         root = write_bench_dataset(Path(tmp.name) / "data", n_chips=chips, tile=tile)
     else:
         root = Path(dataset)

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from codemae_cli.data.shards import SAR_DTYPE, SAR_NODATA
 from codemae_cli.data.stats import BandNorm
 from codemae_cli.errors import UserError
 
@@ -139,8 +140,13 @@ class _Source:
         self.n_sar = int(meta["sar"]["count"])
         if norm.bands != self.n_opt + self.n_sar:
             raise UserError(f"dataset '{self.root}' stats do not match its band counts")
-        self.mean = norm.mean
-        self.inv_std = norm.scale
+        # Normalisation in STORED units (fixed-point SAR counts, integer optical), so the loader and
+        # DeviceAugment normalise what they copy out of the maps without decoding it first:
+        # (q * step - mean) / std == (q - mean / step) * (step / std).
+        step = np.ones(norm.bands, np.float64)
+        step[self.n_opt:] = self.layout.sar_step
+        self.mean = (norm.mean / step).astype(np.float32)
+        self.inv_std = (norm.scale * step).astype(np.float32)
         self.with_labels = with_labels
         if with_labels and not meta.get("labels"):
             raise UserError(f"dataset '{self.root}' has no labels (prepare it with --labels)")
@@ -166,6 +172,13 @@ class _Source:
             return None
         bits = np.unpackbits(self.array("optical_valid", k)[off, rows], axis=-1, count=self.tile)
         return bits[:, cols] == 0
+
+    def sar_invalid(self, k: int, off: int, rows: slice, cols: slice) -> np.ndarray | None:
+        """(Cs, h, w) bool, True where the SAR crop is nodata, for fixed-point shards; None for
+        float shards, whose nodata is NaN."""
+        if self.layout.sar_dtype != SAR_DTYPE:
+            return None
+        return self.array("sar", k)[off, :, rows, cols] == SAR_NODATA
 
     def array(self, modality: str, k: int) -> np.ndarray:
         from codemae_cli.data.shards import shard_name
@@ -388,6 +401,9 @@ class PairedChips:
             bad_opt = src.optical_invalid(k, off, rows, cols)                             # integer shards
             if bad_opt is not None:
                 bad[:co] |= bad_opt
+            bad_sar = src.sar_invalid(k, off, rows, cols)                                 # fixed-point SAR
+            if bad_sar is not None:
+                bad[co:] |= bad_sar
             v = ~(bad[:co].any(0) | bad[co:].any(0))                                      # (h, w)
             x[bad] = 0.0
         t = torch.from_numpy(x)[None]                                                     # (1, C, h, w)
@@ -462,11 +478,14 @@ class PairedChips:
             box[j] = (left, top, left + w, top + h)
             flips[j] = flip
             np.copyto(opt_np[j], src.array("optical", k)[off], casting="same_kind")
-            if not whole:  # integer shards: nodata from the validity bits, as NaN for DeviceAugment
+            np.copyto(sar_np[j], src.array("sar", k)[off], casting="same_kind")
+            if not whole:  # integer shards: nodata from the validity bits / sentinel, as NaN for DeviceAugment
                 bad_opt = src.optical_invalid(k, off, slice(None), slice(None))
                 if bad_opt is not None:
                     opt_np[j][:, bad_opt] = np.nan
-            np.copyto(sar_np[j], src.array("sar", k)[off], casting="same_kind")
+                bad_sar = src.sar_invalid(k, off, slice(None), slice(None))
+                if bad_sar is not None:
+                    sar_np[j][bad_sar] = np.nan
             if lab_np is not None:
                 np.copyto(lab_np[j], src.array("label", k)[off], casting="unsafe")
         out = {"optical": opt, "sar": sar, "box": torch.from_numpy(box), "flip": torch.from_numpy(flips)}

@@ -43,7 +43,6 @@ from codemae_cli.data.geo import (
     read_on_grid,
     read_sar_power,
     resampling_kernel,
-    sar_to_power,
 )
 from codemae_cli.data.labels import (
     IGNORE,
@@ -54,7 +53,7 @@ from codemae_cli.data.labels import (
     raster_label_prepare,
 )
 from codemae_cli.data.manifest import SceneSpec, read_manifest
-from codemae_cli.data.shards import FORMAT, ShardLayout, ShardWriter, finish_dataset, sar_dtype_for
+from codemae_cli.data.shards import FORMAT, ShardLayout, ShardWriter, finish_dataset
 from codemae_cli.data.source_scale import optical_range_rule, source_range_meta
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
@@ -772,31 +771,10 @@ class _Null:
 
 
 def _layout(plans: list[ScenePlan], tile: int, has_labels: bool) -> ShardLayout:
-    """Shard dtypes: integer optical in its source dtype when every optical input shares it;
-    SAR float16 dB unless its values reach FLOAT16_DB_LIMIT."""
+    """Shard dtypes: integer optical in its source dtype when every optical input shares it."""
     dtypes = {s.dtype for p in plans for s in p.optical}
     return ShardLayout.for_source(dtypes.pop() if len(dtypes) == 1 else "float32", tile=tile,
-                                  optical_bands=plans[0].n_optical, sar_bands=plans[0].n_sar, labels=has_labels,
-                                  sar_dtype=sar_dtype_for(_sar_db_extent(plans)))
-
-
-def _sar_db_extent(plans: list[ScenePlan], across: int = 256) -> float:
-    """Largest |dB| of the SAR inputs, from decimated reads (about ``across`` px per side):
-    resampling in linear power never leaves the inputs' range, so this bounds the chips."""
-    import rasterio
-    from rasterio.enums import Resampling
-
-    top = 0.0
-    for p in plans:
-        for src, nd, sc in zip(p.sar, p.sar_nodata, p.sar_scales, strict=True):
-            with rasterio.open(src.path) as ds:
-                step = max(1, math.ceil(max(ds.height, ds.width) / across))
-                shape = (ds.count, math.ceil(ds.height / step), math.ceil(ds.width / step))
-                values = ds.read(out_shape=shape, resampling=Resampling.nearest)
-            db = np.abs(power_to_db(sar_to_power(values, sc, nd)))
-            if np.isfinite(db).any():
-                top = max(top, float(np.nanmax(db)))
-    return top
+                                  optical_bands=plans[0].n_optical, sar_bands=plans[0].n_sar, labels=has_labels)
 
 
 @dataclass

@@ -47,18 +47,21 @@ class _Mosaic:
     """Decimated canvases of one scene: every ``step``-th pixel of the reference grid."""
 
     def __init__(self, ds, rows: np.ndarray, size: int, bands: list[int]):
-        idx = ds.index.iloc[rows]
-        self.r0, self.c0 = int(idx["row"].min()), int(idx["col"].min())
+        # Plain numpy columns: a GeoDataFrame lookup per chip costs more than its read.
+        self.row = ds.index["row"].to_numpy(dtype=np.int64)
+        self.col = ds.index["col"].to_numpy(dtype=np.int64)
+        self.split = ds.index["split"].astype(str).to_numpy()
+        self.r0, self.c0 = int(self.row[rows].min()), int(self.col[rows].min())
         T = ds.tile
-        height = int(idx["row"].max()) + T - self.r0
-        width = int(idx["col"].max()) + T - self.c0
+        height = int(self.row[rows].max()) + T - self.r0
+        width = int(self.col[rows].max()) + T - self.c0
         self.step = max(1, math.ceil(max(height, width) / size))
         self.shape = (math.ceil(height / self.step), math.ceil(width / self.step))
         self.ds, self.rows, self.bands, self.tile = ds, rows, bands, T
 
     def _read(self, i: int) -> tuple[dict, int, int]:
         """Chip ``i`` sampled on the scene's decimated lattice, and where it goes on the canvas."""
-        row, col = int(self.ds.index["row"].iat[i]), int(self.ds.index["col"].iat[i])
+        row, col = int(self.row[i]), int(self.col[i])
         s = self.step
         fr, fc = (-(row - self.r0)) % s, (-(col - self.c0)) % s  # first sampled pixel in the chip
         chip = self.ds.read(i, slice(fr, None, s), slice(fc, None, s))
@@ -90,12 +93,12 @@ class _Mosaic:
         return out
 
     def _outline(self, panel: np.ndarray, i: int) -> None:
-        idx, s = self.ds.index, self.step
-        y0 = (int(idx["row"].iat[i]) - self.r0) // s
-        x0 = (int(idx["col"].iat[i]) - self.c0) // s
+        s = self.step
+        y0 = (int(self.row[i]) - self.r0) // s
+        x0 = (int(self.col[i]) - self.c0) // s
         y1 = min(panel.shape[0], y0 + math.ceil(self.tile / s)) - 1
         x1 = min(panel.shape[1], x0 + math.ceil(self.tile / s)) - 1
-        colour = SPLIT_COLOURS.get(str(idx["split"].iat[i]), (255, 255, 255))
+        colour = SPLIT_COLOURS.get(str(self.split[i]), (255, 255, 255))
         panel[y0, x0:x1 + 1] = panel[y1, x0:x1 + 1] = colour
         panel[y0:y1 + 1, x0] = panel[y0:y1 + 1, x1] = colour
 
@@ -120,5 +123,6 @@ def write_quicklook(root: str | Path, path: str | Path, size: int = 384, max_sce
     width = max(r.shape[1] for r in rows)
     rows = [np.pad(r, ((0, _GAP), (0, width - r.shape[1]), (0, 0))) for r in rows]
     out = Path(path)
-    Image.fromarray(np.concatenate(rows, axis=0)[:-_GAP]).save(out, format="PNG")
+    # Fast zlib level: the default level costs more than everything else here for a few % size.
+    Image.fromarray(np.concatenate(rows, axis=0)[:-_GAP]).save(out, format="PNG", compress_level=1)
     return out

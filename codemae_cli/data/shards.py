@@ -8,7 +8,7 @@ Layout (docs/architecture.md section 1), format version 2::
     OUT/index.gpkg                      layer "chips": one row per chip, with `shard` and `offset`
     OUT/shards/optical_00000.npy        source dtype (uint8/uint16/int8/int16) or float32 (n, C_opt, T, T)
     OUT/shards/optical_valid_00000.npy  uint8 (n, T, ceil(T/8)): packed validity bits (integer optical only)
-    OUT/shards/sar_00000.npy            float16 (n, C_sar, T, T), dB, NaN = nodata
+    OUT/shards/sar_00000.npy            int16 (n, C_sar, T, T): dB in steps of 1/256, -32768 = nodata
     OUT/shards/label_00000.npy          uint8 (n, T, T), 255 = ignore      (only with labels)
 
 Float optical keeps NaN = nodata. Version 1 datasets (float32 optical and SAR) still load.
@@ -40,15 +40,13 @@ FORMAT_VERSION = 2
 MODALITIES = ("optical", "optical_valid", "sar", "label")
 # Integer optical kept as is: every value of these fits float32 exactly and costs <= 2 bytes.
 INTEGER_OPTICAL = ("uint8", "int8", "uint16", "int16")
-SAR_DTYPE = "float16"  # dB; rounding error <= 2**-6 dB below 64 dB (docs/architecture.md s.1)
-# SAR whose |dB| reaches this (uncalibrated SLC or digital numbers) is kept as float32: float16's
-# step above 64 dB would round by up to 0.031 dB, over the 0.02 dB the format promises.
-FLOAT16_DB_LIMIT = 60.0
-
-
-def sar_dtype_for(db_extent: float) -> str:
-    """float16 dB when the largest |dB| of the SAR stays under FLOAT16_DB_LIMIT, else float32."""
-    return SAR_DTYPE if db_extent < FLOAT16_DB_LIMIT else "float32"
+# SAR dB as fixed point: int16 counts of 1/256 dB, i.e. a rounding error of at most 0.002 dB
+# over +-128 dB (calibrated and uncalibrated SAR alike). Same size as float16, but a tenth of its
+# error where float16 is coarsest, and int16 -> float32 is a fast cast where numpy's
+# float16 -> float32 is not (docs/architecture.md s.1, docs/performance.md).
+SAR_DTYPE = "int16"
+SAR_STEP_DB = 1.0 / 256.0
+SAR_NODATA = -32768
 # Fixed header size: the header is written once with a placeholder count and rewritten with the
 # final count, so it must not change length. 128 bytes holds any 4-D shape of realistic size.
 _HEADER_BYTES = 128
@@ -120,8 +118,7 @@ class ShardLayout:
 
     @classmethod
     def for_source(cls, source_dtype: str, **kwargs) -> ShardLayout:
-        """The layout that keeps integer optical in its source dtype (else float32); SAR is
-        float16 unless ``sar_dtype`` says otherwise (see :func:`sar_dtype_for`)."""
+        """The layout that keeps integer optical in its source dtype (else float32)."""
         dt = str(np.dtype(source_dtype)) if source_dtype else "float32"
         return cls(optical_dtype=dt if dt in INTEGER_OPTICAL else "float32", **kwargs)
 
@@ -132,6 +129,26 @@ class ShardLayout:
         return cls(tile=int(meta["tile"]), optical_bands=int(meta.get("optical", {}).get("count", 0)),
                    sar_bands=int(meta.get("sar", {}).get("count", 0)), labels=meta.get("labels") is not None,
                    optical_dtype=sh.get("optical", "float32"), sar_dtype=sh.get("sar", "float32"))
+
+    @property
+    def sar_step(self) -> float:
+        """dB per stored SAR unit (1 for float SAR shards)."""
+        return SAR_STEP_DB if self.sar_dtype == SAR_DTYPE else 1.0
+
+    def encode_sar(self, db: np.ndarray) -> np.ndarray:
+        """float32 dB with NaN nodata -> the stored SAR array."""
+        if self.sar_dtype != SAR_DTYPE:
+            return np.asarray(db, dtype=self.sar_dtype)
+        q = np.clip(np.rint(db * np.float32(1.0 / SAR_STEP_DB)), -32767, 32767)
+        return np.where(np.isnan(q), SAR_NODATA, q).astype(np.int16)
+
+    def decode_sar(self, stored: np.ndarray) -> np.ndarray:
+        """Stored SAR -> float32 dB with NaN nodata (a new array)."""
+        out = np.array(stored, dtype=np.float32)
+        if self.sar_dtype == SAR_DTYPE:
+            out *= np.float32(SAR_STEP_DB)  # exact: 15-bit counts times a power of two
+            out[stored == SAR_NODATA] = np.nan
+        return out
 
     @property
     def optical_mask(self) -> bool:
@@ -149,7 +166,10 @@ class ShardLayout:
         return out
 
     def to_meta(self) -> dict:
-        return {m: str(dt) if m != "optical_valid" else "packbits" for m, (dt, _) in self.arrays().items()}
+        out = {m: str(dt) if m != "optical_valid" else "packbits" for m, (dt, _) in self.arrays().items()}
+        if self.sar_dtype == SAR_DTYPE:
+            out["sar_step_db"] = SAR_STEP_DB
+        return out
 
     def encode_optical(self, chip: np.ndarray) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """float32 (C, T, T) with NaN nodata -> (stored array, valid (T, T) bool or None).
@@ -209,7 +229,7 @@ class ShardWriter:
             self._open_part()
         assert self._writers is not None
         opt, valid = self.layout.encode_optical(optical)
-        sar_q = np.asarray(sar, dtype=self.layout.sar_dtype)
+        sar_q = self.layout.encode_sar(sar)
         self._writers["optical"].append(opt)
         if valid is not None:
             self._writers["optical_valid"].append(np.packbits(valid, axis=-1))
@@ -220,7 +240,7 @@ class ShardWriter:
             self._writers["label"].append(label)
         if train:
             self.stats["optical"].update(opt, valid)
-            self.stats["sar"].update(sar_q)
+            self.stats["sar"].update(self.layout.decode_sar(sar_q))
         part = len(self.parts) - 1
         offset = self.parts[part]["count"]
         self.parts[part]["count"] += 1
@@ -394,7 +414,7 @@ class PreparedDataset:
             optical[:, valid == 0] = np.nan
         return {
             "optical": optical,
-            "sar": np.array(self._map("sar", k)[off, :, rows, cols], dtype=np.float32),
+            "sar": self.layout.decode_sar(self._map("sar", k)[off, :, rows, cols]),
             "label": np.array(self._map("label", k)[off, rows, cols], dtype=np.uint8) if self.has_labels else None,
             "chip_id": str(self._chip_id[i]),
             "split": str(self._split[i]),

@@ -2,7 +2,7 @@
 
 - :class:`RunningStats`: streaming, nodata-aware per-band mean/std (Chan et al. parallel
   update, float64). Chips are added one at a time, in the units they are STORED in (integer
-  optical as its integer values, SAR as its float16 dB values), so the stats describe exactly
+  optical as its integer values, SAR in dB after its fixed-point rounding), so the stats describe exactly
   what a reader gets back; partial results from worker processes merge exactly.
 - :class:`BandNorm`: ``(x - mean) / std`` per band, with one rule for bands whose std is zero,
   unknown or not finite (scale 1: such a band carries no signal to scale) and for unknown means
