@@ -152,6 +152,7 @@ def test_metadata_record_reads_old_checkpoints_with_documented_defaults(tmp_path
     meta = read_checkpoint_meta(tmp_path / "run")
     assert meta.path == tmp_path / "run" / "checkpoints" / "best" and meta.kind == "finetune"
     assert meta.sar_scale == "unknown" and meta.band_selection == {"optical": None, "sar": None}
+    assert meta.nodata_override == {"optical": None, "sar": None}  # predict reads each file's own nodata
     assert meta.backbone == "vit" and meta.preset == "tiny" and meta.patch_size == 8 and meta.img_size == 64
     assert meta.task == "classification" and meta.inputs == "sar" and meta.class_names == ["water", "land"]
     assert meta.stats == {} and meta.raw["bands"] == old["bands"]
@@ -165,7 +166,8 @@ def test_metadata_record_sar_scale_follows_the_training_data(tmp_path):
     from codemae_cli.train.checkpoint import data_provenance, read_checkpoint_meta
 
     prov = data_provenance([{"sar": {"input_scale": "linear", "selected": [2, 1]}, "optical": {}}])
-    assert prov == {"sar_scale": "linear", "band_selection": {"optical": None, "sar": [2, 1]}}
+    assert prov == {"sar_scale": "linear", "band_selection": {"optical": None, "sar": [2, 1]},
+                    "nodata_override": {"optical": None, "sar": None}}
     assert data_provenance([{"sar": {"input_scale": "db"}}, {"sar": {"input_scale": "linear"}}])["sar_scale"] == "mixed"
     save_checkpoint(tmp_path / "ck", _model(), {"kind": "finetune", "backbone": "itpn", **prov})
     meta = read_checkpoint_meta(tmp_path / "ck")

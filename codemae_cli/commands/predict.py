@@ -81,6 +81,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             "auto", "--sar-scale", help="Units of the SAR scene: auto (those of the training data, as the checkpoint "
             "records them; dB for older checkpoints) | db | linear (power) | amplitude."),
         readers: int = typer.Option(2, "--readers", help="Threads reading the scene ahead of the model."),
+        nodata_optical: Optional[str] = typer.Option(
+            None, "--nodata-optical", help="Optical nodata value, or none (default: the one given to prepare, "
+            "else the file's; NaN is always nodata)."),
+        nodata_sar: Optional[str] = typer.Option(
+            None, "--nodata-sar", help="SAR nodata value, or none (default: the one given to prepare, else the "
+            "file's; NaN is always nodata)."),
         threads: Optional[int] = typer.Option(
             None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
             "or per torchrun process; OMP_NUM_THREADS also sets it)."),
@@ -122,6 +128,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             precision=precision,
             progress=not quiet,
             readers=readers,
+            nodata_optical=nodata_optical,
+            nodata_sar=nodata_sar,
         )
         print_summary(summary)
 

@@ -889,6 +889,7 @@ def _dataset_meta(plans: list[ScenePlan], o: PrepareOptions, stride: int, merged
             "input_count": sum(s.count for s in plans[0].optical),
             "source_dtype": plans[0].optical[0].dtype,
             "nodata": _nan_to_none(nd) if nd is not None else None,
+            "nodata_override": R.nodata_override_meta(o.nodata_optical),  # --nodata-optical (null: each file's own)
             # --optical-range overrides the dtype rule finish_dataset records otherwise.
             **(source_range_meta(optical_range_rule(None, o.optical_range)) if o.optical_range else {}),
         },
@@ -898,6 +899,7 @@ def _dataset_meta(plans: list[ScenePlan], o: PrepareOptions, stride: int, merged
             "input_count": sum(s.count for s in plans[0].sar),
             "scale": "db",
             "input_scale": scales[0] if len(scales) == 1 else "mixed",
+            "nodata_override": R.nodata_override_meta(o.nodata_sar),  # --nodata-sar (null: each file's own)
         },
         "labels": label_meta,
         "split_fractions": list(parse_split(o.split)),

@@ -154,7 +154,20 @@ def parse_nodata(value: Optional[str | float]) -> tuple[bool, Optional[float]]:
         raise UserError(f"nodata value '{value}' is not a number, 'nan' or 'none'") from None
 
 
-def effective_nodata(src: RasterSource, override: tuple[bool, Optional[float]]) -> Optional[float]:
+def nodata_override_meta(value: Optional[str | float]) -> Optional[float | str]:
+    """A ``--nodata-*`` value as metadata and checkpoints record it, and :func:`parse_nodata`
+    reads back: None (not given: each file's own nodata), "none" (the files' nodata ignored),
+    "nan", or the number."""
+    given, v = parse_nodata(value)
+    if not given:
+        return None
+    if v is None:
+        return "none"
+    return "nan" if math.isnan(v) else v
+
+
+def effective_nodata(src, override: tuple[bool, Optional[float]]) -> Optional[float]:
+    """The nodata value to read ``src`` (anything with a ``.nodata``) with: the override when given."""
     given, value = override
     return value if given else src.nodata
 

@@ -323,6 +323,7 @@ def predict_scene(
     panel_width: int | None = PANEL_WIDTH,
     instrument: PredictStats | None = None,
     bands: dict | None = None,
+    input_nodata: dict | None = None,
 ) -> dict:
     """Predict a whole scene with ``model_fn`` and write a class-map COG at ``out_path``.
 
@@ -330,6 +331,7 @@ def predict_scene(
     ``panel_width``: about this many output columns per vertical panel (memory grows with it, not with the scene;
     ``None`` = the whole width in one panel). Windows straddling a panel border run twice.
     ``bands``: per modality, the 1-based bands of the scene the model reads (``--optical-bands`` at prepare).
+    ``input_nodata``: per modality, the scene's nodata as ``--nodata-*`` takes it (None: the file's own).
     ``instrument``: a :class:`PredictStats` filled with what the run observed (band sizes, flushes).
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
@@ -346,7 +348,8 @@ def predict_scene(
                         precision=precision, device=device)
     ov = resolve_overlap(window, overlap)
     st = instrument if instrument is not None else PredictStats()
-    scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats, bands=bands or {})
+    scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats, bands=bands or {},
+                        nodata=input_nodata or {})
     temps: list[Path] = []
     with ExitStack() as stack:  # unwinds in reverse: writer, reader, sources, temporaries, GDAL settings
         _gdal_env(stack)

@@ -34,6 +34,21 @@ def _default_window(img_size: Optional[int], patch: int) -> int:
     return -(-int(img_size or 224) // patch) * patch
 
 
+def scene_nodata_rules(meta, given: dict, notes: list) -> dict:
+    """Per modality, the nodata rule to read a scene with: the user's ``--nodata-*``, else the one
+    given at prepare (the checkpoint records it), else None (the file's own); a note says so."""
+    from codemae_cli.data.raster import nodata_override_meta
+
+    rules = {}
+    for m, value in given.items():
+        rules[m] = nodata_override_meta(value)  # checks the value
+        if value is None and meta.nodata_override.get(m) is not None:
+            rules[m] = meta.nodata_override[m]
+            notes.append(f"{'SAR' if m == 'sar' else m} nodata {rules[m]}: the --nodata-{m} given at prepare "
+                         f"(--nodata-{m} to change)")
+    return rules
+
+
 def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], inputs: Optional[str]):
     """Which scene is optical and which SAR, given the checkpoint's inputs and the user's override."""
     if ckpt_inputs not in ("optical", "sar", "both"):
@@ -105,8 +120,14 @@ def predict_from_checkpoint(
     precision: str = "auto",
     progress: bool = False,
     readers: int = 2,
+    nodata_optical: Optional[str] = None,
+    nodata_sar: Optional[str] = None,
 ) -> dict:
-    """Load a fine-tuned segmentation checkpoint and predict a whole scene (see predict_scene)."""
+    """Load a fine-tuned segmentation checkpoint and predict a whole scene (see predict_scene).
+
+    ``nodata_optical`` / ``nodata_sar``: the scenes' nodata as ``--nodata-*`` takes it; by default
+    the override given at prepare (recorded in the checkpoint), else each file's own.
+    """
     import torch
 
     from codemae_cli.device import resolve_device
@@ -140,6 +161,8 @@ def predict_from_checkpoint(
 
         check_vector_path(vectorize)
     names, colors = meta.class_names, [c.get("color") for c in meta.classes]
+    read = {m: v for m, v, p in (("optical", nodata_optical, optical_path), ("sar", nodata_sar, sar_path)) if p}
+    input_nodata = scene_nodata_rules(meta, read, notes)
     if sar_path is not None:
         sar_scale, warning = meta.sar_scale_for(sar_scale)
         if warning:
@@ -205,6 +228,7 @@ def predict_from_checkpoint(
             progress=progress,
             readers=readers,
             bands=meta.band_selection,
+            input_nodata=input_nodata,
         )
     summary["checkpoint"] = str(ckpt)
     summary["notes"] = notes
@@ -213,4 +237,4 @@ def predict_from_checkpoint(
     return summary
 
 
-__all__ = ["predict_from_checkpoint", "resolve_scenes", "sha256_file"]
+__all__ = ["predict_from_checkpoint", "resolve_scenes", "scene_nodata_rules", "sha256_file"]

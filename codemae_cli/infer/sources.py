@@ -43,6 +43,14 @@ def open_scene(path: str | Path, what: str):
     return ds
 
 
+def scene_nodata(ds, override=None) -> float | None:
+    """The nodata value a scene is read with: ``override`` as ``--nodata-*`` takes it (what prepare
+    was told, recorded in the checkpoint; None: the file's own), as prepare reads its inputs."""
+    from codemae_cli.data.raster import effective_nodata, parse_nodata
+
+    return effective_nodata(ds, parse_nodata(override))
+
+
 def band_select(ds, selected: list[int] | None, what: str, path: Path) -> list[int] | None:
     """0-based bands of a scene the model reads: those chosen at prepare (``--optical-bands``,
     recorded 1-based in the checkpoint), or None for all. A scene that already holds exactly the
@@ -65,16 +73,17 @@ class OpticalSource:
 
     kind = "optical"
 
-    def __init__(self, path: str | Path, indexes: list[int] | None = None):
+    def __init__(self, path: str | Path, indexes: list[int] | None = None, nodata=None):
         self.path = Path(path)
         self.ds = open_scene(self.path, "optical")
+        self.nodata = scene_nodata(self.ds, nodata)
         self.grid = Grid.of(self.ds)
         self.select = band_select(self.ds, indexes, "optical", self.path)
         self.bands = self.ds.count if self.select is None else len(self.select)
 
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         col0, col1 = _cols(self.grid, col0, col1)
-        nodata = self.ds.nodata
+        nodata = self.nodata
         # Only the bands chosen at prepare are read, as prepare reads them: the same pixels are valid.
         indexes = None if self.select is None else [b + 1 for b in self.select]
         data = read_on_grid(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel="none", indexes=indexes,
@@ -91,12 +100,13 @@ class SarSource:
     kind = "sar"
 
     def __init__(self, path: str | Path, scale: SarScale = "db", ref: Grid | None = None,
-                 indexes: list[int] | None = None):
+                 indexes: list[int] | None = None, nodata=None):
         if scale not in ("db", "linear", "amplitude"):
             raise UserError(f"the SAR scale must be db, linear or amplitude, not '{scale}'")
         self.path = Path(path)
         self.scale: SarScale = scale
         self.ds = open_scene(self.path, "SAR")
+        self.nodata = scene_nodata(self.ds, nodata)
         self.select = band_select(self.ds, indexes, "SAR", self.path)
         self.bands = self.ds.count if self.select is None else len(self.select)
         own = Grid.of(self.ds)
@@ -120,7 +130,7 @@ class SarSource:
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         col0, col1 = _cols(self.grid, col0, col1)
         db = read_sar_db(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel=self.kernel, scale=self.scale,
-                         nodata=self.ds.nodata)
+                         nodata=self.nodata)
         if self.select is not None:
             db = db[self.select]
         return db, np.all(np.isfinite(db), axis=0)
@@ -138,4 +148,4 @@ def _cols(g: Grid, col0: int, col1: int | None) -> tuple[int, int]:
     return col0, col1
 
 
-__all__ = ["OpticalSource", "SarScale", "SarSource", "open_scene"]
+__all__ = ["OpticalSource", "SarScale", "SarSource", "open_scene", "scene_nodata"]

@@ -36,6 +36,7 @@ class SceneInputs:
     modalities: tuple[str, ...]  # ("optical",), ("sar",) or ("optical", "sar")
     stats: dict | None = None
     bands: dict = field(default_factory=dict)  # modality -> 1-based bands chosen at prepare (None: all)
+    nodata: dict = field(default_factory=dict)  # modality -> nodata override as --nodata-* takes it (None: the file's)
     sources: dict = field(default_factory=dict)  # modality -> source opened by the main thread
     norm: dict = field(default_factory=dict)  # modality -> (mean, std) as (C, 1, 1) float32
 
@@ -51,10 +52,12 @@ class SceneInputs:
         own: dict = {}
         try:
             if "optical" in self.modalities:
-                own["optical"] = OpticalSource(self.optical_path, indexes=self.bands.get("optical"))
+                own["optical"] = OpticalSource(self.optical_path, indexes=self.bands.get("optical"),
+                                               nodata=self.nodata.get("optical"))
             if "sar" in self.modalities:
                 grid = own["optical"].grid if "optical" in own else None
-                own["sar"] = SarSource(self.sar_path, scale=self.sar_scale, ref=grid, indexes=self.bands.get("sar"))
+                own["sar"] = SarSource(self.sar_path, scale=self.sar_scale, ref=grid, indexes=self.bands.get("sar"),
+                                       nodata=self.nodata.get("sar"))
         except BaseException:
             for s in own.values():
                 s.close()

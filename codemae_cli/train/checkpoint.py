@@ -292,6 +292,8 @@ class CheckpointMeta:
     kind: str  # "pretrain" | "finetune"
     bands: dict  # {"optical": [names], "sar": [names]}: the bands the model reads, in order
     band_selection: dict  # {"optical"|"sar": [1-based input bands kept at prepare] | None (all)}; default all
+    nodata_override: dict  # {"optical"|"sar": --nodata-* given at prepare, as data.raster.nodata_override_meta
+    #                        records it: None (each file's own nodata; the default), "none", "nan" or a number}
     sar_scale: str  # units of the SAR rasters the training data came from: db | linear | amplitude | slc
     #                 | mixed | unknown (default: unknown, read as dB by predict)
     stats: dict  # {"optical"|"sar": {"mean": [...], "std": [...]}}: normalisation (SAR in dB)
@@ -323,6 +325,7 @@ class CheckpointMeta:
         return cls(
             path=Path(path), kind=str(meta.get("kind", "pretrain")), bands=dict(meta.get("bands") or {}),
             band_selection={m: (meta.get("band_selection") or {}).get(m) for m in ("optical", "sar")},
+            nodata_override={m: (meta.get("nodata_override") or {}).get(m) for m in ("optical", "sar")},
             sar_scale=str(meta.get("sar_scale") or "unknown"), stats=dict(meta.get("stats") or {}),
             img_size=meta.get("img_size") or model.get("img_size"),
             patch_size=meta.get("patch_size") or (enc or {}).get("patch_size") or model.get("patch_size"),
@@ -387,12 +390,14 @@ def _source_ranges(value, path) -> list:
 
 def data_provenance(dataset_metas: list[dict]) -> dict:
     """What a checkpoint records about its training data's inputs, from the datasets' metadata.json:
-    ``sar_scale`` (units of the SAR rasters; "mixed" when the datasets differ) and ``band_selection``
-    (input bands kept at prepare, 1-based; None: all)."""
+    ``sar_scale`` (units of the SAR rasters; "mixed" when the datasets differ), ``band_selection``
+    (input bands kept at prepare, 1-based; None: all) and ``nodata_override`` (``--nodata-*`` given
+    at prepare; None: each file's own), the last two from the first dataset."""
     scales = {str((m.get("sar") or {}).get("input_scale") or "unknown") for m in dataset_metas}
     first = dataset_metas[0] if dataset_metas else {}
     return {"sar_scale": scales.pop() if len(scales) == 1 else "mixed",
-            "band_selection": {m: (first.get(m) or {}).get("selected") for m in ("optical", "sar")}}
+            "band_selection": {m: (first.get(m) or {}).get("selected") for m in ("optical", "sar")},
+            "nodata_override": {m: (first.get(m) or {}).get("nodata_override") for m in ("optical", "sar")}}
 
 
 def read_checkpoint_meta(path) -> CheckpointMeta:
