@@ -38,6 +38,9 @@ def test_baseline_recipes(name, okd, ccl, cdr):
     ref = yaml.safe_load((RECIPES / "hr.yaml").read_text())
     mine = yaml.safe_load((RECIPES / "baselines" / f"{name}.yaml").read_text())
     assert mine["optim"] == ref["optim"] and mine["data"] == ref["data"]
+    trunk = [k for k in ref["model"] if k not in ("okd", "ccl", "cdr")]  # backbone, preset, init_weights, ...
+    assert {k: mine["model"].get(k) for k in trunk} == {k: ref["model"][k] for k in trunk}
+    assert r.model.backbone == "itpn"
 
 
 def test_smoke_recipe_is_tiny_on_cpu():
