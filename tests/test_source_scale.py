@@ -138,3 +138,19 @@ def test_datasets_without_the_field_fall_back_with_a_warning(datasets, tmp_path)
     new = json.loads((datasets[0] / "metadata.json").read_text())
     with pytest.warns(UserWarning, match="no sar source_range"):
         assert read_source_range(meta, "sar") == pytest.approx(tuple(new["sar"]["source_range"]))
+
+
+def test_sar_source_scale_is_the_recorded_db_window_whatever_the_storage_units(datasets):
+    """SAR shards hold fixed-point counts; the source scale still maps dB values by the dB window."""
+    chips = PairedChips([datasets[0]], "train", img_size=TILE, train=False)
+    model = _model()
+    model.set_source_scale(SourceScale.from_sources(chips.sources))
+    meta = json.loads((datasets[0] / "metadata.json").read_text())
+    lo, hi = meta["sar"]["source_range"]
+    item = chips[0]
+    seen = model.source(item["sar"][None], "sar", item["dataset"][None])[0]
+    d, pos = chips.locate(0)
+    raw = torch.from_numpy(PreparedDataset(chips.sources[d].root).read(int(chips.sources[d].rows[pos]))["sar"])
+    valid = torch.isfinite(raw)
+    expected = ((raw - lo) / (hi - lo)).clamp(0, 1)
+    torch.testing.assert_close(seen[valid], expected[valid], atol=1e-3, rtol=0)

@@ -139,11 +139,13 @@ class SourceScale:
     @classmethod
     def from_sources(cls, sources: Sequence, ranges: Optional[Sequence[Optional[dict]]] = None) -> SourceScale:
         """From the dataset sources of :class:`codemae_cli.data.dataset.PairedChips` (their
-        ``mean``, ``inv_std``, ``meta``, ``n_opt``). ``ranges``: per source, a range to use
-        instead of the one its metadata records (None: the recorded one); a resumed run keeps
-        those its checkpoint recorded."""
+        ``meta``, ``root``, ``n_opt``). ``ranges``: per source, a range to use instead of the one
+        its metadata records (None: the recorded one); a resumed run keeps those its checkpoint
+        recorded. The normalisation undone is the dataset's stats in source units (SAR in dB):
+        what a normalised value means, whatever units the shards store it in."""
         ranges = list(ranges) if ranges is not None else [None] * len(sources)
-        norms = [BandNorm(src.mean, 1.0 / src.inv_std.astype(np.float64)) for src in sources]
+        norms = [BandNorm.from_stats(src.meta["stats"]["optical"]).concat(BandNorm.from_stats(src.meta["stats"]["sar"]))
+                 for src in sources]
         rows = [r if r is not None else dataset_source_ranges(src.meta, f"'{src.root}'")
                 for src, r in zip(sources, ranges, strict=True)]
         return cls.from_norms(norms, rows, int(sources[0].n_opt))
