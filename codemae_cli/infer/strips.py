@@ -191,13 +191,15 @@ class StripReader:
         valid = np.ones((n, c1 - c0), dtype=bool)
         for m, src in self._sources().items():
             data, ok = src.read_strip(r, n, c0, c1)
-            raw[m] = np.ascontiguousarray(pad_to(data.astype(np.float32, copy=False), window, panel.span))
+            arr = np.ascontiguousarray(pad_to(data.astype(np.float32, copy=False), window, panel.span))
+            raw[m] = arr if arr.flags.writeable else arr.copy()  # normalised in place below
             valid &= ok
         ok_t = torch.from_numpy(np.ascontiguousarray(pad_to(valid, window, panel.span)))
         x = {}
         for m, data in raw.items():
             mean, std = self.scene.norm[m]
-            t = (torch.from_numpy(data) - torch.from_numpy(mean)) / torch.from_numpy(std)
+            # in place: the sources return a new array per read
+            t = torch.from_numpy(data).sub_(torch.from_numpy(mean)).div_(torch.from_numpy(std))
             x[m] = t.masked_fill_(~ok_t, 0.0)  # invalid pixels become the mean: no NaN enters the model
         return Strip(row=r, rows=n, cols=c1 - c0, x=x, valid=ok_t)
 
