@@ -38,9 +38,13 @@ def _wait_for_training(proc, tmp_path, timeout=300.0):
         time.sleep(0.2)
 
 
-def _workers(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return sorted(int(p) for p in out)
+def _worker_of_rank(pid: int, rank: int) -> int:
+    """The launcher's child process that runs ``rank`` (by its RANK variable, not by pid order)."""
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise AssertionError(f"no process of rank {rank} under the launcher {pid}")
 
 
 @pytest.mark.parametrize("stop", ["kill_one_rank", "ctrl_c"])
@@ -50,7 +54,7 @@ def test_torchrun_job_stops_with_sentences_not_tracebacks(tmp_path, stop):
     try:
         _wait_for_training(proc, tmp_path)
         if stop == "kill_one_rank":
-            os.kill(_workers(proc.pid)[-1], signal.SIGKILL)
+            os.kill(_worker_of_rank(proc.pid, 1), signal.SIGKILL)
         else:
             os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
@@ -67,3 +71,52 @@ def test_torchrun_job_stops_with_sentences_not_tracebacks(tmp_path, stop):
     else:
         assert proc.returncode == 130, log[-2000:]
         assert log.count("Interrupted.") == 2 and "Interrupted: torchrun stopped every process" in log, log[-2000:]
+
+
+# A rank of a torchrun job that gets the launcher's next signal while it prints its sentence: the
+# SIGTERM torchrun sends once it sees the peer gone, or the Ctrl-C it forwards to every process.
+_LATE_SIGNAL = """
+import os, signal, typer
+from codemae_cli.commands._common import cli_command
+
+echo = typer.echo
+
+def echo_after_a_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.{late})
+    echo(*args, **kwargs)
+
+typer.echo = echo_after_a_signal
+
+@cli_command
+def run():
+    {first}
+
+typer.run(run)
+"""
+
+
+@pytest.mark.parametrize("first, late, ending", [
+    ("raise RuntimeError('Read error: Connection reset by peer')", "SIGTERM", (1, "Error: rank 0 lost contact")),
+    ("raise KeyboardInterrupt", "SIGINT", (130, "Interrupted.")),
+    ("os.kill(os.getpid(), signal.SIGTERM)", "SIGTERM", (143, "Stopped (rank 0)")),
+], ids=["sigterm_while_reporting_a_lost_peer", "ctrl_c_forwarded_while_interrupted", "second_sigterm"])
+def test_a_late_launcher_signal_never_adds_a_traceback(first, late, ending):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
+    done = subprocess.run([sys.executable, "-c", _LATE_SIGNAL.format(first=first, late=late)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    out = (done.stdout + done.stderr).strip()
+    assert "Traceback" not in out, out
+    assert done.returncode == ending[0] and out.startswith(ending[1]) and "\n" not in out, out
+
+
+def test_launch_names_the_killed_rank_when_its_peer_ended_in_the_same_second():
+    from types import SimpleNamespace
+
+    from codemae_cli.launch import _first_failure
+
+    same_second = {0: SimpleNamespace(timestamp=100, exitcode=1), 1: SimpleNamespace(timestamp=100, exitcode=-9)}
+    assert _first_failure(same_second)[0] == 1
+    stopped = {0: SimpleNamespace(timestamp=100, exitcode=143), 1: SimpleNamespace(timestamp=100, exitcode=1)}
+    assert _first_failure(stopped)[0] == 1
+    earlier = {0: SimpleNamespace(timestamp=99, exitcode=1), 1: SimpleNamespace(timestamp=100, exitcode=-9)}
+    assert _first_failure(earlier)[0] == 0

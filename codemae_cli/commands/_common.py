@@ -10,6 +10,7 @@ import errno
 import functools
 import inspect
 import os
+import signal
 from collections.abc import Callable
 
 import typer
@@ -50,18 +51,37 @@ class StoppedByLauncher(BaseException):
     A BaseException, like KeyboardInterrupt, so that every ``finally`` and staging cleanup runs."""
 
 
-def _on_sigterm(signum, frame):
+# Launcher signals that arrived after the first one, while the command was already ending.
+_late_signals: list[int] = []
+
+
+def _on_launcher_signal(signum, frame):
+    """The first SIGTERM or SIGINT of the launcher ends the command; the ones after it are only
+    noted (torchrun forwards a Ctrl-C the process already got, then sends SIGTERM), so that none
+    can break into the sentence being printed with a second exception and its traceback."""
+    _launcher_handler("ending")
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise StoppedByLauncher()
 
 
-def _launcher_handler(on: bool) -> None:
-    """Under torchrun, turn the launcher's SIGTERM into a quiet, cleaned-up exit with one sentence
-    while the command runs; after it (its sentence printed), a SIGTERM ends the process silently."""
-    import signal
+def _note_late_signal(signum, frame):
+    _late_signals.append(signum)
+
+
+def _launcher_handler(state: str) -> None:
+    """Under torchrun: ``"armed"`` while the command runs (the launcher's SIGTERM and SIGINT end it
+    quietly, cleanups run, one sentence); ``"ending"`` while it reports how it ended (signals are
+    noted, never raised); ``"done"`` after it (a signal ends the process silently)."""
     import threading
 
-    if _under_torchrun() and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm if on else signal.SIG_DFL)
+    if not (_under_torchrun() and threading.current_thread() is threading.main_thread()):
+        return
+    handler = {"armed": _on_launcher_signal, "ending": _note_late_signal, "done": signal.SIG_DFL}[state]
+    if state == "armed":
+        _late_signals.clear()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
 
 
 def _lost_peer(err: BaseException) -> bool:
@@ -88,6 +108,35 @@ def _rank() -> str:
     return os.environ.get("RANK", "0").strip() or "0"
 
 
+def _ending(err: BaseException, model_error: type) -> typer.Exit | None:
+    """Print the one sentence for how a command ended and return the exit to raise, or None for an
+    exception that is not the user's (or a plain exit), which is raised as it is."""
+    if isinstance(err, (UserError, model_error)):
+        if not (getattr(err, "all_ranks", False) and _is_worker_rank()):
+            typer.echo(f"Error: {err}", err=True)
+        return typer.Exit(code=getattr(err, "exit_code", 2))
+    if isinstance(err, typer.Exit) or not isinstance(err, (Exception, KeyboardInterrupt, StoppedByLauncher)):
+        return None
+    if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
+        where = f" '{err.filename}'" if err.filename else ""
+        typer.echo(f"Error: cannot use{where}: {os.strerror(err.errno).lower()}.", err=True)
+        return typer.Exit(code=2)
+    # A Ctrl-C that the other process acted on first shows here as a lost peer; the SIGINT noted
+    # while ending (a pending one is handled at the call to _lost_peer) says what happened.
+    if isinstance(err, KeyboardInterrupt) or (_lost_peer(err) and signal.SIGINT in _late_signals):
+        typer.echo("Interrupted.", err=True)
+        return typer.Exit(code=130)
+    if isinstance(err, StoppedByLauncher):
+        typer.echo(f"Stopped (rank {_rank()}): torchrun ended the job because another of its processes "
+                   "stopped; that process's message, if any, is above.", err=True)
+        return typer.Exit(code=143)
+    if not _lost_peer(err):
+        return None
+    typer.echo(f"Error: rank {_rank()} lost contact with the other processes of this torchrun job: one of "
+               "them stopped (its message, if any, is above) or the network between them failed.", err=True)
+    return typer.Exit(code=1)
+
+
 def cli_command(fn: Callable) -> Callable:
     """Wrap a command so a :class:`UserError` becomes one sentence on stderr and exit code 2.
 
@@ -99,32 +148,22 @@ def cli_command(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _launcher_handler(True)
+        _launcher_handler("armed")
         try:
-            return fn(*args, **kwargs)
-        except (UserError, ModelInputError) as err:
-            if not (getattr(err, "all_ranks", False) and _is_worker_rank()):
-                typer.echo(f"Error: {err}", err=True)
-            raise typer.Exit(code=getattr(err, "exit_code", 2)) from None
-        except KeyboardInterrupt:
-            typer.echo("Interrupted.", err=True)
-            raise typer.Exit(code=130) from None
-        except StoppedByLauncher:
-            typer.echo(f"Stopped (rank {_rank()}): torchrun ended the job because another of its processes "
-                       "stopped; that process's message, if any, is above.", err=True)
-            raise typer.Exit(code=143) from None
-        except Exception as err:
-            if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
-                where = f" '{err.filename}'" if err.filename else ""
-                typer.echo(f"Error: cannot use{where}: {os.strerror(err.errno).lower()}.", err=True)
-                raise typer.Exit(code=2) from None
-            if not _lost_peer(err):
-                raise
-            typer.echo(f"Error: rank {_rank()} lost contact with the other processes of this torchrun job: one of "
-                       "them stopped (its message, if any, is above) or the network between them failed.", err=True)
-            raise typer.Exit(code=1) from None
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as err:
+                _launcher_handler("ending")
+                ending = _ending(err, ModelInputError)
+                if ending is None:
+                    raise
+                raise ending from None
+        except (KeyboardInterrupt, StoppedByLauncher) as err:
+            # The launcher's signal came while the first exception was being caught; the handler
+            # is already "ending", so no further signal can interrupt this one.
+            raise _ending(err, ModelInputError) from None
         finally:
-            _launcher_handler(False)
+            _launcher_handler("done")
 
     wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper
