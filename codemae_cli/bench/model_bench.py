@@ -110,6 +110,28 @@ def _make_step(model, core, optimizer, inputs: tuple, autocast_dtype, device, up
     return step
 
 
+@dataclass
+class BenchSpec:
+    """One model to time: how to build it, what it reads, its analytic FLOPs per training step."""
+
+    label: str
+    build: Callable[[], object]  # a fresh model each mode, so compiled does not reuse eager's state
+    inputs: tuple  # synthetic tensors already on the device
+    flops: float  # per step, whole batch
+    images_per_sample: int  # 2 for an optical + SAR pair, 1 for the plain MAE
+
+
+@dataclass
+class BenchDevice:
+    """Where and in what precision the steps run, and the peak the TFLOP/s are compared with."""
+
+    device: object  # torch.device
+    name: str
+    peak: Optional[float]  # dense bf16 TFLOP/s, None when unknown
+    precision: str  # bf16 | fp16 | fp32
+    amp: object  # the autocast dtype, None for fp32
+
+
 def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, warmup: int = 3,
                     device: str = "auto", compile: bool = False, img_size: int = 224, patch_size: int = 16,
                     optical_bands: int = 3, sar_bands: int = 2, teacher: str = "timm",
@@ -122,18 +144,49 @@ def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, war
     "CoDe-MAE iTPN"); the plain MAE (``baseline``) is always the ViT of the same preset name.
 
     Returns {"device", "peak_tflops", "precision", "config", "results": [BenchResult, ...]}.
+
+    Stages: check the arguments -> device and precision -> model config -> the models to time
+    (synthetic inputs) -> time each in each mode -> report.
     """
     import torch
 
-    from codemae_cli.model.codemae import build_model
     from codemae_cli.model.config import ModelConfig, OKDConfig
-    from codemae_cli.model.flops import mae_step_flops, pretrain_step_flops
-    from codemae_cli.model.plain_mae import build_plain_mae
 
     if batch < 1 or steps < 1 or warmup < 0:
         raise UserError("--batch and --steps must be at least 1 and --warmup not negative")
     if teacher not in ("timm", "ema", "off"):
         raise UserError(f"--teacher must be timm, ema or off, not '{teacher}'")
+    bd = bench_device(device, precision)
+    okd = OKDConfig(enabled=teacher != "off", teacher="ema" if teacher == "off" else teacher,
+                    teacher_model=teacher_model, teacher_pretrained=False)
+    cfg = ModelConfig(backbone=backbone, preset=preset, img_size=img_size, patch_size=patch_size,
+                      fused_attn=fused_attn, okd=okd)
+    cfg.validate()
+    torch.manual_seed(seed)
+    modes = ["eager", "compiled"] if compile else ["eager"]
+    log(f"device: {bd.name}; precision {bd.precision}; {backbone} preset {preset}; batch {batch}; "
+        f"img {img_size}/{patch_size}; teacher {teacher}{' ' + teacher_model if teacher == 'timm' else ''}")
+    specs = bench_specs(cfg, bd.device, batch, optical_bands, sar_bands, baseline)
+    results: list[BenchResult] = []
+    for spec in specs:
+        for mode in modes:
+            res = time_spec(spec, mode, bd, batch, warmup, steps)
+            if not all(math.isfinite(v) for v in res.losses.values()):
+                log(f"warning: {spec.label} {mode} produced non-finite losses {res.losses}")
+            results.append(res)
+            log(format_row(res))
+    return {"device": bd.name, "peak_tflops": bd.peak, "precision": bd.precision,
+            "config": dict(backbone=backbone, preset=preset, batch=batch, steps=steps, warmup=warmup, img_size=img_size,
+                           patch_size=patch_size, optical_bands=optical_bands, sar_bands=sar_bands,
+                           teacher=teacher, teacher_model=teacher_model if teacher == "timm" else None,
+                           fused_attn=fused_attn, torch=torch.__version__),
+            "results": results}
+
+
+def bench_device(device: str, precision: str) -> BenchDevice:
+    """The device, the precision (``auto``: bf16 on CUDA, fp32 elsewhere), its autocast dtype."""
+    import torch
+
     dev = resolve_device(device)
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -144,64 +197,61 @@ def run_model_bench(preset: str = "base", batch: int = 128, steps: int = 10, war
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     name, peak = device_peak(dev)
-    okd = OKDConfig(enabled=teacher != "off", teacher="ema" if teacher == "off" else teacher,
-                    teacher_model=teacher_model, teacher_pretrained=False)
-    cfg = ModelConfig(backbone=backbone, preset=preset, img_size=img_size, patch_size=patch_size,
-                      fused_attn=fused_attn, okd=okd)
-    cfg.validate()
-    torch.manual_seed(seed)
-    gen_inputs = dict(device=dev)
-    optical = torch.randn(batch, optical_bands, img_size, img_size, **gen_inputs)
-    sar = torch.randn(batch, sar_bands, img_size, img_size, **gen_inputs)
-    modes = ["eager", "compiled"] if compile else ["eager"]
-    log(f"device: {name}; precision {precision}; {backbone} preset {preset}; batch {batch}; img {img_size}/{patch_size}; "
-        f"teacher {teacher}{' ' + teacher_model if teacher == 'timm' else ''}")
+    return BenchDevice(device=dev, name=name, peak=peak, precision=precision, amp=amp)
 
-    specs = [
-        (codemae_label(backbone), lambda: build_model(cfg, optical_bands, sar_bands), (optical, sar),
-         pretrain_step_flops(cfg, optical_bands, sar_bands, batch), 2),
-    ]
+
+def bench_specs(cfg, dev, batch: int, optical_bands: int, sar_bands: int, baseline: bool) -> list[BenchSpec]:
+    """CoDe-MAE (``cfg``) and, when ``baseline``, the plain MAE of the same preset, on one
+    batch of random optical and SAR tensors drawn on the device."""
+    import torch
+
+    from codemae_cli.model.codemae import build_model
+    from codemae_cli.model.flops import mae_step_flops, pretrain_step_flops
+    from codemae_cli.model.plain_mae import build_plain_mae
+
+    size = cfg.img_size
+    optical = torch.randn(batch, optical_bands, size, size, device=dev)
+    sar = torch.randn(batch, sar_bands, size, size, device=dev)
+    specs = [BenchSpec(codemae_label(cfg.backbone), lambda: build_model(cfg, optical_bands, sar_bands),
+                       (optical, sar), pretrain_step_flops(cfg, optical_bands, sar_bands, batch), 2)]
     if baseline:
-        specs.append(("plain MAE", lambda: build_plain_mae(preset, optical_bands, img_size, patch_size, cfg.mask_ratio,
-                                                           cfg.norm_pix_loss, fused_attn), (optical,),
-                      mae_step_flops(preset, optical_bands, batch, img_size, patch_size, cfg.mask_ratio), 1))
-    results: list[BenchResult] = []
-    for label, build, inputs, flops, images_per_sample in specs:
-        for mode in modes:
-            core = build().to(dev).train()
-            fused = dev.type == "cuda"
-            params = [p for p in core.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                          fused=fused or None)
-            model = torch.compile(core) if mode == "compiled" else core
-            step = _make_step(model, core, optimizer, inputs, amp, dev, hasattr(core, "update_teacher"))
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            try:
-                per_step, first, losses = time_training(step, dev, warmup, steps)
-            except torch.OutOfMemoryError:
-                raise UserError(f"{label} ran out of GPU memory at batch {batch}; try a smaller --batch") from None
-            mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-            tflops = flops / per_step / 1e12
-            res = BenchResult(
-                model=label, mode=mode, batch=batch, step_s=per_step, samples_per_s=batch / per_step,
-                images_per_s=images_per_sample * batch / per_step, gflop_per_step=flops / 1e9, tflops=tflops,
-                mfu=(tflops / peak) if peak else None, first_step_s=first, peak_mem_gib=mem, losses=losses,
-            )
-            if not all(math.isfinite(v) for v in losses.values()):
-                log(f"warning: {label} {mode} produced non-finite losses {losses}")
-            results.append(res)
-            log(format_row(res))
-            del model, core, optimizer, step
-            gc.collect()
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-    return {"device": name, "peak_tflops": peak, "precision": precision,
-            "config": dict(backbone=backbone, preset=preset, batch=batch, steps=steps, warmup=warmup, img_size=img_size,
-                           patch_size=patch_size, optical_bands=optical_bands, sar_bands=sar_bands,
-                           teacher=teacher, teacher_model=teacher_model if teacher == "timm" else None,
-                           fused_attn=fused_attn, torch=torch.__version__),
-            "results": results}
+        specs.append(BenchSpec(
+            "plain MAE",
+            lambda: build_plain_mae(cfg.preset, optical_bands, size, cfg.patch_size, cfg.mask_ratio,
+                                    cfg.norm_pix_loss, cfg.fused_attn),
+            (optical,), mae_step_flops(cfg.preset, optical_bands, batch, size, cfg.patch_size, cfg.mask_ratio), 1))
+    return specs
+
+
+def time_spec(spec: BenchSpec, mode: str, bd: BenchDevice, batch: int, warmup: int, steps: int) -> BenchResult:
+    """Build ``spec``'s model afresh (compiled when ``mode`` says so), time its training steps,
+    and free it before the next one."""
+    import torch
+
+    dev = bd.device
+    core = spec.build().to(dev).train()
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                  fused=(dev.type == "cuda") or None)
+    model = torch.compile(core) if mode == "compiled" else core
+    step = _make_step(model, core, optimizer, spec.inputs, bd.amp, dev, hasattr(core, "update_teacher"))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    try:
+        per_step, first, losses = time_training(step, dev, warmup, steps)
+    except torch.OutOfMemoryError:
+        raise UserError(f"{spec.label} ran out of GPU memory at batch {batch}; try a smaller --batch") from None
+    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    tflops = spec.flops / per_step / 1e12
+    del model, core, optimizer, step
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return BenchResult(
+        model=spec.label, mode=mode, batch=batch, step_s=per_step, samples_per_s=batch / per_step,
+        images_per_s=spec.images_per_sample * batch / per_step, gflop_per_step=spec.flops / 1e9, tflops=tflops,
+        mfu=(tflops / bd.peak) if bd.peak else None, first_step_s=first, peak_mem_gib=mem, losses=losses,
+    )
 
 
 def codemae_label(backbone: str) -> str:

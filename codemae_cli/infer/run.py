@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from codemae_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -99,6 +103,20 @@ def guard_predict_outputs(ckpt: Path, optical: Optional[str], sar: Optional[str]
         sweep_stale(path)
 
 
+@dataclass
+class PredictPlan:
+    """What the stages of :func:`predict_from_checkpoint` settle before the scene is read."""
+
+    meta: CheckpointMeta  # the checkpoint's record, read once (rebound to the loaded model's)
+    optical: Optional[str]  # the optical scene read, or None
+    sar: Optional[str]  # the SAR scene read, or None
+    inputs: str  # "optical" | "sar" | "both": what the model reads
+    notes: list = field(default_factory=list)  # one line per choice made for the user
+    sar_scale: str = "auto"  # the SAR scene's units, resolved against the checkpoint
+    input_nodata: dict = field(default_factory=dict)  # per modality read: its nodata rule
+    window: int = 0  # px, a multiple of the model's patch size
+
+
 def predict_from_checkpoint(
     checkpoint: str | Path,
     scene: Optional[str] = None,
@@ -127,15 +145,52 @@ def predict_from_checkpoint(
 
     ``nodata_optical`` / ``nodata_sar``: the scenes' nodata as ``--nodata-*`` takes it; by default
     the override given at prepare (recorded in the checkpoint), else each file's own.
+
+    Stages: check the request (cheap checks first: a typo in a path must not wait for a model to
+    load) -> input rules (nodata, SAR scale) -> load the model -> window and statistics ->
+    provenance tags -> predict_scene -> summary.
     """
     import torch
 
     from codemae_cli.device import resolve_device
-    from codemae_cli.infer.cog import check_output_path
     from codemae_cli.infer.predict import predict_scene
-    from codemae_cli.train.checkpoint import MODEL_FILE, read_checkpoint_meta
 
-    # cheap checks first: a typo in a path must not wait for a model to load
+    plan = check_request(checkpoint, scene, sar, inputs, out, probabilities, vectorize)
+    resolve_input_rules(plan, nodata_optical, nodata_sar, sar_scale)
+    dev = resolve_device(device)
+    model = load_model(plan, dev)
+    resolve_window(plan, model, window)
+    tags = provenance_tags(plan)
+
+    def model_fn(optical, sar_x):
+        return model(optical=optical, sar=sar_x)
+
+    meta = plan.meta
+    with torch.inference_mode():
+        summary = predict_scene(
+            model_fn, plan.optical, plan.sar, out, window=plan.window, overlap=overlap,
+            batch_size=batch_size, stats=meta.stats, inputs=plan.inputs,
+            class_names=meta.class_names or None,
+            class_colors=[c.get("color") for c in meta.classes] or None,
+            device=dev, tta=tta, probabilities=probabilities, probabilities_dtype=probabilities_dtype,
+            vectorize=vectorize, min_area=min_area, simplify=simplify, tags=tags,
+            sar_scale=plan.sar_scale, precision=precision, progress=progress, readers=readers,
+            bands=meta.band_selection, input_nodata=plan.input_nodata,
+        )
+    summary["checkpoint"] = str(meta.path)
+    summary["notes"] = plan.notes
+    summary["checkpoint_sha256"] = tags["codemae_checkpoint_sha256"]
+    summary["model"] = tags["codemae_model"]
+    return summary
+
+
+def check_request(checkpoint, scene: Optional[str], sar: Optional[str], inputs: Optional[str], out,
+                  probabilities: Optional[str], vectorize: Optional[str]) -> PredictPlan:
+    """Read the checkpoint's record once, check it maps scenes, decide which scenes are read and
+    guard every output; all before any model is built."""
+    from codemae_cli.infer.cog import check_output_path
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
+
     check_output_path(out)
     meta = read_checkpoint_meta(checkpoint)  # the one read of meta.json; meta.path is the resolved directory
     ckpt = meta.path
@@ -160,81 +215,68 @@ def predict_from_checkpoint(
         from codemae_cli.infer.vectorize import check_vector_path
 
         check_vector_path(vectorize)
-    names, colors = meta.class_names, [c.get("color") for c in meta.classes]
-    read = {m: v for m, v, p in (("optical", nodata_optical, optical_path), ("sar", nodata_sar, sar_path)) if p}
-    input_nodata = scene_nodata_rules(meta, read, notes)
-    if sar_path is not None:
-        sar_scale, warning = meta.sar_scale_for(sar_scale)
+    return PredictPlan(meta=meta, optical=optical_path, sar=sar_path, inputs=use, notes=notes)
+
+
+def resolve_input_rules(plan: PredictPlan, nodata_optical: Optional[str], nodata_sar: Optional[str],
+                        sar_scale: str) -> None:
+    """Each scene's nodata rule, and the SAR scene's units checked against what it holds."""
+    given = {m: v for m, v, p in (("optical", nodata_optical, plan.optical), ("sar", nodata_sar, plan.sar)) if p}
+    plan.input_nodata = scene_nodata_rules(plan.meta, given, plan.notes)
+    plan.sar_scale = sar_scale
+    if plan.sar is not None:
+        plan.sar_scale, warning = plan.meta.sar_scale_for(sar_scale)
         if warning:
-            notes.append(warning)
+            plan.notes.append(warning)
         from codemae_cli.data.raster import check_sar_scale, open_source
 
-        check_sar_scale(open_source(sar_path, "SAR"), sar_scale)  # a wrong scale would map nodata only
+        check_sar_scale(open_source(plan.sar, "SAR"), plan.sar_scale)  # a wrong scale would map nodata only
 
+
+def load_model(plan: PredictPlan, dev):
+    """The fine-tuned model in eval mode, built from the record already read (``plan.meta`` is
+    rebound to the record the builder returns)."""
     try:
         from codemae_cli.tasks import build_task_model_from_checkpoint
     except ImportError as err:  # pragma: no cover - the fine-tuning package ships it
         raise RuntimeError("codemae_cli.tasks.build_task_model_from_checkpoint is not available") from err
-    dev = resolve_device(device)
-    model, meta = build_task_model_from_checkpoint(meta, dev)
+    model, plan.meta = build_task_model_from_checkpoint(plan.meta, dev)
     model.eval()
+    return model
+
+
+def resolve_window(plan: PredictPlan, model, window: Optional[int]) -> None:
+    """The window (by default the fine-tuning chip size), a multiple of the patch size; and the
+    normalisation statistics each input read needs."""
     encoder = getattr(model, "encoder", None)
     patch = int(getattr(encoder, "patch_size", 16) or 16)
-    win = int(window) if window is not None else _default_window(meta.img_size, patch)
+    win = int(window) if window is not None else _default_window(plan.meta.img_size, patch)
     if window is None:
-        notes.append(f"window {win} px: the chip size the model was fine-tuned on (--window to change it)")
+        plan.notes.append(f"window {win} px: the chip size the model was fine-tuned on (--window to change it)")
     if win % patch:
         raise UserError(f"the window ({win} px) must be a multiple of the model's patch size ({patch} px)")
-    stats = meta.stats
-    for m, p in (("optical", optical_path), ("sar", sar_path)):
+    plan.window = win
+    stats = plan.meta.stats
+    for m, p in (("optical", plan.optical), ("sar", plan.sar)):
         if p is not None and not (stats.get(m) or {}).get("mean"):
-            raise UserError(f"checkpoint '{ckpt}' holds no {m} normalisation statistics, so it cannot read that input")
+            raise UserError(f"checkpoint '{plan.meta.path}' holds no {m} normalisation statistics, "
+                            "so it cannot read that input")
 
-    def model_fn(optical, sar_x):
-        return model(optical=optical, sar=sar_x)
 
-    tags = {
+def provenance_tags(plan: PredictPlan) -> dict:
+    """The output COG's tags: model preset, checkpoint and its SHA-256, recipe, inputs, bands."""
+    from codemae_cli.train.checkpoint import MODEL_FILE
+
+    meta = plan.meta
+    return {
         "codemae_model": meta.preset,
-        "codemae_checkpoint": str(ckpt),
-        "codemae_checkpoint_sha256": sha256_file(ckpt / MODEL_FILE),
+        "codemae_checkpoint": str(meta.path),
+        "codemae_checkpoint_sha256": sha256_file(meta.path / MODEL_FILE),
         "codemae_recipe": json.dumps(meta.recipe, sort_keys=True, default=str),
-        "codemae_inputs": use,
+        "codemae_inputs": plan.inputs,
         "codemae_version": meta.raw.get("codemae_version", ""),
         "codemae_bands": json.dumps(meta.bands),
     }
-    with torch.inference_mode():
-        summary = predict_scene(
-            model_fn,
-            optical_path,
-            sar_path,
-            out,
-            window=win,
-            overlap=overlap,
-            batch_size=batch_size,
-            stats=stats,
-            inputs=use,
-            class_names=names or None,
-            class_colors=colors or None,
-            device=dev,
-            tta=tta,
-            probabilities=probabilities,
-            probabilities_dtype=probabilities_dtype,
-            vectorize=vectorize,
-            min_area=min_area,
-            simplify=simplify,
-            tags=tags,
-            sar_scale=sar_scale,
-            precision=precision,
-            progress=progress,
-            readers=readers,
-            bands=meta.band_selection,
-            input_nodata=input_nodata,
-        )
-    summary["checkpoint"] = str(ckpt)
-    summary["notes"] = notes
-    summary["checkpoint_sha256"] = tags["codemae_checkpoint_sha256"]
-    summary["model"] = tags["codemae_model"]
-    return summary
 
 
-__all__ = ["predict_from_checkpoint", "resolve_scenes", "scene_nodata_rules", "sha256_file"]
+__all__ = ["PredictPlan", "predict_from_checkpoint", "resolve_scenes", "scene_nodata_rules", "sha256_file"]
