@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -82,7 +81,9 @@ def build_bench_model(preset: str, bands: int, num_classes: int, img_size: int, 
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    from codemae_cli.bench.memory import peak_rss_kb
+
+    return peak_rss_kb() / 1024.0
 
 
 @dataclass

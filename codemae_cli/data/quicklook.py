@@ -23,10 +23,11 @@ _GAP = 6  # pixels between panels
 
 def _rgb_bands(names: list[str]) -> list[int]:
     """Indices of red, green, blue when the band names say so, else the first three bands."""
-    lower = [n.lower() for n in names]
-    for trio in (("red", "green", "blue"), ("b04", "b03", "b02"), ("b4", "b3", "b2"), ("r", "g", "b")):
-        if all(t in lower for t in trio):
-            return [lower.index(t) for t in trio]
+    from codemae_cli.data.raster import rgb_band_indices
+
+    rgb = rgb_band_indices(names)
+    if rgb is not None:
+        return list(rgb)
     return [0, 1, 2] if len(names) >= 3 else [0]
 
 
