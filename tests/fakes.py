@@ -108,3 +108,26 @@ def pretrain_checkpoint(path, *, optical_bands=("blue", "green", "red", "nir"), 
     if source_range is not None:
         meta["source_ranges"] = [source_range]
     return save_checkpoint(Path(path), model, meta)
+
+
+def tiny_model_config(**over):
+    """The tiny CoDe-MAE ``ModelConfig`` at 32 px with 8-px patches; ``over`` sets fields, a dict
+    value updates that section (``okd={"teacher": "ema"}``)."""
+    from codemae_cli.config import from_dict
+    from codemae_cli.model import ModelConfig
+
+    data = {"preset": "tiny", "img_size": 32, "patch_size": 8}
+    for key, value in over.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return from_dict(ModelConfig, data)
+
+
+def random_pair(B=3, co=4, cs=2, size=32, seed=0):
+    """An optical (B, co, size, size) and a SAR (B, cs, size, size) batch of standard normal values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, co, size, size, generator=g), torch.randn(B, cs, size, size, generator=g)

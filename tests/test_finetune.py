@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 
+from fakes import pretrain_checkpoint  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from codemae_cli.cli import app  # noqa: E402
@@ -66,15 +67,9 @@ def _recipe(data: Path, out: Path, **task) -> FinetuneRecipe:
 
 def _tiny_pretrain_checkpoint(path: Path, optical_bands: int = 4, sar_bands: int = 2, preset: str = "tiny") -> Path:
     """A CoDe-MAE pretraining checkpoint as the pretraining engine writes it (untrained weights)."""
-    from codemae_cli.model import ModelConfig, build_model
-    from codemae_cli.train.checkpoint import save_checkpoint
-
-    cfg = ModelConfig(preset=preset, img_size=16, patch_size=4)
-    cfg.okd.enabled = False
-    model = build_model(cfg, optical_bands, sar_bands)
-    meta = {"kind": "pretrain", "recipe": {"model": to_dict(cfg)},
-            "bands": {"optical": [f"B{i}" for i in range(optical_bands)], "sar": [f"P{i}" for i in range(sar_bands)]}}
-    return save_checkpoint(path, model, meta)
+    return pretrain_checkpoint(path, optical_bands=[f"B{i}" for i in range(optical_bands)],
+                               sar_bands=[f"P{i}" for i in range(sar_bands)], preset=preset, img_size=16,
+                               patch_size=4, ccl=None, seed=None)
 
 
 def test_sar_only_learns_water_vs_land(water_land, tmp_path):

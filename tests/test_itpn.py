@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import random_pair, tiny_model_config
 from itpn_reference import TINY as REF_TINY
 from itpn_reference import reference_decoder_tokens, reference_levels, reference_state
 
@@ -17,18 +18,7 @@ torch.set_num_threads(1)
 
 
 def itpn_cfg(**over) -> ModelConfig:
-    data = {"backbone": "itpn", "preset": "tiny", "img_size": 32, "patch_size": 8}
-    for key, value in over.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
-    return from_dict(ModelConfig, data)
-
-
-def pair(B=3, co=4, cs=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, co, size, size, generator=g), torch.randn(B, cs, size, size, generator=g)
+    return tiny_model_config(backbone="itpn", **over)
 
 
 @pytest.mark.parametrize("okd", [{"teacher": "ema"},
@@ -36,7 +26,7 @@ def pair(B=3, co=4, cs=2, size=32, seed=0):
 def test_tiny_itpn_trains_with_every_component_and_every_param_gets_a_grad(okd):
     torch.manual_seed(0)
     model = build_model(itpn_cfg(okd=okd), 4, 2)
-    out = model(*pair())
+    out = model(*random_pair())
     assert set(out["losses"]) == {"self_optical", "self_sar", "cdr", "okd", "ccl"}
     assert all(torch.isfinite(v) for v in out["losses"].values())
     out["loss"].backward()
@@ -58,7 +48,7 @@ def test_switched_off_parts_create_no_parameters():
     rigid = build_model(itpn_cfg(ccl={"mode": "rigid"}, okd={"aux_head": False}), 3, 1)
     names = [n for n, _ in rigid.named_parameters()]
     assert not any(n.startswith(("ccl", "okd_aux")) for n in names)
-    out = rigid(*pair(co=3, cs=1))
+    out = rigid(*random_pair(co=3, cs=1))
     out["loss"].backward()
     assert all(p.grad is not None for p in rigid.parameters() if p.requires_grad)
 
@@ -69,7 +59,7 @@ def test_masked_patches_never_reach_the_trunk():
     enc = model.encoder
     seen = []
     hook = enc.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
-    opt, sar = pair(B=2)
+    opt, sar = random_pair(B=2)
     N, n = 16, 4
     ids_keep = torch.stack([torch.randperm(N)[:n] for _ in range(2)])
     levels, _ = enc.forward_masked([("optical", opt), ("sar", sar)], ids_keep)
@@ -93,7 +83,7 @@ def test_masked_forward_uses_the_reference_resampled_table():
 
     torch.manual_seed(0)
     enc = build_encoder(itpn_cfg(), 4, 2).eval()
-    opt = pair(B=2)[0]
+    opt = random_pair(B=2)[0]
     all_ids = torch.arange(16).repeat(2, 1)
     masked = enc.forward_masked([("optical", opt)], all_ids)[0][0]
     plain = enc.forward_pyramid(optical=opt)["optical"][2]  # stride-16 level as a map
@@ -108,7 +98,7 @@ def test_masked_forward_uses_the_reference_resampled_table():
 
 def test_pyramid_and_layer_features_any_size():
     enc = build_encoder(itpn_cfg(), 4, 2).eval()
-    opt, sar = pair(B=2, size=48)
+    opt, sar = random_pair(B=2, size=48)
     pyr = enc.forward_pyramid(optical=opt, sar=sar)
     assert [tuple(f.shape) for f in pyr["sar"]] == [(2, 32, 24, 24), (2, 32, 12, 12), (2, 32, 6, 6), (2, 32, 3, 3)]
     feats = enc.forward_features(optical=opt, layers=(1, 3))
@@ -126,7 +116,7 @@ def test_segmentation_task_model_uses_the_pyramid():
     model = TaskModel(enc, build_head("segmentation", "upernet", enc.pyramid_dim, 3, neck_dim=16,
                                       multiscale_input=True), inputs="both")
     assert model.pyramid
-    opt, sar = pair(B=2)
+    opt, sar = random_pair(B=2)
     out = model(optical=opt, sar=sar)
     assert out.shape == (2, 3, 32, 32)
     assert find_unused_parameters(model, 4, 2, 16) == []
@@ -216,7 +206,7 @@ def test_reference_import_equals_a_direct_forward(tmp_path):
     cfg = from_dict(ModelConfig, {**meta["recipe"]["model"], "okd": {"enabled": False}})
     model = build_model(cfg, 3, 3).eval()
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("okd_")}, strict=True)
-    opt, sar = pair(B=2, co=3, cs=3, seed=5)
+    opt, sar = random_pair(B=2, co=3, cs=3, seed=5)
     ids_keep = torch.stack([torch.randperm(16)[:4] for _ in range(2)])
     with torch.no_grad():
         levels, _ = model.encoder.forward_masked([("optical", opt), ("sar", sar)], ids_keep)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fakes import random_pair, tiny_model_config
 
 from codemae_cli.config import from_dict
 from codemae_cli.errors import UserError
@@ -21,28 +22,10 @@ from codemae_cli.model.targets import DEGRADATIONS
 
 torch.set_num_threads(1)
 
-TINY = {"preset": "tiny", "img_size": 32, "patch_size": 8}
-
-
-def tiny_cfg(**over) -> ModelConfig:
-    data = dict(TINY)
-    for key, value in over.items():
-        if isinstance(value, dict):
-            data.setdefault(key, {}).update(value)
-        else:
-            data[key] = value
-    return from_dict(ModelConfig, data)
-
-
-def pair(B=3, co=4, cs=2, size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, co, size, size, generator=g), torch.randn(B, cs, size, size, generator=g)
-
-
 def test_tiny_forward_shapes_and_losses():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), optical_bands=4, sar_bands=2)
-    opt, sar = pair()
+    model = build_model(tiny_model_config(), optical_bands=4, sar_bands=2)
+    opt, sar = random_pair()
     out = model(opt, sar)
     assert set(out["losses"]) == {"self_optical", "self_sar", "cdr", "okd", "ccl"}
     assert all(torch.isfinite(v) and v.ndim == 0 for v in out["losses"].values())
@@ -66,7 +49,7 @@ def test_masks_identical_across_modalities_with_int_visible_count():
     for b in range(5):
         assert set(torch.nonzero(mask[b] == 0).flatten().tolist()) == set(ids_keep[b].tolist())
     # the model encodes optical and SAR with the same ids (one 2B batch)
-    model = build_model(tiny_cfg(), 4, 2)
+    model = build_model(tiny_model_config(), 4, 2)
     seen = {}
     orig = model.encoder.forward_masked
 
@@ -78,7 +61,7 @@ def test_masks_identical_across_modalities_with_int_visible_count():
         return latent, aux
 
     model.encoder.forward_masked = spy
-    opt, sar = pair(B=2)
+    opt, sar = random_pair(B=2)
     out = model(opt, sar)
     assert seen["modalities"] == ["optical", "sar"]
     assert seen["latent"].shape == (4, int(16 * 0.25), 192)  # 2B visible tokens
@@ -90,8 +73,8 @@ def test_masks_identical_across_modalities_with_int_visible_count():
 def test_every_trainable_param_gets_a_grad_and_the_teacher_none(teacher):
     torch.manual_seed(0)
     okd = {"teacher": teacher, "teacher_model": "vit_small_patch16_dinov3", "sar_side": True}
-    model = build_model(tiny_cfg(okd=okd), 4, 2)
-    opt, sar = pair()
+    model = build_model(tiny_model_config(okd=okd), 4, 2)
+    opt, sar = random_pair()
     model(opt, sar)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
@@ -106,8 +89,8 @@ def test_every_trainable_param_gets_a_grad_and_the_teacher_none(teacher):
 
 def test_unpaired_batches_zero_ccl_and_cdr_but_keep_gradients():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), 4, 2)
-    opt, sar = pair()
+    model = build_model(tiny_model_config(), 4, 2)
+    opt, sar = random_pair()
     torch.manual_seed(1)
     out = model(opt, sar, paired=False)
     terms = out["losses"]
@@ -122,17 +105,17 @@ def test_unpaired_batches_zero_ccl_and_cdr_but_keep_gradients():
 
 
 def test_switched_off_components_create_no_parameters():
-    full = build_model(tiny_cfg(), 3, 1)
-    plain = build_model(tiny_cfg(okd={"enabled": False}, ccl={"mode": "off"}, cdr={"enabled": False}), 3, 1)
+    full = build_model(tiny_model_config(), 3, 1)
+    plain = build_model(tiny_model_config(okd={"enabled": False}, ccl={"mode": "off"}, cdr={"enabled": False}), 3, 1)
     names = {n.split(".")[0] for n, _ in plain.named_parameters()}
     assert names == {"encoder", "decoder_embed", "self_decoder", "self_heads"}
     assert plain.teacher is None
-    out = plain(*pair(co=3, cs=1))
+    out = plain(*random_pair(co=3, cs=1))
     assert set(out["losses"]) == {"self_optical", "self_sar"}
-    rigid = build_model(tiny_cfg(ccl={"mode": "rigid"}), 3, 1)
+    rigid = build_model(tiny_model_config(ccl={"mode": "rigid"}), 3, 1)
     assert not any(n.startswith("ccl") for n, _ in rigid.named_parameters())
-    assert "ccl" in rigid(*pair(co=3, cs=1))["losses"]
-    no_aux = build_model(tiny_cfg(okd={"aux_head": False}), 3, 1)
+    assert "ccl" in rigid(*random_pair(co=3, cs=1))["losses"]
+    no_aux = build_model(tiny_model_config(okd={"aux_head": False}), 3, 1)
     assert not any("okd_aux" in n for n, _ in no_aux.named_parameters())
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in no_aux.parameters())
 
@@ -140,8 +123,8 @@ def test_switched_off_components_create_no_parameters():
 @pytest.mark.parametrize("deg", DEGRADATIONS)
 def test_every_degradation_trains(deg):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(cdr={"degradation": deg}, okd={"enabled": False}), 4, 2)
-    out = model(*pair(B=2))
+    model = build_model(tiny_model_config(cdr={"degradation": deg}, okd={"enabled": False}), 4, 2)
+    out = model(*random_pair(B=2))
     assert torch.isfinite(out["losses"]["cdr"])
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -171,7 +154,7 @@ def test_presets_param_counts_on_meta_device():
 
 def test_encoder_features_any_size_and_state_dict_prefix():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), 4, 2)
+    model = build_model(tiny_model_config(), 4, 2)
     enc = model.encoder
     assert enc.default_layers == (0, 1, 2, 3)
     feats = enc.forward_features(optical=torch.randn(2, 4, 48, 64), sar=torch.randn(2, 2, 48, 64), layers=(1, 3))
@@ -189,11 +172,11 @@ def test_encoder_features_any_size_and_state_dict_prefix():
     sd = model.state_dict()
     enc_keys = {k for k in sd if k.startswith("encoder.")}
     assert {"encoder." + k for k in model.encoder_state_dict()} == enc_keys
-    standalone = build_encoder(tiny_cfg(), 4, 2)
+    standalone = build_encoder(tiny_model_config(), 4, 2)
     standalone.load_state_dict(model.encoder_state_dict())
     # fixed sin-cos tables are rebuilt, not stored: a fine-tuning encoder for another crop size loads strictly
     assert not any("pos_embed" in k for k in sd)
-    build_encoder(tiny_cfg(img_size=64), 4, 2).load_state_dict(model.encoder_state_dict())
+    build_encoder(tiny_model_config(img_size=64), 4, 2).load_state_dict(model.encoder_state_dict())
     with pytest.raises(ModelInputError, match="divisible"):
         enc.forward_features(optical=torch.randn(1, 4, 30, 32))
     with pytest.raises(ModelInputError, match="bands"):
@@ -204,10 +187,10 @@ def test_encoder_features_any_size_and_state_dict_prefix():
 
 def test_fused_and_plain_attention_agree():
     torch.manual_seed(0)
-    fused = build_model(tiny_cfg(okd={"enabled": False}), 4, 2).eval()
-    plain = build_model(tiny_cfg(okd={"enabled": False}, fused_attn=False), 4, 2).eval()
+    fused = build_model(tiny_model_config(okd={"enabled": False}), 4, 2).eval()
+    plain = build_model(tiny_model_config(okd={"enabled": False}, fused_attn=False), 4, 2).eval()
     plain.load_state_dict(fused.state_dict())
-    opt, sar = pair()
+    opt, sar = random_pair()
     a = fused.encoder.forward_features(optical=opt, sar=sar)
     b = plain.encoder.forward_features(optical=opt, sar=sar)
     for x, y in zip(a["optical"] + a["sar"], b["optical"] + b["sar"], strict=True):
@@ -235,7 +218,7 @@ def test_config_loads_strictly_and_validates():
     with pytest.raises(UserError):
         from_dict(ModelConfig, {"cdr": {"degradation": "blur"}})
     with pytest.raises(UserError, match="band"):
-        build_model(tiny_cfg(), 3, 0)
+        build_model(tiny_model_config(), 3, 0)
 
 
 def test_plain_mae_baseline_trains():
@@ -250,8 +233,8 @@ def test_plain_mae_baseline_trains():
 def test_tiny_model_overfits_one_batch():
     """A short optimisation on one fixed batch lowers the total loss (the losses are learnable)."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(), 3, 2)
-    opt, sar = pair(B=4, co=3)
+    model = build_model(tiny_model_config(), 3, 2)
+    opt, sar = random_pair(B=4, co=3)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(12):
@@ -271,11 +254,11 @@ def test_rigid_contrast_placement_switch():
     seen = {}
     for where in ("encoder", "decoder_embed"):
         torch.manual_seed(0)
-        model = build_model(tiny_cfg(ccl={"mode": "rigid", "rigid_on": where}, okd={"enabled": False},
+        model = build_model(tiny_model_config(ccl={"mode": "rigid", "rigid_on": where}, okd={"enabled": False},
                                      cdr={"enabled": False}), 4, 2)
         model.decoder_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
         model.encoder.forward_masked = _keep_output(model.encoder.forward_masked, seen)
-        out = model(*pair(B=3))
+        out = model(*random_pair(B=3))
         x = seen["h"] if where == "decoder_embed" else seen["latent"]
         expected = info_nce(pooled_embedding(x[:3]), pooled_embedding(x[3:]), 0.07)
         torch.testing.assert_close(out["losses"]["ccl"], expected)
@@ -292,13 +275,13 @@ def _keep_output(fn, store):
 
 def test_learnable_position_embedding_switch():
     torch.manual_seed(0)
-    fixed = build_model(tiny_cfg(okd={"enabled": False}), 4, 2)
+    fixed = build_model(tiny_model_config(okd={"enabled": False}), 4, 2)
     assert "encoder.pos_embed" not in fixed.state_dict()
-    model = build_model(tiny_cfg(pos_embed="learnable", okd={"enabled": False}), 4, 2)
+    model = build_model(tiny_model_config(pos_embed="learnable", okd={"enabled": False}), 4, 2)
     pos = model.encoder.pos_embed
     assert isinstance(pos, torch.nn.Parameter) and pos.requires_grad
     torch.testing.assert_close(pos.detach(), fixed.encoder.pos_embed)  # sin-cos initialised
-    model(*pair(B=2))["loss"].backward()
+    model(*random_pair(B=2))["loss"].backward()
     assert pos.grad is not None and pos.grad.abs().sum() > 0
     assert "encoder.pos_embed" in model.no_weight_decay()
     from codemae_cli.train.optim import param_groups
@@ -308,7 +291,7 @@ def test_learnable_position_embedding_switch():
     # an encoder for another crop size loads the table resampled to its own grid
     with torch.no_grad():
         pos.add_(torch.randn_like(pos))
-    other = build_encoder(tiny_cfg(pos_embed="learnable", img_size=48), 4, 2)
+    other = build_encoder(tiny_model_config(pos_embed="learnable", img_size=48), 4, 2)
     other.load_state_dict(model.encoder_state_dict(), strict=True)
     assert other.pos_embed.shape == (1, 36, 192)
     from codemae_cli.model.layers import resize_pos_embed
@@ -318,8 +301,8 @@ def test_learnable_position_embedding_switch():
 
 def test_learnable_position_embedding_switch_itpn():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(backbone="itpn", pos_embed="learnable", okd={"enabled": False}), 3, 2)
+    model = build_model(tiny_model_config(backbone="itpn", pos_embed="learnable", okd={"enabled": False}), 3, 2)
     table = model.encoder.absolute_pos_embed
     assert isinstance(table, torch.nn.Parameter)
-    model(*pair(B=2, co=3))["loss"].backward()
+    model(*random_pair(B=2, co=3))["loss"].backward()
     assert table.grad is not None and table.grad.abs().sum() > 0

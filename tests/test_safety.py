@@ -44,26 +44,16 @@ def refused(args, match: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A synthetic scene pair, a tiny testbed dataset, a pretraining run and a fine-tuned run."""
-    import torch
+    from fakes import pretrain_checkpoint
     from test_predict_cli import _checkpoint as finetuned
 
     from codemae_cli.analysis.testbed import OPTICAL_BANDS, SAR_BANDS, write_testbed
-    from codemae_cli.config import to_dict
     from codemae_cli.data.synth import write_scene_pair
-    from codemae_cli.model import ModelConfig, build_model
-    from codemae_cli.train.checkpoint import save_checkpoint
 
     d = tmp_path_factory.mktemp("safety")
     pair = write_scene_pair(d / "scene", 64, 64, seed=3, labels=False, sar_scale="db")
     data = write_testbed(d / "data", scenes=1, size=64, tile=32, seed=1, write_tifs=False)
-    torch.manual_seed(0)
-    cfg = ModelConfig(preset="tiny", img_size=32, patch_size=8)
-    cfg.okd.enabled = False
-    cfg.ccl.mode = "off"
-    model = build_model(cfg, optical_bands=len(OPTICAL_BANDS), sar_bands=len(SAR_BANDS))
-    meta = {"kind": "pretrain", "step": 0, "epoch": 0, "recipe": {"model": to_dict(cfg)},
-            "bands": {"optical": OPTICAL_BANDS, "sar": SAR_BANDS}, "stats": None}
-    pre = save_checkpoint(d / "pre" / "checkpoints" / "last", model, meta)
+    pre = pretrain_checkpoint(d / "pre" / "checkpoints" / "last", optical_bands=OPTICAL_BANDS, sar_bands=SAR_BANDS)
     fin = finetuned(d, "both")
     return {"dir": d, "pair": pair, "data": Path(data), "pre_run": d / "pre", "pre": pre,
             "fin_run": fin.parent.parent, "fin": fin}
