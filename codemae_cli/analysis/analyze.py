@@ -367,18 +367,6 @@ def _safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
 
 
-def _json_clean(obj):
-    if isinstance(obj, dict):
-        return {k: _json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (np.floating, np.integer)):
-        return _json_clean(obj.item())
-    return obj
-
-
 # --------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------
@@ -442,6 +430,7 @@ def run_analyze(
     """
     from codemae_cli.data.shards import PreparedDataset
     from codemae_cli.device import resolve_device
+    from codemae_cli.tasks.evaluate import jsonable
 
     if not checkpoints:
         raise UserError("give at least one checkpoint to analyse")
@@ -465,7 +454,7 @@ def run_analyze(
             "dataset": str(dataset_dir),
             "split": split,
             "chips": chips.chip_ids,
-            "checkpoints": _json_clean({a.name: a.metrics for a in analyses}),
+            "checkpoints": jsonable({a.name: a.metrics for a in analyses}),
         }
         (tmp / "analysis.json").write_text(json.dumps(doc, indent=2))
         if plots:

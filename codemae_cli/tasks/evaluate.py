@@ -411,7 +411,7 @@ def write_json(metrics: dict, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        tmp.write_text(json.dumps(_jsonable(metrics), indent=2))
+        tmp.write_text(json.dumps(jsonable(metrics), indent=2))
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -419,15 +419,16 @@ def write_json(metrics: dict, path) -> Path:
     return path
 
 
-def _jsonable(o):
+def jsonable(o):
+    """``o`` with NaN/inf as None, numpy/torch scalars as Python numbers and tuples as lists (JSON-safe)."""
     if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
+        return {k: jsonable(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v) for v in o]
     if isinstance(o, float) and not math.isfinite(o):
         return None
     if hasattr(o, "item"):
-        return _jsonable(o.item())
+        return jsonable(o.item())
     return o
 
 
@@ -436,6 +437,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_model",
     "evaluate_raster",
+    "jsonable",
     "metrics_table",
     "task_loss",
     "write_json",
