@@ -32,6 +32,7 @@ from codemae_cli.analysis import metrics as M
 from codemae_cli.data.raster import rgb_band_indices
 from codemae_cli.errors import UserError
 from codemae_cli.fsutil import check_replaceable, guard_outputs, read_json_object, staged_directory
+from codemae_cli.train.logging import pyplot
 
 if TYPE_CHECKING:
     from codemae_cli.train.checkpoint import CheckpointMeta
@@ -281,18 +282,8 @@ def _unpatchify(t, p: int, img: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_spectra(results: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, mod in zip(axes, ("optical", "sar"), strict=False):
         for name, r in results.items():
@@ -311,7 +302,7 @@ def _plot_spectra(results: dict, path: Path) -> None:
 
 
 def _plot_scatter(analyses: list[CheckpointAnalysis], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n = len(analyses)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -332,7 +323,7 @@ def _plot_scatter(analyses: list[CheckpointAnalysis], path: Path) -> None:
 
 
 def _plot_reconstructions(rec: dict, name: str, path: Path, max_rows: int = 4) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     directions = [d for d in ("sar_to_optical", "optical_to_sar") if d in rec]
     n = min(max_rows, rec["optical"].shape[0])
     cols = 2 + 2 * len(directions)

@@ -321,11 +321,9 @@ def _plot_val(logger, path: Path, metric: str) -> None:
     recs = [rec for rec in logger.read() if rec.get("split") == "val" and rec.get(metric) is not None]
     if not recs:
         return
-    import matplotlib
+    from codemae_cli.train.logging import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [rec["epoch"] for rec in recs]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(epochs, [100 * rec[metric] for rec in recs], "o-", label=f"val {metric} (%)")
@@ -337,10 +335,7 @@ def _plot_val(logger, path: Path, metric: str) -> None:
     ax.grid(True, alpha=0.3)
     fig.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 __all__ = ["run_finetune"]

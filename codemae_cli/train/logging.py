@@ -86,11 +86,7 @@ class MetricsLogger:
         records = self.read()
         if not records:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         path = Path(path) if path is not None else self.run_dir / "loss_curve.png"
         series: dict[tuple[str, str], tuple[list, list]] = {}
         for rec in records:
@@ -114,12 +110,7 @@ class MetricsLogger:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        tmp.replace(path)
-        return path
+        return save_figure(fig, path)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -195,5 +186,33 @@ class TrainProgress:
             self._progress.__exit__(*exc)
         return False
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "TrainProgress"]
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path) -> Path:
+    """Save ``fig`` as PNG beside ``path`` and rename it over ``path`` (a kill leaves the old
+    figure or the new, never half of one); the figure is closed. Returns ``path``."""
+    from codemae_cli.fsutil import temp_sibling
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path, ".png")
+    try:
+        fig.savefig(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        pyplot().close(fig)
+    return path
+
+
+__all__ = ["METRICS_FILE", "MetricsLogger", "TrainProgress", "pyplot", "save_figure"]
