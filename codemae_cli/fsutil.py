@@ -333,6 +333,23 @@ def staged_directory(out: PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def staged_file(out: PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a hidden sibling of the file ``out`` to write; on success it replaces ``out``.
+
+    On any exception (KeyboardInterrupt included) the sibling is removed and ``out`` is left as
+    it was. ``suffix``: an extension for writers that pick the format from the name (".png")."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(out, suffix)
+    try:
+        yield tmp
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 # ----------------------------------------------------------------------------- weights files
 def check_safetensors(path: PathLike, what: str = "weights file") -> Path:
     """Refuse a file that is not safetensors (a pickle renamed, a truncated download) in one

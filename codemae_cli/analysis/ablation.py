@@ -116,16 +116,10 @@ SCALES: dict[str, Scale] = {
 
 def _replace_text(path: Path, text: str) -> None:
     """Write ``text`` beside ``path`` and rename it over ``path``: a kill leaves the old file or the new."""
-    from codemae_cli.fsutil import temp_sibling
+    from codemae_cli.fsutil import staged_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
+    with staged_file(path) as tmp:
         tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _atomic_json(path: Path, obj) -> None:

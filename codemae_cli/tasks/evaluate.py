@@ -405,17 +405,11 @@ def metrics_table(metrics: dict, title: str = "metrics"):
 
 def write_json(metrics: dict, path) -> Path:
     """Write metrics as JSON atomically (NaN becomes null)."""
-    from codemae_cli.fsutil import temp_sibling
+    from codemae_cli.fsutil import staged_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path)
-    try:
+    with staged_file(path) as tmp:
         tmp.write_text(json.dumps(jsonable(metrics), indent=2))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

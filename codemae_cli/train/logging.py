@@ -199,17 +199,12 @@ def pyplot():
 def save_figure(fig, path) -> Path:
     """Save ``fig`` as PNG beside ``path`` and rename it over ``path`` (a kill leaves the old
     figure or the new, never half of one); the figure is closed. Returns ``path``."""
-    from codemae_cli.fsutil import temp_sibling
+    from codemae_cli.fsutil import staged_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(path, ".png")
     try:
-        fig.savefig(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with staged_file(path, ".png") as tmp:
+            fig.savefig(tmp)
     finally:
         pyplot().close(fig)
     return path
