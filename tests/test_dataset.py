@@ -13,6 +13,7 @@ from fakes import make_synthetic_dataset
 from codemae_cli.data.dataset import PairedBatchSampler, PairedChips, build_loader
 from codemae_cli.data.shards import PreparedDataset
 from codemae_cli.errors import UserError
+from codemae_cli.train.loop import left_out_note
 
 
 def _set_stats(root, mean_o, std_o, mean_s, std_s):
@@ -96,9 +97,10 @@ def test_normalisation_nodata_and_validation_mode(tmp_path):
 def test_sampler_shards_ranks_epochs_and_resume(tmp_path):
     root = make_synthetic_dataset(tmp_path / "d", n_chips=20, tile=16)
     chips = PairedChips([root], "train", img_size=16)
-    with pytest.warns(UserWarning, match="2 of 20 chips per epoch are not served"):
-        per_rank = [list(PairedBatchSampler(chips, 3, seed=4, rank=r, world_size=2, drop_last=True))
-                    for r in range(2)]
+    samplers = [PairedBatchSampler(chips, 3, seed=4, rank=r, world_size=2, drop_last=True) for r in range(2)]
+    assert [s.left_out for s in samplers] == [2, 2]
+    assert "2 chips per epoch left out" in left_out_note(samplers[0])
+    per_rank = [list(s) for s in samplers]
     assert len(per_rank[0]) == len(per_rank[1]) == 20 // 6
     seen = [i for r in per_rank for b in r for i, _ in b]
     assert len(seen) == len(set(seen)) == 18, "ranks must see disjoint chips"

@@ -704,9 +704,6 @@ class PairedBatchSampler:
         if self._n_global == 0:
             raise UserError(f"the split has {int(sizes.sum())} chips, fewer than one batch of {global_batch} "
                             f"({self.batch_size} per process x {self.world_size} processes); lower the batch size")
-        if self.left_out:
-            warnings.warn(f"full batches only (drop_last): {self.left_out} of {sum(per_group.values())} chips per "
-                          f"epoch are not served, a different random subset each epoch", stacklevel=2)
 
     def __len__(self) -> int:
         return self._n_global - self.start_batch

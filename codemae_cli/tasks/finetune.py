@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from codemae_cli.errors import UserError
-from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, plan_steps
+from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, left_out_note, plan_steps
 
 _SCALAR_KEYS = ("loss", "miou", "mf1", "oa", "macc", "kappa", "top1", "micro_map", "macro_map", "micro_f1",
                 "macro_f1")
@@ -236,7 +236,7 @@ class FinetuneTask(TrainTask):
         chips = o.batch_size * o.accum_steps * dist.world_size
         self.say(f"lr {lr:.4g}; effective batch {chips} chips ({o.batch_size} x {o.accum_steps} accum x "
                  f"{dist.world_size} processes); {self.plan.steps_per_epoch} steps per epoch, "
-                 f"{self.plan.total_steps} in all")
+                 f"{self.plan.total_steps} in all{left_out_note(self.sampler)}")
 
     # -- what the loop calls ----------------------------------------------------------------------
     def step(self, model, batch) -> dict:

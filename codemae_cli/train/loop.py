@@ -51,6 +51,12 @@ class StepPlan:
     warmup_steps: int
 
 
+def left_out_note(sampler) -> str:
+    """The start-up line's note on chips a full-batches-only epoch leaves out (empty when none)."""
+    n = int(getattr(sampler, "left_out", 0))
+    return f"; full batches only: {n} chips per epoch left out, a different random subset each epoch" if n else ""
+
+
 def plan_steps(batches_per_epoch: int, optim) -> StepPlan:
     """Whole optimizer steps per epoch (leftover micro-batches of an epoch are not used)."""
     steps_per_epoch = batches_per_epoch // optim.accum_steps

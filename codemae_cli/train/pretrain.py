@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from codemae_cli.errors import UserError
-from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, plan_steps
+from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, left_out_note, plan_steps
 from codemae_cli.train.recipe import PretrainRecipe
 
 if TYPE_CHECKING:
@@ -149,7 +149,8 @@ class PretrainTask(TrainTask):
             say(f"lr = {self.lr:.4g} (optim.lr); {batch}")
         if getattr(self.model, "init_report", None) is not None:
             say(self.model.init_report.summary())
-        say(f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all, {plan.warmup_steps} warmup steps")
+        say(f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all, {plan.warmup_steps} warmup steps"
+            f"{left_out_note(self.sampler)}")
 
     def step(self, model, batch) -> dict:
         non_blocking = self.dist.device.type == "cuda"
