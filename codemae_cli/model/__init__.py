@@ -24,7 +24,7 @@ _EXPORTS = {
     "random_masking": "codemae",
     "CoDeMAEEncoder": "encoder",
     "ITPNEncoder": "itpn",
-    "build_trunk": "encoder",
+    "build_trunk": "trunk",
     "load_init_weights": "weights",
     "ITPN_PRESETS": "config",
     "PlainMAE": "plain_mae",

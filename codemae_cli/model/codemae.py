@@ -33,7 +33,7 @@ from codemae_cli.errors import UserError
 from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embedding
 from codemae_cli.model.config import ModelConfig
 from codemae_cli.model.decoder import MAEDecoder, PatchHeads
-from codemae_cli.model.encoder import EncoderBase, build_trunk
+from codemae_cli.model.encoder import EncoderBase
 from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
 from codemae_cli.model.source import SourceScaler
@@ -52,6 +52,7 @@ from codemae_cli.model.teacher import (
     default_teacher_bands,
     teacher_targets,
 )
+from codemae_cli.model.trunk import build_trunk
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device) -> tuple[torch.Tensor, ...]:

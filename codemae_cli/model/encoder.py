@@ -2,7 +2,7 @@
 
 ``CoDeMAEEncoder`` is the plain ViT; ``codemae_cli.model.itpn.ITPNEncoder`` the paper's iTPN.
 Both share :class:`EncoderBase` (input checks, ``forward_features`` over trunk depths);
-:func:`build_trunk` picks one from the recipe's ``model.backbone``.
+:func:`codemae_cli.model.trunk.build_trunk` picks one from the recipe's ``model.backbone``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class CoDeMAEEncoder(EncoderBase):
     Position embeddings are a fixed 2-D sin-cos table for ``img_size``, rebuilt from the sizes
     rather than stored (a non-persistent buffer), so an encoder built for another crop size
     loads the same checkpoint; inputs of other sizes resample the table bicubically.
-    ``model.pos_embed: learnable`` (the reference code's form, see :func:`build_trunk`) makes it a
+    ``model.pos_embed: learnable`` (the reference code's form, see :func:`codemae_cli.model.trunk.build_trunk`) makes it a
     parameter initialised with sin-cos; a stored table of another grid is resampled when loaded.
     """
 
@@ -189,28 +189,3 @@ class CoDeMAEEncoder(EncoderBase):
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
-
-
-def build_trunk(cfg, optical_bands: int, sar_bands: int) -> EncoderBase:
-    """The encoder ``cfg.backbone`` names, sized by ``cfg.preset`` (random weights)."""
-    spec = cfg.spec
-    common = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=int(spec["embed_dim"]),
-                  depth=int(spec["depth"]), num_heads=int(spec["num_heads"]), mlp_ratio=float(spec["mlp_ratio"]),
-                  drop_path=cfg.drop_path, fused_attn=cfg.fused_attn)
-    if cfg.backbone == "itpn":
-        from codemae_cli.model.itpn import ITPNEncoder
-
-        encoder = ITPNEncoder(optical_bands, sar_bands, mlp_depth=int(spec["mlp_depth"]),
-                              bridge_mlp_ratio=float(spec["bridge_mlp_ratio"]), fpn_dim=int(spec["fpn_dim"]),
-                              **common)
-        table = "absolute_pos_embed"
-    else:
-        encoder = CoDeMAEEncoder(optical_bands, sar_bands, **common)
-        table = "pos_embed"
-    if getattr(cfg, "pos_embed", "fixed") == "learnable":
-        # The reference trains its absolute position table (a parameter initialised with
-        # sin-cos); the buffer becomes a parameter of the same name, so it is saved and loaded.
-        values = getattr(encoder, table).detach().clone()
-        delattr(encoder, table)
-        setattr(encoder, table, nn.Parameter(values))
-    return encoder
