@@ -219,11 +219,11 @@ def dump_recipe(obj: Any) -> str:
 
 def save_recipe(obj: Any, path: str | Path) -> Path:
     """Write the resolved recipe atomically."""
+    from codemae_cli.fsutil import staged_file
+
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(dump_recipe(obj))
-    tmp.replace(p)
+    with staged_file(p) as tmp:
+        tmp.write_text(dump_recipe(obj))
     return p
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import staged_file
 
 DATA_DIR = "data"  # prepare's default output; every recipe's data.datasets default
 PRETRAIN_DIR = "runs/pretrain"  # pretraining recipes' run.output_dir; seg/cls/linprobe's task.pretrained
@@ -95,10 +96,8 @@ def copy_recipes(names: list[str], out: Path) -> list[Path]:
             raise UserError(f"'{t}' already exists; remove it or copy into another folder with -o")
     written = []
     for src, dst in zip(sources, targets, strict=True):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.write_text(src.read_text())
-        tmp.replace(dst)
+        with staged_file(dst) as tmp:
+            tmp.write_text(src.read_text())
         written.append(dst)
     return written
 

@@ -58,7 +58,14 @@ from codemae_cli.data.source_scale import optical_range_rule, source_range_meta
 from codemae_cli.data.split import assign_blocks, block_key, parse_split
 from codemae_cli.data.stats import RunningStats
 from codemae_cli.errors import UserError
-from codemae_cli.fsutil import check_writable, guard_outputs, notice, read_json_object, sweep_stale
+from codemae_cli.fsutil import (
+    check_writable,
+    guard_outputs,
+    notice,
+    read_json_object,
+    staged_file,
+    sweep_stale,
+)
 
 SEGMENT_PX = 2048  # columns read at once: bounds memory by tile x SEGMENT_PX, not the scene
 
@@ -504,9 +511,8 @@ def _save_task(res: dict, path: Path) -> None:
         "parts": [{"files": {m: Path(f).name for m, f in part["files"].items()}, "count": part["count"]}
                   for part in res["parts"]],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(data))
 
 
 def _load_task(path: Path, shards_dir: Path) -> Optional[dict]:

@@ -10,7 +10,6 @@ CRS units. The ``area`` column is in m^2 too.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,8 @@ def vectorize_classes(
     from shapely.geometry import shape
 
     from codemae_cli.data.areas import areas_m2
-    from codemae_cli.infer.cog import check_output_path, remove_quietly, temp_sibling
+    from codemae_cli.fsutil import staged_file
+    from codemae_cli.infer.cog import check_output_path
 
     check_vector_path(out_path)
     out = check_output_path(out_path, "vector output")
@@ -73,12 +73,8 @@ def vectorize_classes(
         name = class_names[cid] if class_names and cid < len(class_names) else str(cid)
         records.append({"class_id": cid, "class_name": name, "area": float(area), "geometry": poly})
     gdf = gpd.GeoDataFrame(records, columns=["class_id", "class_name", "area", "geometry"], geometry="geometry", crs=crs)
-    tmp = temp_sibling(out, ".gpkg")
-    try:
+    with staged_file(out, ".gpkg") as tmp:
         gdf.to_file(tmp, layer=layer, driver="GPKG")
-        os.replace(tmp, out)
-    finally:
-        remove_quietly(tmp)
     per_class: dict[str, int] = {}
     for rec in records:
         per_class[rec["class_name"]] = per_class.get(rec["class_name"], 0) + 1

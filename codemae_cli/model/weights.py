@@ -95,20 +95,16 @@ def read_weights_file(path) -> dict[str, torch.Tensor]:
 
 def convert_to_safetensors(src, dst) -> int:
     """Write the tensors of a weights file as safetensors (atomic); returns the tensor count."""
-    import os
-
     from safetensors.torch import save_file
+
+    from codemae_cli.fsutil import staged_file
 
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise UserError("the converted file must not replace the weights file it is read from")
     state = {k: v.contiguous() for k, v in read_weights_file(src).items()}
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with staged_file(dst) as tmp:  # appears whole or not at all
         save_file(state, str(tmp), metadata={"format": "pt", "source": src.name})
-        os.replace(tmp, dst)  # appears whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
     return len(state)
 
 

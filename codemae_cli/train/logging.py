@@ -12,6 +12,8 @@ import math
 import time
 from pathlib import Path
 
+from codemae_cli.fsutil import staged_file
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -47,9 +49,8 @@ class MetricsLogger:
                 continue  # a line cut short by a kill
             if int(rec.get("step", 0)) <= step:
                 keep.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        tmp.replace(self.path)
+        with staged_file(self.path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in keep))
 
     def log(self, step: int, metrics: dict, split: str = "train") -> None:
         if not self.is_main:
@@ -199,8 +200,6 @@ def pyplot():
 def save_figure(fig, path) -> Path:
     """Save ``fig`` as PNG beside ``path`` and rename it over ``path`` (a kill leaves the old
     figure or the new, never half of one); the figure is closed. Returns ``path``."""
-    from codemae_cli.fsutil import staged_file
-
     path = Path(path)
     try:
         with staged_file(path, ".png") as tmp:
