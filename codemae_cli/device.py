@@ -6,7 +6,26 @@ prediction, analyses and benchmarks resolve devices without importing the traini
 
 from __future__ import annotations
 
+import os
+
 from codemae_cli.errors import UserError
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer environment variable (torchrun's RANK, LOCAL_RANK, WORLD_SIZE); ``default`` when
+    unset or blank, a one-sentence refusal when it is not an integer."""
+    raw = os.environ.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
+
+
+def rank_from_env() -> int:
+    """This process's rank in a torchrun job (``RANK``); 0 when it runs alone."""
+    return env_int("RANK", 0)
 
 
 def resolve_device(device: str = "auto", local_rank: int = 0):

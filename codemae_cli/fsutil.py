@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from codemae_cli.device import rank_from_env
 from codemae_cli.errors import UserError
 
 PathLike = Union[str, Path]
@@ -189,7 +190,7 @@ def cleaned_on_refusal(folder: PathLike) -> Iterator[None]:
     try:
         yield
     except UserError:
-        if os.environ.get("RANK", "0") == "0" and p.is_dir():
+        if rank_from_env() == 0 and p.is_dir():
             added = [p / n for n in set(os.listdir(p)) - before]
             kept = [a for a in added if a.name in ("checkpoints", "metrics.jsonl")
                     and (a.is_file() and a.stat().st_size > 0 or a.is_dir() and any(a.iterdir()))]

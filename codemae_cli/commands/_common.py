@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import typer
 
+from codemae_cli.device import rank_from_env
 from codemae_cli.errors import UserError
 
 
@@ -35,7 +36,10 @@ def _reflow(doc: str | None) -> str | None:
 
 def _is_worker_rank() -> bool:
     """A torchrun process other than rank 0."""
-    return os.environ.get("RANK", "0").strip() not in ("", "0")
+    try:
+        return rank_from_env() != 0
+    except UserError:  # a malformed RANK is reported where it is read, not while reporting
+        return False
 
 
 def _under_torchrun() -> bool:
@@ -105,7 +109,10 @@ _FS_ERRNOS = (errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT
 
 
 def _rank() -> str:
-    return os.environ.get("RANK", "0").strip() or "0"
+    try:
+        return str(rank_from_env())
+    except UserError:
+        return "?"
 
 
 def _ending(err: BaseException, model_error: type) -> typer.Exit | None:

@@ -12,11 +12,9 @@ One code path for every layout: without those variables the process runs alone; 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
-from codemae_cli.device import resolve_device
-from codemae_cli.errors import UserError
+from codemae_cli.device import env_int, rank_from_env, resolve_device
 
 
 @dataclass
@@ -34,24 +32,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} must be an integer") from None
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by the torchrun environment (or run alone)."""
     import torch
     import torch.distributed as dist
 
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = rank_from_env()
+    local_rank = env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     if world_size > 1:
         if dev.type == "cuda":
