@@ -20,7 +20,12 @@ from typing import Optional
 import numpy as np
 
 from codemae_cli.errors import UserError
-from codemae_cli.tasks.metrics import confusion_matrix, multilabel_metrics, segmentation_metrics
+from codemae_cli.tasks.metrics import (
+    confusion_matrix,
+    confusion_torch,
+    multilabel_metrics,
+    segmentation_metrics,
+)
 
 VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".gml", ".kml"}
 
@@ -92,7 +97,7 @@ def evaluate_model(model, loader, task, num_classes: int, device, precision: str
             loss_sum += task_loss(logits, label, task, num_classes, class_weights).double()
             n_batches += 1
             if task.kind == "segmentation":
-                cm += _cm_torch(logits.argmax(1), label, num_classes, task.ignore_index)
+                cm += confusion_torch(logits.argmax(1), label, num_classes, task.ignore_index)
             elif task.multilabel:
                 t = chip_class_targets(label, num_classes, task.ignore_index, True, task.min_class_fraction)
                 scores.append(torch.sigmoid(logits).cpu())
@@ -100,7 +105,7 @@ def evaluate_model(model, loader, task, num_classes: int, device, precision: str
             else:
                 t = chip_class_targets(label, num_classes, task.ignore_index, False, task.min_class_fraction)
                 keep = t >= 0
-                cm += _cm_torch(logits.argmax(1)[keep], t[keep], num_classes, None)
+                cm += confusion_torch(logits.argmax(1)[keep], t[keep], num_classes, None)
     if is_dist():
         import torch.distributed as dist
 
@@ -134,12 +139,6 @@ def _gather_cat(parts: list, num_classes: int) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return [g for g in gathered if g is not None and len(g)]
-
-
-def _cm_torch(pred, target, num_classes: int, ignore_index):
-    from codemae_cli.tasks.metrics import _confusion_torch
-
-    return _confusion_torch(pred, target, num_classes, ignore_index)
 
 
 def evaluate_checkpoint(checkpoint, datasets: Sequence[str], split: str = "test", batch_size: int = 8,

@@ -27,7 +27,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
         import torch
 
         if isinstance(pred, torch.Tensor) and isinstance(target, torch.Tensor):
-            return _confusion_torch(pred, target, num_classes, ignore_index).cpu().numpy()
+            return confusion_torch(pred, target, num_classes, ignore_index).cpu().numpy()
         if isinstance(pred, torch.Tensor):
             pred = pred.detach().cpu().numpy()
         if isinstance(target, torch.Tensor):
@@ -45,7 +45,7 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _confusion_torch(pred, target, num_classes: int, ignore_index: int | None):
+def confusion_torch(pred, target, num_classes: int, ignore_index: int | None):
     """Same as :func:`confusion_matrix` on the tensors' device (no host sync until read)."""
     import torch
 
@@ -185,6 +185,7 @@ __all__ = [
     "average_precision",
     "classification_metrics",
     "confusion_matrix",
+    "confusion_torch",
     "is_better",
     "multilabel_metrics",
     "segmentation_metrics",
