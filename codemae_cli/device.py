@@ -54,4 +54,4 @@ def resolve_device(device: str = "auto", local_rank: int = 0):
     raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
 
 
-__all__ = ["resolve_device"]
+__all__ = ["env_int", "rank_from_env", "resolve_device"]

@@ -62,10 +62,11 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not (device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
     from codemae_cli.data.samples import sample_dir
+    from codemae_cli.device import resolve_device
+
+    console = Console()
+    resolve_device(device)  # an unknown or absent device is refused before anything is written
     from codemae_cli.defaults import packaged_recipes_dir
 
     out = out.resolve()
@@ -114,7 +115,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     def demo_cmd(
         output: Path = typer.Option(Path("demo"), "--output", "-o", help="Where the demo writes everything."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous demo output."),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto."),
     ) -> None:
         """Run prepare -> pretrain -> finetune -> predict -> evaluate on the built-in SpaceNet 6 sample."""
         run_demo(output, overwrite=overwrite, device=device)
