@@ -35,6 +35,7 @@ class EncoderBase(nn.Module):
     ``forward_masked`` and ``forward_tokens``."""
 
     multiscale = False  # True: ``forward_pyramid`` gives maps at several strides
+    pos_embed_key = "pos_embed"  # the absolute position table's attribute (and state-dict) name
 
     def __init__(self, optical_bands: int, sar_bands: int, img_size: int, patch_size: int, embed_dim: int,
                  depth: int, num_heads: int):
@@ -50,6 +51,18 @@ class EncoderBase(nn.Module):
         self.bands = {"optical": optical_bands, "sar": sar_bands}
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.default_layers = evenly_spaced_layers(depth, 4)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A position table stored for another crop size (learnable, or the iTPN's stored one) is
+        # resampled to this encoder's grid before it is loaded.
+        key = prefix + self.pos_embed_key
+        table = state_dict.get(key)
+        own = getattr(self, self.pos_embed_key)
+        if table is not None and table.shape != own.shape and table.shape[-1] == self.embed_dim:
+            side = math.isqrt(table.shape[1])
+            if side * side == table.shape[1]:
+                state_dict[key] = resize_pos_embed(table, (side, side), self.grid)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_image(self, x: torch.Tensor, modality: str) -> tuple[int, int]:
         if modality not in self.patch_embed:
@@ -139,16 +152,6 @@ class CoDeMAEEncoder(EncoderBase):
             [make_block(embed_dim, num_heads, mlp_ratio, dpr[i], fused_attn) for i in range(depth)]
         )
         self.norm = norm_layer(embed_dim)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A learnable table stored for another crop size is resampled to this encoder's grid.
-        key = prefix + "pos_embed"
-        table = state_dict.get(key)
-        if table is not None and table.shape != self.pos_embed.shape and table.shape[-1] == self.embed_dim:
-            side = math.isqrt(table.shape[1])
-            if side * side == table.shape[1]:
-                state_dict[key] = resize_pos_embed(table, (side, side), self.grid)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- stages -------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:

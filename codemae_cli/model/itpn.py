@@ -20,7 +20,6 @@ the transformer blocks in one list; ``absolute_pos_embed``; ``align_dim_*``, ``s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 
 from codemae_cli.model.encoder import EncoderBase
-from codemae_cli.model.layers import make_block, norm_layer, resize_pos_embed, sincos_pos_embed
+from codemae_cli.model.layers import make_block, norm_layer, sincos_pos_embed
 
 INNER = 4  # inner patches per side of each patch: strides p/4, p/2, p
 
@@ -142,6 +141,7 @@ class ITPNEncoder(EncoderBase):
     """Per-modality inner-patch embeddings, shared HiViT trunk and pyramid neck."""
 
     multiscale = True
+    pos_embed_key = "absolute_pos_embed"  # the reference's name
 
     def __init__(self, optical_bands: int, sar_bands: int, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 512, depth: int = 24, num_heads: int = 8, mlp_ratio: float = 4.0,
@@ -178,16 +178,6 @@ class ITPNEncoder(EncoderBase):
         self.split_8to4 = PatchSplit(fpn_dim, fpn_dim)
         self.block_8to4 = nn.Sequential(MlpBlock(fpn_dim, mlp_ratio))
         self.fpn_modules = nn.ModuleList(MlpBlock(fpn_dim, mlp_ratio) for _ in range(3))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint trained at another crop size carries another grid: resample its table.
-        key = prefix + "absolute_pos_embed"
-        table = state_dict.get(key)
-        if table is not None and table.shape != self.absolute_pos_embed.shape and table.shape[-1] == self.embed_dim:
-            side = math.isqrt(table.shape[1])
-            if side * side == table.shape[1]:
-                state_dict[key] = resize_pos_embed(table, (side, side), self.grid)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- stages -------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:

@@ -22,13 +22,12 @@ def build_trunk(cfg, optical_bands: int, sar_bands: int) -> EncoderBase:
         encoder = ITPNEncoder(optical_bands, sar_bands, mlp_depth=int(spec["mlp_depth"]),
                               bridge_mlp_ratio=float(spec["bridge_mlp_ratio"]), fpn_dim=int(spec["fpn_dim"]),
                               **common)
-        table = "absolute_pos_embed"
     else:
         encoder = CoDeMAEEncoder(optical_bands, sar_bands, **common)
-        table = "pos_embed"
     if getattr(cfg, "pos_embed", "fixed") == "learnable":
         # The reference trains its absolute position table (a parameter initialised with
         # sin-cos); the buffer becomes a parameter of the same name, so it is saved and loaded.
+        table = encoder.pos_embed_key
         values = getattr(encoder, table).detach().clone()
         delattr(encoder, table)
         setattr(encoder, table, nn.Parameter(values))
