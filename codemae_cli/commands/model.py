@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,40 @@ model_app = typer.Typer(help="The CoDe-MAE model: presets, parameter counts, FLO
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(model_app, name="model")
+    info_cmd = _register_info(model_app)
+    _register_default(model_app, info_cmd)
+    _register_import_weights(model_app)
+    _register_convert(model_app)
+    _register_bench_model(bench)
 
-    @model_app.command("info")
+
+def _print_preset_table(rows: list[dict], optical_bands: int, sar_bands: int, img_size: int, patch_size: int,
+                        backbone: str) -> None:
+    """The `model info` table: one row per preset (sizes, parameters, GFLOP)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"CoDe-MAE {backbone} presets ({optical_bands} optical + {sar_bands} SAR bands, "
+                        f"{img_size} px, patch {patch_size}, EMA teacher)")
+    cols = ["preset", "width", "depth", "heads", "decoder", "encoder"]
+    cols += ["+ neck"] if backbone == "itpn" else []
+    cols += ["CoDe-MAE", "GFLOP/pair"] + (["MAE GFLOP/img"] if backbone == "vit" else [])
+    for col in cols:
+        table.add_column(col, justify="right" if col != "preset" else "left")
+    for r in rows:
+        cells = [r["preset"], str(r["embed_dim"]), str(r["depth"]), str(r["heads"]), r["decoder"],
+                 f"{r['encoder_params'] / 1e6:.1f} M"]
+        if backbone == "itpn":
+            cells.append(f"{(r['encoder_params'] + r['neck_params']) / 1e6:.1f} M")
+        cells += [f"{r['model_params'] / 1e6:.1f} M", f"{r['gflop_per_pair']:.1f}"]
+        if backbone == "vit":
+            cells.append(f"{r['mae_gflop_per_image']:.1f}")
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def _register_info(group: typer.Typer) -> Callable[..., None]:
+    @group.command("info")
     @cli_command
     def info_cmd(
         optical_bands: int = typer.Option(3, "--optical-bands", help="Optical bands of the input."),
@@ -28,34 +61,19 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Presets with their sizes, parameters (encoder; iTPN pyramid neck; trainable CoDe-MAE,
         EMA teacher) and analytic training-step GFLOP per pair (plain MAE: per image)."""
-        from rich.console import Console
-        from rich.table import Table
-
         from codemae_cli.model.config import preset_spec
         from codemae_cli.model.summary import preset_table
 
         if preset is not None:
             preset_spec(preset, backbone)  # one sentence for an unknown backbone or preset
         rows = preset_table(optical_bands, sar_bands, img_size, patch_size, backbone=backbone, preset=preset)
-        table = Table(title=f"CoDe-MAE {backbone} presets ({optical_bands} optical + {sar_bands} SAR bands, "
-                            f"{img_size} px, patch {patch_size}, EMA teacher)")
-        cols = ["preset", "width", "depth", "heads", "decoder", "encoder"]
-        cols += ["+ neck"] if backbone == "itpn" else []
-        cols += ["CoDe-MAE", "GFLOP/pair"] + (["MAE GFLOP/img"] if backbone == "vit" else [])
-        for col in cols:
-            table.add_column(col, justify="right" if col != "preset" else "left")
-        for r in rows:
-            cells = [r["preset"], str(r["embed_dim"]), str(r["depth"]), str(r["heads"]), r["decoder"],
-                     f"{r['encoder_params'] / 1e6:.1f} M"]
-            if backbone == "itpn":
-                cells.append(f"{(r['encoder_params'] + r['neck_params']) / 1e6:.1f} M")
-            cells += [f"{r['model_params'] / 1e6:.1f} M", f"{r['gflop_per_pair']:.1f}"]
-            if backbone == "vit":
-                cells.append(f"{r['mae_gflop_per_image']:.1f}")
-            table.add_row(*cells)
-        Console().print(table)
+        _print_preset_table(rows, optical_bands, sar_bands, img_size, patch_size, backbone)
 
-    @model_app.callback(invoke_without_command=True)
+    return info_cmd
+
+
+def _register_default(group: typer.Typer, info_cmd: Callable[..., None]) -> None:
+    @group.callback(invoke_without_command=True)
     def model_main(
         ctx: typer.Context,
         backbone: Optional[str] = typer.Option(None, "--backbone", help="vit | itpn: the table of `model info`."),
@@ -67,7 +85,23 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             info_cmd(optical_bands=3, sar_bands=2, img_size=224, patch_size=16, backbone=backbone or "vit",
                      preset=preset)
 
-    @model_app.command("import-weights")
+
+def _band_names(text: Optional[str]) -> Optional[list[str]]:
+    """Comma-separated band names as a list (None when not given)."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _echo_import_result(res, output: Path) -> None:
+    """What `model import-weights` wrote, what it left out, and the next command."""
+    typer.echo(f"imported iTPN '{res.preset}' CoDe-MAE ({res.tensors} tensors; {res.optical_bands} optical + "
+               f"{res.sar_bands} SAR bands, {res.img_size} px, patch {res.patch_size}) -> {res.checkpoint}")
+    if res.dropped:
+        typer.echo(f"not imported: {len(res.dropped)} distillation-head tensors (teacher width unknown to timm)")
+    typer.echo(f"fine-tune with: codemae finetune RECIPE --set task.pretrained={output}")
+
+
+def _register_import_weights(group: typer.Typer) -> None:
+    @group.command("import-weights")
     @cli_command
     def import_cmd(
         weights: Path = typer.Argument(..., help="The published CoDe-MAE iTPN weights (.safetensors or .pth)."),
@@ -88,17 +122,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             raise UserError(f"'{target}' already exists; choose another --output")
         if weights.suffix.lower() == ".safetensors":
             check_safetensors(weights)
-        def names(text: Optional[str]) -> Optional[list[str]]:
-            return [x.strip() for x in text.split(",") if x.strip()] if text else None
+        res = import_reference_checkpoint(weights, target, _band_names(optical_names), _band_names(sar_names))
+        _echo_import_result(res, output)
 
-        res = import_reference_checkpoint(weights, target, names(optical_names), names(sar_names))
-        typer.echo(f"imported iTPN '{res.preset}' CoDe-MAE ({res.tensors} tensors; {res.optical_bands} optical + "
-                   f"{res.sar_bands} SAR bands, {res.img_size} px, patch {res.patch_size}) -> {res.checkpoint}")
-        if res.dropped:
-            typer.echo(f"not imported: {len(res.dropped)} distillation-head tensors (teacher width unknown to timm)")
-        typer.echo(f"fine-tune with: codemae finetune RECIPE --set task.pretrained={output}")
 
-    @model_app.command("convert")
+def _register_convert(group: typer.Typer) -> None:
+    @group.command("convert")
     @cli_command
     def convert_cmd(
         weights: Path = typer.Argument(..., help="A .pth / .pt / .bin weights file."),
@@ -119,7 +148,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         n = convert_to_safetensors(weights, output)
         typer.echo(f"wrote {n} tensors to {output}")
 
-    @bench.command("model")
+
+def _register_bench_model(group: typer.Typer) -> None:
+    @group.command("model")
     @cli_command
     def bench_model_cmd(
         preset: str = typer.Option("base", "--preset", help="tiny | small | base | large (iTPN: tiny | base | large)."),

@@ -51,7 +51,29 @@ def print_summary(summary: dict) -> None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    @app.command("predict")
+    _register_predict(app)
+    _register_bench_predict(bench)
+
+
+def _latest_checkpoint() -> Path:
+    """The run directory of the latest fine-tuned run under runs/, said aloud."""
+    import time
+
+    from codemae_cli.defaults import latest_finetuned_run
+
+    found = latest_finetuned_run()
+    typer.echo(f"using the latest fine-tuned run {found.run_dir} ({found.checkpoint.name}, written "
+               f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.when))}); -c chooses another")
+    return found.run_dir
+
+
+def _text(path: Optional[Path]) -> Optional[str]:
+    """A path option as the string the inference layer takes (None when not given)."""
+    return str(path) if path else None
+
+
+def _register_predict(group: typer.Typer) -> None:
+    @group.command("predict")
     @cli_command
     def predict_cmd(
         scene: Optional[Path] = typer.Argument(
@@ -97,43 +119,30 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from codemae_cli.threads import apply_threads
 
         apply_threads(threads, echo=None if quiet else typer.echo)
-
         if checkpoint is None:
-            import time
-
-            from codemae_cli.defaults import latest_finetuned_run
-
-            found = latest_finetuned_run()
-            checkpoint = found.run_dir
-            typer.echo(f"using the latest fine-tuned run {found.run_dir} ({found.checkpoint.name}, written "
-                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(found.when))}); -c chooses another")
-
+            checkpoint = _latest_checkpoint()
         summary = predict_from_checkpoint(
-            checkpoint,
-            str(scene) if scene is not None else None,
-            out=output,
-            sar=str(sar) if sar is not None else None,
-            inputs=inputs,
-            window=window,
-            overlap=overlap,
-            batch_size=batch_size,
-            device=device,
-            tta=tta,
-            probabilities=str(probabilities) if probabilities else None,
-            probabilities_dtype=probabilities_dtype,
-            vectorize=str(vectorize) if vectorize else None,
-            min_area=min_area,
-            simplify=simplify,
-            sar_scale=sar_scale,
-            precision=precision,
-            progress=not quiet,
-            readers=readers,
-            nodata_optical=nodata_optical,
-            nodata_sar=nodata_sar,
+            checkpoint, _text(scene), out=output, sar=_text(sar), inputs=inputs, window=window, overlap=overlap,
+            batch_size=batch_size, device=device, tta=tta, probabilities=_text(probabilities),
+            probabilities_dtype=probabilities_dtype, vectorize=_text(vectorize), min_area=min_area,
+            simplify=simplify, sar_scale=sar_scale, precision=precision, progress=not quiet, readers=readers,
+            nodata_optical=nodata_optical, nodata_sar=nodata_sar,
         )
         print_summary(summary)
 
-    @bench.command("predict")
+
+def _parse_sizes(size: str) -> list[int]:
+    """`--size 2000,8000` as integers; one sentence when it is not."""
+    from codemae_cli.errors import UserError
+
+    try:
+        return [int(s) for s in size.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--size must be comma-separated integers, not '{size}'") from None
+
+
+def _register_bench_predict(group: typer.Typer) -> None:
+    @group.command("predict")
     @cli_command
     def bench_predict_cmd(
         size: str = typer.Option("2000,8000", "--size", help="Scene sizes (square, pixels), comma-separated."),
@@ -149,13 +158,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """End-to-end predict Mpx/s against a model-only loop and a hand-written loop, and peak RSS per scene size."""
         from codemae_cli.bench.predict_bench import print_results, run_predict_bench
-        from codemae_cli.errors import UserError
 
-        try:
-            sizes = [int(s) for s in size.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--size must be comma-separated integers, not '{size}'") from None
-        results = run_predict_bench(sizes, preset=preset, device=device, window=window, overlap=overlap,
+        results = run_predict_bench(_parse_sizes(size), preset=preset, device=device, window=window, overlap=overlap,
                                     batch_size=batch_size, workdir=workdir, compile=compile, head=head,
                                     repeat=repeat)
         print_results(results)

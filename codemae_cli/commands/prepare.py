@@ -68,7 +68,12 @@ def print_summary(summary: dict) -> None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    @app.command("prepare")
+    _register_prepare(app)
+    _register_bench_prepare(bench)
+
+
+def _register_prepare(group: typer.Typer) -> None:
+    @group.command("prepare")
     @cli_command
     def prepare_cmd(
         optical: Optional[list[str]] = typer.Option(
@@ -141,8 +146,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ))
         if not quiet:
             print_summary(summary)
-
-    @bench.command("prepare")
+def _register_bench_prepare(group: typer.Typer) -> None:
+    @group.command("prepare")
     @cli_command
     def bench_prepare_cmd(
         size: int = typer.Option(4096, "--size", help="Scene height and width in pixels (e.g. 4096, 8192)."),
