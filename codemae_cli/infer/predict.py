@@ -9,7 +9,7 @@ Stages (each a named piece a newcomer can open on its own):
 
 | stage    | where                                  | what                                                |
 |----------|----------------------------------------|-----------------------------------------------------|
-| check    | :func:`check_request`                  | outputs, inputs, sizes: one sentence on bad input   |
+| check    | :meth:`PredictRequest.check`           | outputs, inputs, sizes: one sentence on bad input   |
 | layout   | ``infer/windows.py`` ``WindowGrid``    | window grid, vertical panels, tapers                |
 | read     | ``infer/strips.py`` ``StripReader``    | strips read, normalised, batched, in threads        |
 | model    | :func:`window_probs`                   | softmax (B, K, window, window), TTA flips           |
@@ -48,7 +48,6 @@ import numpy as np
 
 from codemae_cli.errors import UserError
 from codemae_cli.infer.windows import WindowGrid, resolve_overlap
-from codemae_cli.infer.writer import PROB_SCALE
 
 Inputs = Literal["optical", "sar", "both"]
 
@@ -92,19 +91,43 @@ class PredictRequest:
     probabilities_dtype: str
     device: object  # torch.device
     autocast_dtype: object  # torch.bfloat16 on CUDA (precision auto/bf16), else None
+    window: int
+    overlap: int
+    batch_size: int
+    tta: bool
+    panel_width: int | None
+    class_names: list[str] | None
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return {"optical": ("optical",), "sar": ("sar",), "both": ("optical", "sar")}[self.inputs]
 
+    @classmethod
+    def check(cls, optical_path, sar_path, out_path, *, inputs, window, overlap, batch_size, tta, nodata,
+              probabilities, probabilities_dtype, vectorize, num_classes, class_names, panel_width, precision,
+              device) -> PredictRequest:
+        """Every cheap check before anything is opened; a bad value is one sentence (UserError)."""
+        out, prob_out, vec_out = _output_paths(out_path, probabilities, vectorize)
+        inputs = _check_inputs(optical_path, sar_path, inputs)
+        if batch_size < 1:
+            raise UserError("the batch size must be at least 1")
+        if not 0 <= nodata <= 255:
+            raise UserError("the class-map nodata value must fit in uint8 (0-255)")
+        if probabilities_dtype not in ("uint8", "float32"):
+            raise UserError("probabilities can be written as uint8 or float32 only")
+        if num_classes is None and class_names:
+            num_classes = len(class_names)
+        if num_classes is not None and not 1 <= num_classes <= nodata:
+            raise UserError(f"class ids must lie below the nodata value {nodata}, so at most {nodata} classes fit")
+        if panel_width is not None and panel_width < 1:
+            raise UserError("the panel width must be at least 1 pixel")
+        dev, autocast_dtype = _device_precision(device, precision)
+        return cls(out, prob_out, vec_out, inputs, num_classes, nodata, probabilities_dtype, dev, autocast_dtype,
+                   window, resolve_overlap(window, overlap), batch_size, tta, panel_width, class_names)
 
-def check_request(optical_path, sar_path, out_path, *, inputs, batch_size, nodata, probabilities,
-                  probabilities_dtype, vectorize, num_classes, class_names, panel_width, precision,
-                  device) -> PredictRequest:
-    """Every cheap check before anything is opened; a bad value is one sentence (UserError)."""
-    import torch
 
-    from codemae_cli.device import resolve_device
+def _output_paths(out_path, probabilities, vectorize) -> tuple[Path, Path | None, Path | None]:
+    """The checked class-map, probabilities and vector output paths (distinct files)."""
     from codemae_cli.infer.cog import check_output_path
 
     if out_path is None:
@@ -115,6 +138,11 @@ def check_request(optical_path, sar_path, out_path, *, inputs, batch_size, nodat
     named = [p.resolve() for p in (out, prob_out, vec_out) if p is not None]
     if len(set(named)) != len(named):
         raise UserError("the class map, probabilities and vector outputs must be different files")
+    return out, prob_out, vec_out
+
+
+def _check_inputs(optical_path, sar_path, inputs: str | None) -> str:
+    """The model's inputs (default: the scenes given), each with its scene."""
     if inputs is None:
         inputs = "both" if (optical_path and sar_path) else ("optical" if optical_path else "sar")
     if inputs not in ("optical", "sar", "both"):
@@ -123,24 +151,20 @@ def check_request(optical_path, sar_path, out_path, *, inputs, batch_size, nodat
         raise UserError("this model needs an optical scene")
     if inputs in ("sar", "both") and not sar_path:
         raise UserError("this model needs a SAR scene: pass it with --sar")
-    if batch_size < 1:
-        raise UserError("the batch size must be at least 1")
-    if not 0 <= nodata <= 255:
-        raise UserError("the class-map nodata value must fit in uint8 (0-255)")
-    if probabilities_dtype not in ("uint8", "float32"):
-        raise UserError("probabilities can be written as uint8 or float32 only")
-    if num_classes is None and class_names:
-        num_classes = len(class_names)
-    if num_classes is not None and not 1 <= num_classes <= nodata:
-        raise UserError(f"class ids must lie below the nodata value {nodata}, so at most {nodata} classes fit")
-    if panel_width is not None and panel_width < 1:
-        raise UserError("the panel width must be at least 1 pixel")
+    return inputs
+
+
+def _device_precision(device, precision: str):
+    """The compute device and its autocast dtype (bf16 on CUDA unless fp32 is asked for)."""
+    import torch
+
+    from codemae_cli.device import resolve_device
+
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
     dev = resolve_device(device)
     use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
-    return PredictRequest(out, prob_out, vec_out, inputs, num_classes, nodata, probabilities_dtype, dev,
-                          torch.bfloat16 if use_bf16 else None)
+    return dev, torch.bfloat16 if use_bf16 else None
 
 
 def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
@@ -194,20 +218,47 @@ def window_batches(rows: list[int], cols: list[int], batch_size: int) -> Iterato
 class ScenePredictor:
     """Drives the panels: strips in, model, blended band, finished rows out to the writer."""
 
-    def __init__(self, model_fn: Callable, req: PredictRequest, layout: WindowGrid, reader, acc, writer, *,
-                 batch_size: int, tta: bool, instrument: PredictStats):
+    def __init__(self, model_fn: Callable, req: PredictRequest, layout: WindowGrid, panels: list, reader, acc,
+                 writer, *, instrument: PredictStats):
         self.model_fn = model_fn
         self.req = req
-        self.layout = layout
+        self.layout, self.panels = layout, panels
         self.reader, self.acc, self.writer = reader, acc, writer
-        self.batch_size = batch_size
-        self.tta = tta
         self.st = instrument
+
+    @classmethod
+    def open(cls, model_fn: Callable, req: PredictRequest, scene, temps: list[Path], *, readers: int, tags,
+             class_colors, instrument: PredictStats, stack: ExitStack) -> ScenePredictor:
+        """Layout, reader threads, writer thread and accumulator for an open scene (closed by ``stack``)."""
+        from codemae_cli.infer.blend import BandAccumulator
+        from codemae_cli.infer.strips import StripReader
+        from codemae_cli.infer.writer import PredictionWriter
+
+        st = instrument
+        layout = WindowGrid(scene.grid.height, scene.grid.width, req.window, req.overlap)
+        panels = layout.panels(req.panel_width)
+        st.band_rows, st.windows = layout.band_rows, len(layout)
+        st.panels = [(pn.x0, pn.x1, pn.p0, pn.p1) for pn in panels]
+        reader = StripReader(scene, layout, req.device, readers=readers, instrument=st)
+        stack.callback(reader.close)
+        writer = PredictionWriter(req.out, scene.grid, temps, nodata=req.nodata, tags=tags,
+                                  class_names=req.class_names, class_colors=class_colors)
+        stack.callback(writer.abort)
+        acc = BandAccumulator(layout, req.device, instrument=st)
+        return cls(model_fn, req, layout, panels, reader, acc, writer, instrument=st)
+
+    def run_panels(self, progress: bool) -> None:
+        """Panels outer, row bands inner: the temporary GeoTIFF takes writes in any order."""
+        with ExitStack() as bar_stack:
+            total = sum(len(self.layout.row_starts) * len(pn.col_starts) for pn in self.panels)
+            advance = _progress(progress, total, bar_stack)
+            for pn in self.panels:
+                self.run_panel(pn, advance)
 
     def run_panel(self, panel, advance: Callable[[int], None]) -> None:
         self.acc.start_panel(panel)
         for batch in self.reader.panel_batches(panel, window_batches(self.layout.row_starts, panel.col_starts,
-                                                                     self.batch_size)):
+                                                                     self.req.batch_size)):
             self.run_batch(batch)
             advance(len(batch.windows))
         for rows in self.acc.finish(self.layout.padded_height):
@@ -224,7 +275,7 @@ class ScenePredictor:
             self.acc.place_valid(s.row, s.valid)
         with torch.inference_mode():
             p = window_probs(self.model_fn, batch.x.get("optical"), batch.x.get("sar"), self.layout.window,
-                             self.tta, self.req.autocast_dtype)
+                             self.req.tta, self.req.autocast_dtype)
         if self.acc.classes is None:
             self.first_answer(int(p.shape[1]))
         self.acc.add(p, [(w.row, w.col) for w in batch.windows])
@@ -242,7 +293,7 @@ class ScenePredictor:
             self.writer.open_probabilities(self.req.prob_out, k, self.req.probabilities_dtype)
 
 
-def publish_outputs(req: PredictRequest, writer, counts: np.ndarray, temps: list[Path], *, class_names,
+def publish_outputs(req: PredictRequest, writer, counts: np.ndarray, temps: list[Path], *,
                     min_area: float, simplify: float, cog_blocksize: int, overview_resampling: str) -> dict | None:
     """COG copies of the temporary files, polygons from the class map, then renames onto the outputs."""
     from codemae_cli.infer.cog import temp_sibling, write_cog
@@ -262,7 +313,7 @@ def publish_outputs(req: PredictRequest, writer, counts: np.ndarray, temps: list
     if req.vec_out is not None:
         from codemae_cli.infer.vectorize import vectorize_classes
 
-        vectors = vectorize_classes(cog, req.vec_out, class_names=class_names, min_area=min_area, simplify=simplify)
+        vectors = vectorize_classes(cog, req.vec_out, class_names=req.class_names, min_area=min_area, simplify=simplify)
     os.replace(cog, req.out)
     if prob_cog is not None:
         os.replace(prob_cog, req.prob_out)
@@ -336,17 +387,14 @@ def predict_scene(
     Returns a summary dict (path, size, CRS, nodata, pixels per class, seconds, Mpx/s, ...).
     Raises :class:`UserError` for bad input; on any error nothing is left at the output paths.
     """
-    from codemae_cli.infer.blend import BandAccumulator
     from codemae_cli.infer.cog import remove_quietly
-    from codemae_cli.infer.strips import SceneInputs, StripReader
-    from codemae_cli.infer.writer import PredictionWriter
+    from codemae_cli.infer.strips import SceneInputs
 
     t0 = time.perf_counter()
-    req = check_request(optical_path, sar_path, out_path, inputs=inputs, batch_size=batch_size, nodata=nodata,
-                        probabilities=probabilities, probabilities_dtype=probabilities_dtype, vectorize=vectorize,
-                        num_classes=num_classes, class_names=class_names, panel_width=panel_width,
-                        precision=precision, device=device)
-    ov = resolve_overlap(window, overlap)
+    req = PredictRequest.check(optical_path, sar_path, out_path, inputs=inputs, window=window, overlap=overlap,
+                               batch_size=batch_size, tta=tta, nodata=nodata, probabilities=probabilities,
+                               probabilities_dtype=probabilities_dtype, vectorize=vectorize, num_classes=num_classes,
+                               class_names=class_names, panel_width=panel_width, precision=precision, device=device)
     st = instrument if instrument is not None else PredictStats()
     scene = SceneInputs(optical_path, sar_path, sar_scale, req.modalities, stats, bands=bands or {},
                         nodata=input_nodata or {})
@@ -356,34 +404,20 @@ def predict_scene(
         stack.callback(lambda: remove_quietly(*temps))
         stack.callback(scene.close)
         scene.open()
-        grid = scene.grid
-        layout = WindowGrid(grid.height, grid.width, window, ov)
-        panels = layout.panels(panel_width)
-        st.band_rows, st.windows = layout.band_rows, len(layout)
-        st.panels = [(pn.x0, pn.x1, pn.p0, pn.p1) for pn in panels]
-        reader = StripReader(scene, layout, req.device, readers=readers, instrument=st)
-        stack.callback(reader.close)
-        writer = PredictionWriter(req.out, grid, temps, nodata=nodata, tags=tags, class_names=class_names,
-                                  class_colors=class_colors)
-        stack.callback(writer.abort)
-        acc = BandAccumulator(layout, req.device, instrument=st)
-        predictor = ScenePredictor(model_fn, req, layout, reader, acc, writer, batch_size=batch_size, tta=tta,
-                                   instrument=st)
-        with ExitStack() as bar_stack:
-            advance = _progress(progress, sum(len(layout.row_starts) * len(pn.col_starts) for pn in panels), bar_stack)
-            for pn in panels:  # panels outer, row bands inner: the temporary GeoTIFF takes writes in any order
-                predictor.run_panel(pn, advance)
-        counts = writer.close()
-        vectors = publish_outputs(req, writer, counts, temps, class_names=class_names, min_area=min_area,
-                                  simplify=simplify, cog_blocksize=cog_blocksize,
-                                  overview_resampling=overview_resampling)
-    return _summary(req, grid, counts, acc.classes, class_names, layout, st, tta, time.perf_counter() - t0, vectors)
+        predictor = ScenePredictor.open(model_fn, req, scene, temps, readers=readers, tags=tags,
+                                        class_colors=class_colors, instrument=st, stack=stack)
+        predictor.run_panels(progress)
+        counts = predictor.writer.close()
+        vectors = publish_outputs(req, predictor.writer, counts, temps, min_area=min_area, simplify=simplify,
+                                  cog_blocksize=cog_blocksize, overview_resampling=overview_resampling)
+    return scene_summary(req, predictor, counts, time.perf_counter() - t0, vectors)
 
 
-def _summary(req: PredictRequest, grid, counts, k, class_names, layout: WindowGrid, st: PredictStats, tta: bool,
-             seconds: float, vectors) -> dict:
-    names = list(class_names) if class_names else [str(i) for i in range(k or 0)]
-    per_class = {names[i] if i < len(names) else str(i): int(counts[i]) for i in range(k or 0)}
+def scene_summary(req: PredictRequest, predictor: ScenePredictor, counts: np.ndarray, seconds: float,
+                  vectors) -> dict:
+    """What :func:`predict_scene` returns: the output, its grid, pixels per class, speed."""
+    grid, k, st = predictor.writer.grid, predictor.acc.classes or 0, predictor.st
+    names = list(req.class_names or ())
     h, w = grid.height, grid.width
     return {
         "path": str(req.out),
@@ -394,16 +428,16 @@ def _summary(req: PredictRequest, grid, counts, k, class_names, layout: WindowGr
         "transform": list(grid.transform)[:6],
         "nodata": req.nodata,
         "nodata_pixels": int(counts[req.nodata]),
-        "pixels_per_class": per_class,
-        "num_classes": k,
+        "pixels_per_class": {names[i] if i < len(names) else str(i): int(counts[i]) for i in range(k)},
+        "num_classes": predictor.acc.classes,
         "inputs": req.inputs,
-        "window": layout.window,
-        "overlap": layout.overlap,
+        "window": req.window,
+        "overlap": req.overlap,
         "windows": st.windows,
         "batches": st.batches,
         "band_rows": st.band_rows,
         "device": str(req.device),
-        "tta": tta,
+        "tta": req.tta,
         "seconds": seconds,
         "mpx_per_s": h * w / 1e6 / max(seconds, 1e-9),
         "probabilities": str(req.prob_out) if req.prob_out is not None else None,
@@ -411,5 +445,5 @@ def _summary(req: PredictRequest, grid, counts, k, class_names, layout: WindowGr
     }
 
 
-__all__ = ["PANEL_WIDTH", "PROB_SCALE", "PredictRequest", "PredictStats", "ScenePredictor", "check_request",
-           "predict_scene", "publish_outputs", "window_batches", "window_probs"]
+__all__ = ["PANEL_WIDTH", "PredictRequest", "PredictStats", "ScenePredictor", "predict_scene", "publish_outputs",
+           "scene_summary", "window_batches", "window_probs"]
