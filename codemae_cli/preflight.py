@@ -23,6 +23,10 @@ _CONDITIONAL = {
         "model.okd.teacher=ema",
     ),
 }
+# Weights keys read with model.weights.read_weights_file, which takes a torch weights file
+# (.pth, .pt, ...) as well and reads it with torch's weights-only loader (that loader refuses
+# pickled objects itself). Every other weights key is read as safetensors only.
+_TORCH_READABLE = {"model.init_weights"}
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -49,7 +53,6 @@ def _weight_keys(tree: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 def check_weight_files(recipe) -> None:
     """Refuse a recipe whose weights files are missing, naming the file and the way around it."""
     from codemae_cli.config import to_dict
-    from codemae_cli.fsutil import check_safetensors
 
     tree = to_dict(recipe)
     for key, value in _weight_keys(tree):
@@ -60,7 +63,24 @@ def check_weight_files(recipe) -> None:
         if not path.is_file():
             raise UserError(f"the weights file '{value}' ({key}) does not exist: put it there (or point "
                             f"--set {key}=PATH at it), or run without it with --set {without}")
-        check_safetensors(path, f"the weights file ({key})")
+        _check_format(key, path)
+
+
+def _check_format(key: str, path: Path) -> None:
+    """The file is in a format the reader of ``key`` takes: safetensors (its header checked),
+    or, for keys read with torch's weights-only loader, a torch weights file (that loader checks
+    the contents when the model is built)."""
+    from codemae_cli.fsutil import check_safetensors
+
+    what = f"the weights file ({key})"
+    if key in _TORCH_READABLE and path.suffix != ".safetensors":
+        from codemae_cli.model.weights import TORCH_SUFFIXES
+
+        if path.suffix not in TORCH_SUFFIXES:
+            raise UserError(f"{what} '{path}' is neither a .safetensors file nor a torch weights file "
+                            f"({', '.join(TORCH_SUFFIXES)})")
+        return
+    check_safetensors(path, what)
 
 
 def check_input_folders(recipe) -> None:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from codemae_cli.device import env_int
 from codemae_cli.errors import UserError
 
 
@@ -56,17 +57,18 @@ def choose_threads(requested: Optional[int] = None) -> ThreadChoice:
     if env.isdigit() and int(env) > 0:
         return ThreadChoice(int(env), "OMP_NUM_THREADS")
     cores = physical_cores()
-    per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    per_node = max(1, env_int("LOCAL_WORLD_SIZE", 1))
     share = max(1, cores // per_node)
     try:
-        busy = int(round(os.getloadavg()[0]))
-    except OSError:
-        busy = 0
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # unavailable, or not on this platform
+        load = 0.0
+    busy = int(round(load))
     free = max(1, len(os.sched_getaffinity(0)) - busy) if hasattr(os, "sched_getaffinity") else share
     threads = max(1, min(share, free))
     why = f"{cores} physical core(s)" + (f" / {per_node} processes" if per_node > 1 else "")
     if threads < share:
-        why += f", machine busy (load {os.getloadavg()[0]:.1f})"
+        why += f", machine busy (load {load:.1f})"
     return ThreadChoice(threads, why)
 
 

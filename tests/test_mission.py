@@ -157,6 +157,34 @@ def test_every_weights_file_is_checked_before_work(tmp_path):
     check_weight_files(Rec({"init_weights": str(tmp_path / "init.safetensors")}))
 
 
+def test_init_weights_may_be_a_torch_file_the_teacher_only_safetensors(tmp_path):
+    """model.init_weights is read with torch's weights-only loader too (.pth releases); the
+    teacher's weights are safetensors only, so a pickle renamed .safetensors stays refused."""
+    import torch
+
+    from codemae_cli.errors import UserError
+    from codemae_cli.preflight import check_weight_files
+    from codemae_cli.train.recipe import load_pretrain_recipe
+
+    pth = tmp_path / "itpn_base.pth"
+    torch.save({"model": {"w": torch.zeros(2)}}, pth)
+    check_weight_files(load_pretrain_recipe(resolve("hr"), [f"model.init_weights={pth}", "model.okd.teacher=ema"]))
+    odd = tmp_path / "itpn_base.npz"
+    odd.write_bytes(b"x")
+    with pytest.raises(UserError, match=r"\(model.init_weights\).*neither a .safetensors file nor a torch"):
+        check_weight_files(load_pretrain_recipe(resolve("hr"), [f"model.init_weights={odd}", "model.okd.teacher=ema"]))
+    pickle = tmp_path / "teacher.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickle)
+    teacher = [f"model.init_weights={pth}", "model.okd.enabled=true", "model.okd.teacher=file",
+               f"model.okd.teacher_weights={pickle}"]
+    with pytest.raises(UserError, match=r"\(model.okd.teacher_weights\).*is not a safetensors file"):
+        check_weight_files(load_pretrain_recipe(resolve("hr"), teacher))
+    renamed = tmp_path / "teacher.pth"
+    renamed.write_bytes(pickle.read_bytes())
+    with pytest.raises(UserError, match="is not a safetensors file"):  # a torch suffix does not help it
+        check_weight_files(load_pretrain_recipe(resolve("hr"), teacher[:-1] + [f"model.okd.teacher_weights={renamed}"]))
+
+
 def resolve(name: str) -> Path:
     from codemae_cli.defaults import resolve_recipe
 

@@ -174,14 +174,12 @@ def _register_bench_model(group: typer.Typer) -> None:
     ) -> None:
         """Training-step time, pairs/s, TFLOP/s and fraction of peak of CoDe-MAE, with a plain MAE
         of the same size measured in the same run."""
-        import torch
-
         from codemae_cli.bench.model_bench import format_report, run_model_bench
         from codemae_cli.model.config import preset_spec
+        from codemae_cli.threads import apply_threads
 
         preset_spec(preset, backbone)  # one sentence for an unknown backbone or preset
-        if threads is not None:
-            torch.set_num_threads(max(1, threads))
+        apply_threads(threads, echo=typer.echo)
         report = run_model_bench(
             preset=preset, batch=batch, steps=steps, warmup=warmup, device=device, compile=compile,
             img_size=img_size, patch_size=patch_size, optical_bands=optical_bands, sar_bands=sar_bands,
