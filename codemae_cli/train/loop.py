@@ -173,20 +173,21 @@ class TrainLoop:
         self._sums: dict = {}
         self._n_sum = 0
         self._grad_norm = None
+        self._params = None  # the optimizer's parameters, flat, for clipping (built on first use)
         self._lr = 0.0
         self._t_log, self._step_log = time.perf_counter(), 0
 
     # -- resume -----------------------------------------------------------------------------------
     def resume(self, ckpt) -> Position:
         """Load weights, optimizer, scaler, RNG and the task's extra state; return the position."""
-        from codemae_cli.train.checkpoint import load_checkpoint, load_resume, restore_rng
+        from codemae_cli.train.checkpoint import load_resume, load_weights, resolve_checkpoint, restore_rng
 
-        state, _ = load_checkpoint(ckpt)
+        path = resolve_checkpoint(ckpt, prefer=("last", "best"))  # weights and resume state: one directory
         try:
-            self.task.model.load_state_dict(state, strict=True)
+            self.task.model.load_state_dict(load_weights(path), strict=True)
         except RuntimeError:
             raise UserError(f"checkpoint '{ckpt}' does not match the model of this recipe") from None
-        res = load_resume(ckpt, optimizer=self.task.optimizer)
+        res = load_resume(path, optimizer=self.task.optimizer)
         extra = res["extra"]
         # "batch": the name fine-tuning runs of codemae 0.1 used for the position in the epoch.
         pos = Position(int(extra["step"]), int(extra["epoch"]), int(extra.get("batch_in_epoch", extra.get("batch", 0))))
@@ -278,12 +279,17 @@ class TrainLoop:
         self._lr = self.task.schedule.apply(opt, step)
         if self.s.clip_grad:
             self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
-            params = [p for g in opt.param_groups for p in g["params"]]
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.s.clip_grad)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._clip_params(), self.s.clip_grad)
         self.scaler.step(opt)  # skipped by the scaler when fp16 gradients overflowed
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
         self.task.after_update()
+
+    def _clip_params(self) -> list:
+        """The optimizer's parameters as one flat list, built once (the groups never change)."""
+        if self._params is None:
+            self._params = [p for g in self.task.optimizer.param_groups for p in g["params"]]
+        return self._params
 
     def _bookkeeping(self, pos: Position, bar, epoch_end: bool) -> None:
         s = self.s
