@@ -87,9 +87,16 @@ def check_distinct(outputs: Iterable, inputs: Iterable = ()) -> None:
                 raise UserError(f"{out.what} '{out.path}' lies inside {other.what} '{other.path}'; "
                                 "choose a path outside it")
         for other in seen:
-            if _same(out, other) or out.real.is_relative_to(other.real) or other.real.is_relative_to(out.real):
-                raise UserError(f"{out.what} '{out.path}' is the same file as {other.what} '{other.path}'; "
-                                "give each output its own path")
+            if _same(out, other):
+                relation = "is the same file as"
+            elif out.real.is_relative_to(other.real):
+                relation = "lies inside"
+            elif other.real.is_relative_to(out.real):
+                relation = "contains"
+            else:
+                continue
+            raise UserError(f"{out.what} '{out.path}' {relation} {other.what} '{other.path}'; "
+                            "give each output its own path")
         seen.append(out)
 
 
@@ -269,8 +276,6 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
         return True
     return True
 

@@ -10,7 +10,8 @@ from rasterio.transform import from_origin
 
 from codemae_cli.data.geo import Grid
 from codemae_cli.errors import UserError
-from codemae_cli.infer.cog import TiledWriter, check_output_path, is_cog, temp_sibling, write_cog
+from codemae_cli.fsutil import check_writable
+from codemae_cli.infer.cog import TiledWriter, is_cog, temp_sibling, write_cog
 
 
 def test_windowed_rows_then_cog(tmp_path):
@@ -43,7 +44,7 @@ def test_windowed_rows_then_cog(tmp_path):
 
 def test_output_path_checks(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        check_output_path(tmp_path / "missing" / "x.tif")
+        check_writable(tmp_path / "missing" / "x.tif", create_parents=False)
     with pytest.raises(UserError, match="is a directory"):
-        check_output_path(tmp_path)
-    assert check_output_path(tmp_path / "x.tif") == tmp_path / "x.tif"
+        check_writable(tmp_path, create_parents=False)
+    assert check_writable(tmp_path / "x.tif", create_parents=False) == tmp_path / "x.tif"

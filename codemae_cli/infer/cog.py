@@ -15,13 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codemae_cli.fsutil import check_writable, temp_sibling
-
-
-def check_output_path(path: str | Path, what: str = "output") -> Path:
-    """The output's directory must exist (no silent mkdir of a typo) and be writable, and the
-    path must not be a directory."""
-    return check_writable(path, f"the {what}", create_parents=False)
+from codemae_cli.fsutil import temp_sibling
 
 
 def remove_quietly(*paths: Path | None) -> None:
@@ -135,4 +129,4 @@ def is_cog(path: str | Path) -> bool:
         return layout.upper() == "COG" and ds.profile.get("tiled", False)
 
 
-__all__ = ["TiledWriter", "check_output_path", "is_cog", "remove_quietly", "temp_sibling", "write_cog"]
+__all__ = ["TiledWriter", "is_cog", "remove_quietly", "temp_sibling", "write_cog"]

@@ -127,17 +127,21 @@ class PredictRequest:
 
 
 def _output_paths(out_path, probabilities, vectorize) -> tuple[Path, Path | None, Path | None]:
-    """The checked class-map, probabilities and vector output paths (distinct files)."""
-    from codemae_cli.infer.cog import check_output_path
+    """The checked class-map, probabilities and vector output paths: writable into existing
+    folders, and distinct (not one file, hard links included, nor one inside another)."""
+    from codemae_cli.fsutil import check_distinct, check_writable
 
     if out_path is None:
         raise UserError("an output path is required")
-    out = check_output_path(out_path)
-    prob_out = check_output_path(probabilities, "probabilities output") if probabilities else None
-    vec_out = check_output_path(vectorize, "vector output") if vectorize else None
-    named = [p.resolve() for p in (out, prob_out, vec_out) if p is not None]
-    if len(set(named)) != len(named):
-        raise UserError("the class map, probabilities and vector outputs must be different files")
+    outputs = [(out_path, "the output"), (probabilities, "the probabilities output"),
+               (vectorize, "the vector output")]
+    checked = [check_writable(p, what, create_parents=False) if p else None for p, what in outputs]
+    if vectorize:
+        from codemae_cli.infer.vectorize import check_vector_path
+
+        check_vector_path(vectorize)
+    check_distinct(outputs)
+    out, prob_out, vec_out = checked
     return out, prob_out, vec_out
 
 
@@ -162,7 +166,7 @@ def _device_precision(device, precision: str):
 
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32, not '{precision}'")
-    dev = resolve_device(device)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)  # once: callers may resolve it
     use_bf16 = dev.type == "cuda" and precision in ("auto", "bf16")
     return dev, torch.bfloat16 if use_bf16 else None
 

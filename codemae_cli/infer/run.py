@@ -187,11 +187,10 @@ def predict_from_checkpoint(
 def check_request(checkpoint, scene: Optional[str], sar: Optional[str], inputs: Optional[str], out,
                   probabilities: Optional[str], vectorize: Optional[str]) -> PredictPlan:
     """Read the checkpoint's record once, check it maps scenes, decide which scenes are read and
-    guard every output; all before any model is built."""
-    from codemae_cli.infer.cog import check_output_path
+    guard every output against them; all before any model is built (the outputs' format and
+    distinctness are checked by ``predict_scene``, the API boundary)."""
     from codemae_cli.train.checkpoint import read_checkpoint_meta
 
-    check_output_path(out)
     meta = read_checkpoint_meta(checkpoint)  # the one read of meta.json; meta.path is the resolved directory
     ckpt = meta.path
     if meta.kind != "finetune":
@@ -211,10 +210,6 @@ def check_request(checkpoint, scene: Optional[str], sar: Optional[str], inputs: 
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
     guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
-    if vectorize is not None:
-        from codemae_cli.infer.vectorize import check_vector_path
-
-        check_vector_path(vectorize)
     return PredictPlan(meta=meta, optical=optical_path, sar=sar_path, inputs=use, notes=notes)
 
 

@@ -44,11 +44,10 @@ def vectorize_classes(
     from shapely.geometry import shape
 
     from codemae_cli.data.areas import areas_m2
-    from codemae_cli.fsutil import staged_file
-    from codemae_cli.infer.cog import check_output_path
+    from codemae_cli.fsutil import check_writable, staged_file
 
     check_vector_path(out_path)
-    out = check_output_path(out_path, "vector output")
+    out = check_writable(out_path, "the vector output", create_parents=False)
     if min_area < 0 or simplify < 0:
         raise UserError("the minimum area and the simplification tolerance must not be negative")
     records: list[dict] = []
