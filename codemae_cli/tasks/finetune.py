@@ -40,17 +40,17 @@ def _band_names(ds_meta: dict, modality: str) -> list[str]:
 
 def _load_pretrained(recipe):
     """``(state, meta)`` of the pretrained checkpoint, or ``(None, None)`` from scratch."""
-    from codemae_cli.train.checkpoint import load_checkpoint
+    from codemae_cli.train.checkpoint import load_weights, read_checkpoint_meta
 
     t = recipe.task
     if t.from_scratch:
         return None, None
     if not t.pretrained:
         raise UserError("task.pretrained is not set; give a pretrain checkpoint or set task.from_scratch=true")
-    state, meta = load_checkpoint(t.pretrained)
-    if meta.get("kind") not in ("pretrain", "finetune"):
-        raise UserError(f"'{t.pretrained}' is not a CoDe-MAE pretrain checkpoint (kind: {meta.get('kind')!r})")
-    return state, meta
+    meta = read_checkpoint_meta(t.pretrained)
+    if meta.kind not in ("pretrain", "finetune"):
+        raise UserError(f"'{t.pretrained}' is not a CoDe-MAE pretrain checkpoint (kind: {meta.kind!r})")
+    return load_weights(meta.path), meta.raw
 
 
 def _check_bands(pre_meta: dict, bands: dict, inputs: str) -> None:
@@ -90,12 +90,12 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def _run_kind(ckpt_dir: Path) -> str | None:
     """The kind ("pretrain" / "finetune") recorded by the run's checkpoints, if any."""
-    from codemae_cli.fsutil import read_json_object
+    from codemae_cli.train.checkpoint import META_FILE, MODEL_FILE, read_checkpoint_meta
 
     for name in ("last", "best"):
-        kind = read_json_object(ckpt_dir / name / "meta.json").get("kind")
-        if kind:
-            return str(kind)
+        ckpt = ckpt_dir / name
+        if (ckpt / META_FILE).is_file() and (ckpt / MODEL_FILE).is_file():
+            return read_checkpoint_meta(ckpt).kind
     return None
 
 
