@@ -21,6 +21,7 @@ which are renumbered at the end. Everything is written into ``OUT.tmp-<pid>`` an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -385,28 +386,56 @@ def _harmonise_vector_classes(plans: list[ScenePlan], o: PrepareOptions, classes
 
 
 # ----------------------------------------------------------------------------- chip rows
-def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
-    """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
+#: GDAL block cache (MB) of a prepare worker while it reads a scene, unless GDAL_CACHEMAX is set.
+GDAL_CACHE_MB = 64
+
+
+@dataclass
+class _SceneSources:
+    """The open datasets of one scene's rasters, opened once per worker task (not in the
+    picklable plan): ``None`` for an optical file none of whose bands is read."""
+
+    optical: list
+    sar: list
+    label: Optional[object] = None
+
+
+def _open_sources(plan: ScenePlan, stack: contextlib.ExitStack) -> _SceneSources:
+    """Open every raster ``_read_row_band`` reads, each once; ``stack`` closes them."""
     import rasterio
 
+    if "GDAL_CACHEMAX" not in os.environ:
+        # Open datasets keep their blocks in GDAL's cache (5 % of RAM by default) until closed:
+        # cap it so a worker's memory does not grow with the scene.
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
+    reads, _ = _band_reads(plan.optical, plan.optical_select)
+    optical = [None if idx == [] else stack.enter_context(rasterio.open(src.path))
+               for src, idx in zip(plan.optical, reads, strict=True)]
+    sar = [stack.enter_context(rasterio.open(src.path)) for src in plan.sar]
+    label = None
+    if plan.labels is not None and plan.labels["kind"] != "vector":
+        label = stack.enter_context(rasterio.open(plan.labels["raster"].path))
+    return _SceneSources(optical, sar, label)
+
+
+def _read_row_band(plan: ScenePlan, sources: _SceneSources, row: int, col0: int, width: int, tile: int):
+    """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
     grid = plan.grid
     parts = []
     # Only the chosen bands are read (--optical-bands); an unused band never drops a pixel.
     reads, order = _band_reads(plan.optical, plan.optical_select)
-    for src, nd, rs, idx in zip(plan.optical, plan.optical_nodata, plan.optical_resampling, reads, strict=True):
+    for ds, nd, rs, idx in zip(sources.optical, plan.optical_nodata, plan.optical_resampling, reads, strict=True):
         if idx == []:
             continue
-        with rasterio.open(src.path) as ds:
-            parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs, indexes=idx,
-                                      prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
+        parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs, indexes=idx,
+                                  prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
     optical = np.concatenate(parts, axis=0)
     if order is not None:
         optical = optical[order]
     optical = R.invalidate_pixels(optical)
     parts = []
-    for src, nd, sc, rs in zip(plan.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
-        with rasterio.open(src.path) as ds:
-            parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd))
+    for ds, nd, sc, rs in zip(sources.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
+        parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd))
     # Resampled in linear power above; converted to dB exactly once here.
     sar = np.concatenate(parts, axis=0)
     if plan.sar_select is not None:
@@ -418,10 +447,9 @@ def _read_row_band(plan: ScenePlan, row: int, col0: int, width: int, tile: int):
             label = plan.labels["vector"].rasterize(grid, row, col0, tile, width)
         else:
             lab = plan.labels
-            with rasterio.open(lab["raster"].path) as ds:
-                label = read_on_grid(ds, grid, row, col0, tile, width, kernel=lab["resampling"],
-                                     prepare=raster_label_prepare(lab["nodata"], lab["source"]),
-                                     out_dtype=np.uint8, fill=IGNORE)[0]
+            label = read_on_grid(sources.label, grid, row, col0, tile, width, kernel=lab["resampling"],
+                                 prepare=raster_label_prepare(lab["nodata"], lab["source"]),
+                                 out_dtype=np.uint8, fill=IGNORE)[0]
     return optical, sar, label
 
 
@@ -434,40 +462,42 @@ def _process_rows(plan: ScenePlan, row_indices: list[int], splits: dict, tile: i
     # by tile x SEGMENT_PX x bands whatever the scene's width.
     per_segment = max(1, SEGMENT_PX // tile)
     segments = [list(range(k, min(k + per_segment, len(plan.cols)))) for k in range(0, len(plan.cols), per_segment)]
-    for ri in row_indices:
-        row = plan.rows[ri]
-        for seg in segments:
-            col0 = plan.cols[seg[0]]
-            width = plan.cols[seg[-1]] + tile - col0
-            optical, sar, label = _read_row_band(plan, row, col0, width, tile)
-            valid_o = ~np.isnan(optical[0])
-            valid_s = ~np.isnan(sar[0])
-            for ci in seg:
-                col = plan.cols[ci]
-                sl = np.s_[col - col0: col - col0 + tile]
-                vo, vs = valid_o[:, sl], valid_s[:, sl]
-                f_opt = float(vo.sum()) / area
-                f_sar = float(vs.sum()) / area
-                f_joint = float((vo & vs).sum()) / area
-                if f_joint < min_valid or f_joint == 0.0:
-                    reason = "no_optical" if f_opt == 0 else "no_sar" if f_sar == 0 else "low_valid"
-                    dropped[reason] += 1
-                    continue
-                chip_o = optical[:, :, sl]
-                chip_s = sar[:, :, sl]
-                chip_l = label[:, sl] if label is not None else None
-                split = splits[(plan.scene_id, *block_key(ri, ci, block))]
-                part, offset = writer.write(chip_o, chip_s, chip_l, train=split == "train")
-                if chip_l is not None:
-                    label_values.update(np.flatnonzero(np.bincount(chip_l.ravel(), minlength=256)).tolist())
-                rows_out.append({
-                    "scene_id": plan.scene_id, "row": int(row), "col": int(col),
-                    "valid_optical": f_opt, "valid_sar": f_sar, "valid_joint": f_joint,
-                    "split": split, "part": part, "offset": offset,
-                })
-            if on_row is not None:
-                on_row(len(seg))
-        _release_memory()
+    with contextlib.ExitStack() as stack:
+        sources = _open_sources(plan, stack)
+        for ri in row_indices:
+            row = plan.rows[ri]
+            for seg in segments:
+                col0 = plan.cols[seg[0]]
+                width = plan.cols[seg[-1]] + tile - col0
+                optical, sar, label = _read_row_band(plan, sources, row, col0, width, tile)
+                valid_o = ~np.isnan(optical[0])
+                valid_s = ~np.isnan(sar[0])
+                for ci in seg:
+                    col = plan.cols[ci]
+                    sl = np.s_[col - col0: col - col0 + tile]
+                    vo, vs = valid_o[:, sl], valid_s[:, sl]
+                    f_opt = float(vo.sum()) / area
+                    f_sar = float(vs.sum()) / area
+                    f_joint = float((vo & vs).sum()) / area
+                    if f_joint < min_valid or f_joint == 0.0:
+                        reason = "no_optical" if f_opt == 0 else "no_sar" if f_sar == 0 else "low_valid"
+                        dropped[reason] += 1
+                        continue
+                    chip_o = optical[:, :, sl]
+                    chip_s = sar[:, :, sl]
+                    chip_l = label[:, sl] if label is not None else None
+                    split = splits[(plan.scene_id, *block_key(ri, ci, block))]
+                    part, offset = writer.write(chip_o, chip_s, chip_l, train=split == "train")
+                    if chip_l is not None:
+                        label_values.update(np.flatnonzero(np.bincount(chip_l.ravel(), minlength=256)).tolist())
+                    rows_out.append({
+                        "scene_id": plan.scene_id, "row": int(row), "col": int(col),
+                        "valid_optical": f_opt, "valid_sar": f_sar, "valid_joint": f_joint,
+                        "split": split, "part": part, "offset": offset,
+                    })
+                if on_row is not None:
+                    on_row(len(seg))
+            _release_memory()
     return {"rows": rows_out, "dropped": dropped, "label_values": label_values}
 
 
