@@ -314,7 +314,7 @@ def _err(fn, match):
         fn()
 
 
-def test_bad_input(scenes, tmp_path):
+def test_bad_input(scenes, tmp_path, tmp_path_factory):
     fn = _fn(PixelNet())
     opt, sar = scenes["same"]["optical"], scenes["same"]["sar"]
     st = {"optical": OPT_STATS, "sar": SAR_STATS}
@@ -323,6 +323,15 @@ def test_bad_input(scenes, tmp_path):
     _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", stats={"optical": {"mean": [0] * 3, "std": [1] * 3}}),
          "4 band")
     _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", inputs="both", stats=st), "SAR scene")
+    linked = tmp_path_factory.mktemp("linked")
+    old = linked / "old.tif"
+    old.write_bytes(b"x")
+    (linked / "link.tif").hardlink_to(old)  # one file under two names: outputs must be distinct files
+    _err(lambda: predict_scene(fn, opt, None, old, probabilities=linked / "link.tif", stats=st),
+         "is the same file as the output")
+    _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", vectorize=tmp_path / "v.shp", stats=st),
+         r"GeoPackage.*\.gpkg")
+    assert sorted(p.name for p in linked.iterdir()) == ["link.tif", "old.tif"] and old.read_bytes() == b"x"
     _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", window=64, overlap=64, stats=st), "overlap")
     # a raster without CRS
     nocrs = tmp_path / "nocrs.tif"
