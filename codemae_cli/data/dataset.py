@@ -125,11 +125,10 @@ class _Source:
         self.tile = int(meta["tile"])
         rows = np.asarray(ds.indices(split), dtype=np.int64)
         self.rows = rows
-        index = ds.index
-        self.shard = index["shard"].to_numpy(dtype=np.int64)[rows]
-        self.offset = index["offset"].to_numpy(dtype=np.int64)[rows]
+        self.shard = ds.shard_column[rows]
+        self.offset = ds.offset_column[rows]
         # Chips valid everywhere in both modalities (most of them) skip every nodata test.
-        self.whole = self._whole(index, rows)
+        self.whole = self._whole(ds.index, rows)
         self.layout = ds.layout
         stats = meta.get("stats") or {}
         try:
@@ -140,6 +139,7 @@ class _Source:
         self.n_sar = int(meta["sar"]["count"])
         if norm.bands != self.n_opt + self.n_sar:
             raise UserError(f"dataset '{self.root}' stats do not match its band counts")
+        self.norm = norm  # in source units (SAR in dB), optical bands then SAR bands
         # Normalisation in STORED units (fixed-point SAR counts, integer optical), so the loader and
         # DeviceAugment normalise what they copy out of the maps without decoding it first:
         # (q * step - mean) / std == (q - mean / step) * (step / std).

@@ -317,6 +317,12 @@ def finish_dataset(root: str | Path, layout: ShardLayout, parts: list[dict], chi
     return out
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 class PreparedDataset:
     """Read a directory written by ``codemae prepare`` (format version 1 or 2).
 
@@ -366,6 +372,16 @@ class PreparedDataset:
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+    @property
+    def shard_column(self) -> np.ndarray:
+        """Shard number of every row of the index (read-only view)."""
+        return _read_only(self._shard)
+
+    @property
+    def offset_column(self) -> np.ndarray:
+        """Position of every row of the index inside its shard (read-only view)."""
+        return _read_only(self._offset)
 
     @property
     def stats(self) -> dict:

@@ -37,7 +37,6 @@ from typing import Optional
 
 import numpy as np
 
-from codemae_cli.data.stats import BandNorm
 from codemae_cli.errors import UserError
 
 SAR_WINDOW_STDS = 3.0
@@ -139,17 +138,19 @@ class SourceScale:
     @classmethod
     def from_sources(cls, sources: Sequence, ranges: Optional[Sequence[Optional[dict]]] = None) -> SourceScale:
         """From the dataset sources of :class:`codemae_cli.data.dataset.PairedChips` (their
-        ``meta``, ``root``, ``n_opt``). ``ranges``: per source, a range to use instead of the one
-        its metadata records (None: the recorded one); a resumed run keeps those its checkpoint
-        recorded. The normalisation undone is the dataset's stats in source units (SAR in dB):
-        what a normalised value means, whatever units the shards store it in."""
-        ranges = list(ranges) if ranges is not None else [None] * len(sources)
-        norms = [BandNorm.from_stats(src.meta["stats"]["optical"]).concat(BandNorm.from_stats(src.meta["stats"]["sar"]))
-                 for src in sources]
-        rows = [r if r is not None else dataset_source_ranges(src.meta, f"'{src.root}'")
-                for src, r in zip(sources, ranges, strict=True)]
-        return cls.from_norms(norms, rows, int(sources[0].n_opt))
+        ``norm``, ``meta``, ``root``, ``n_opt``). ``ranges``: as :func:`sources_ranges` takes them.
+        The normalisation undone is the dataset's stats in source units (SAR in dB): what a
+        normalised value means, whatever units the shards store it in."""
+        return cls.from_norms([src.norm for src in sources], sources_ranges(sources, ranges), int(sources[0].n_opt))
+
+
+def sources_ranges(sources: Sequence, ranges: Optional[Sequence[Optional[dict]]] = None) -> list[dict]:
+    """Per dataset source, ``{"optical": [lo, hi], "sar": [lo, hi]}``: the one given in ``ranges``
+    (a resumed run keeps those its checkpoint recorded), else the one its metadata records."""
+    ranges = list(ranges) if ranges is not None else [None] * len(sources)
+    return [r if r is not None else dataset_source_ranges(src.meta, f"'{src.root}'")
+            for src, r in zip(sources, ranges, strict=True)]
 
 
 __all__ = ["SourceScale", "dataset_source_ranges", "optical_range_rule", "read_source_range", "sar_range_rule", "source_range_meta",
-           "source_ranges"]
+           "source_ranges", "sources_ranges"]

@@ -101,7 +101,7 @@ class PretrainTask(TrainTask):
     def __init__(self, recipe: PretrainRecipe, dist, say: Callable[[str], None], precision: str,
                  resumed: Optional[CheckpointMeta] = None):
         from codemae_cli.data.dataset import DeviceAugment, PairedBatchSampler, PairedChips, build_loader
-        from codemae_cli.data.source_scale import SourceScale, dataset_source_ranges
+        from codemae_cli.data.source_scale import SourceScale, sources_ranges
         from codemae_cli.model import build_model
         from codemae_cli.train.optim import WarmupCosine, build_optimizer, effective_batch, scaled_lr
 
@@ -123,8 +123,7 @@ class PretrainTask(TrainTask):
         # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale:
         # the one its metadata records, or in a resumed run the one the run has used so far.
         kept = [resumed.recorded_source_range(s.root) if resumed else None for s in self.chips.sources]
-        self.source_ranges = [r if r is not None else dataset_source_ranges(s.meta, f"'{s.root}'")
-                              for s, r in zip(self.chips.sources, kept, strict=True)]
+        self.source_ranges = sources_ranges(self.chips.sources, kept)
         self.model.set_source_scale(SourceScale.from_sources(self.chips.sources, self.source_ranges))
         self.model.to(dist.device)
         self.lr = scaled_lr(optim, dist.world_size, SAMPLES_PER_PAIR)
