@@ -90,7 +90,10 @@ def guard_predict_outputs(ckpt: Path, optical: Optional[str], sar: Optional[str]
         is_codemae_vectors,
         sweep_stale,
     )
+    from codemae_cli.infer.vectorize import check_vector_path
 
+    if vectorize is not None:
+        check_vector_path(vectorize)  # before the model is loaded, not after
     outputs = [(out, "the output", is_codemae_raster), (probabilities, "--probabilities", is_codemae_raster),
                (vectorize, "--vectorize", is_codemae_vectors)]
     outputs = [o for o in outputs if o[0] is not None]
