@@ -92,14 +92,14 @@ def guard_predict_outputs(ckpt: Path, optical: Optional[str], sar: Optional[str]
     )
     from codemae_cli.infer.vectorize import check_vector_path
 
-    if vectorize is not None:
-        check_vector_path(vectorize)  # before the model is loaded, not after
     outputs = [(out, "the output", is_codemae_raster), (probabilities, "--probabilities", is_codemae_raster),
                (vectorize, "--vectorize", is_codemae_vectors)]
     outputs = [o for o in outputs if o[0] is not None]
     guard_outputs([(p, what) for p, what, _ in outputs],
                   [(optical, "the optical scene"), (sar, "the SAR scene"), (ckpt, "the checkpoint")],
                   create_parents=False)
+    if vectorize is not None:
+        check_vector_path(vectorize)  # before the model is loaded, not after
     for path, what, ours in outputs:
         check_replaceable(path, what, ours, maker="codemae predict")
     for path, _, _ in outputs:
