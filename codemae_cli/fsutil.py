@@ -11,7 +11,7 @@ One guard for every command that writes (:func:`guard_outputs`):
 Temporary files are named ``.NAME.tmp-PID...`` next to the output (:func:`temp_sibling`), so the
 next run writing to the same place can remove the ones whose process is gone
 (:func:`sweep_stale`) and name them in one line. :func:`staged_directory` writes a whole
-directory so that it appears complete or not at all.
+directory so that it appears complete or not at all, and never loses the folder it replaces.
 """
 
 from __future__ import annotations
@@ -256,6 +256,7 @@ def is_metrics_json(path: PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- temporary files
 _TMP = "tmp-"
+_OLD = "old-"  # an output moved aside by staged_directory until its replacement is in place
 
 
 def temp_sibling(path: PathLike, suffix: str = "") -> Path:
@@ -286,57 +287,100 @@ def notice(message: str) -> None:
 
 
 def sweep_stale(path: PathLike, log: Callable[[str], None] = notice) -> list[Path]:
-    """Remove the temporaries that killed runs left next to ``path``; name each in one line.
+    """Clear what killed runs left next to ``path``; name each in one line.
 
-    Matches ``.NAME.tmp-PID...`` and ``NAME.tmp-PID...`` (files or folders) whose process is
-    gone; a live process's temporaries and everything else are left alone.
+    Temporaries ``.NAME.tmp-PID...`` and ``NAME.tmp-PID...`` (files or folders) whose process is
+    gone are removed. A folder that :func:`staged_directory` moved aside (``.NAME.old-PID``) is
+    put back as ``NAME`` when ``NAME`` is missing (the run died between its two renames: the old
+    output is never lost), and removed when ``NAME`` exists (superseded). A live process's
+    temporaries and everything else are left alone. Returns the paths removed or put back.
     """
     p = Path(path).expanduser()
     parent = p.parent if str(p.parent) else Path(".")
     if not p.name or not parent.is_dir():
         return []
-    pattern = re.compile(rf"^\.?{re.escape(p.name)}\.{_TMP}(\d+)(?:[-.].*)?$")
-    removed = []
+    pattern = re.compile(rf"^\.?{re.escape(p.name)}\.({_TMP}|{_OLD})(\d+)(?:[-.].*)?$")
+    swept = []
     try:
         entries = list(parent.iterdir())
     except OSError:
         return []
-    for entry in entries:
-        m = pattern.match(entry.name)
-        if m is None or _pid_alive(int(m.group(1))):
-            continue
+    stale = [(e, m) for e in entries if (m := pattern.match(e.name)) and not _pid_alive(int(m.group(2)))]
+    # Moved-aside folders first, the newest first: it is the one to put back when NAME is missing.
+    stale.sort(key=lambda em: (em[1].group(1) != _OLD, -_mtime(em[0])))
+    for entry, m in stale:
+        pid = m.group(2)
         try:
+            if m.group(1) == _OLD and not (p.exists() or p.is_symlink()):
+                entry.rename(p)
+                swept.append(entry)
+                log(f"restored '{p}' from '{entry.name}', where a stopped run (process {pid}) had moved it aside")
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
         except OSError:
             continue
-        removed.append(entry)
-        log(f"removed '{entry}', a temporary left by a stopped run (process {m.group(1)})")
-    return removed
+        swept.append(entry)
+        what = "an old copy superseded by" if m.group(1) == _OLD else "a temporary left by"
+        log(f"removed '{entry}', {what} a stopped run (process {pid})")
+    return swept
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def moved_aside(out: PathLike, complete: Callable[[Path], bool] = Path.is_dir) -> Optional[Path]:
+    """The copy of ``out`` that a :func:`staged_directory` killed between its two renames left
+    moved aside (``.NAME.old-PID``), when ``out`` itself is missing and the copy passes
+    ``complete``; else None. For readers: nothing is renamed (writers put it back through
+    :func:`sweep_stale`)."""
+    out = Path(out)
+    if out.exists() or not out.parent.is_dir():
+        return None
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.{_OLD}\d+$")
+    cands = [c for c in out.parent.iterdir() if pattern.match(c.name) and complete(c)]
+    return max(cands, key=_mtime) if cands else None
 
 
 @contextlib.contextmanager
 def staged_directory(out: PathLike) -> Iterator[Path]:
     """Yield a hidden sibling of ``out`` to write into; on success it replaces ``out``.
 
-    On any exception (KeyboardInterrupt included) the staging directory is removed and ``out``
-    is left as it was, so a failed run leaves nothing half-written. Leftovers of killed runs
-    next to ``out`` are removed first."""
+    The one atomic directory swap (checkpoints, analyses, testbeds): the new folder is written
+    beside ``out``; an existing ``out`` is renamed aside (``.NAME.old-PID``), the new one renamed
+    into place, and only then is the old one removed. A kill at any moment leaves the old folder
+    or the new one, complete, under ``out`` or moved aside (:func:`moved_aside` finds it, the next
+    write puts it back). On any exception (KeyboardInterrupt included) the staging directory is
+    removed and ``out`` is left as it was. Leftovers of killed runs next to ``out`` are cleared
+    first (:func:`sweep_stale`)."""
     out = Path(out)
     sweep_stale(out)
     tmp = out.with_name(f".{out.name}.{_TMP}{os.getpid()}")
+    old = out.with_name(f".{out.name}.{_OLD}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists():  # this process's own leftover (sweep_stale spares live processes)
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(out)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists() or out.is_symlink():
+            out.rename(old)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not (out.exists() or out.is_symlink()):
+            old.rename(out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -131,13 +133,16 @@ def test_recovers_checkpoint_moved_aside_by_a_killed_save(tmp_path):
     target = tmp_path / "run" / "checkpoints" / "last"
     save_checkpoint(target, model, {"kind": "pretrain", "step": 7})
     # A save killed between its two renames leaves only the moved-aside copy.
-    target.rename(target.with_name(".last.old-12345"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target.rename(target.with_name(f".last.old-{dead.pid}"))
     ck = resolve_checkpoint(tmp_path / "run")
-    assert ck.name == ".last.old-12345"
+    assert ck.name == f".last.old-{dead.pid}"
     assert load_checkpoint(tmp_path / "run")[1]["step"] == 7
-    # The next save of the same name supersedes the leftover.
+    # The next save of the same name puts it back, then replaces it.
     save_checkpoint(target, model, {"kind": "pretrain", "step": 8})
     assert sorted(p.name for p in target.parent.iterdir()) == ["last"]
+    assert load_checkpoint(target)[1]["step"] == 8
 
 
 def test_metadata_record_reads_old_checkpoints_with_documented_defaults(tmp_path):

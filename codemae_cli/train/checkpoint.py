@@ -6,23 +6,23 @@
       resume.safetensors   optimizer tensors, EMA teacher, RNG states (uint8 tensors)
       resume.json          scalar optimizer state, scheduler step, epoch, sampler position
 
-The directory is built under a temporary sibling name and renamed into place; an existing
-checkpoint of the same name is moved aside first and removed only after the new one is in
-place, so a crash at any moment leaves one complete checkpoint behind.
+The directory is written through :func:`codemae_cli.fsutil.staged_directory`: built under a
+temporary sibling name and renamed into place; an existing checkpoint of the same name is moved
+aside first and removed only after the new one is in place, so a crash at any moment leaves one
+complete checkpoint behind (readers find a moved-aside one, the next save puts it back first).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from codemae_cli.errors import UserError
+from codemae_cli.fsutil import moved_aside, staged_directory
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -177,13 +177,7 @@ def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: 
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with staged_directory(directory) as tmp:
         module = unwrap_model(model)
         save_file(_plain_state(module.state_dict()), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         if optimizer is not None or resume_extra is not None:
@@ -200,20 +194,6 @@ def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: 
         full_meta.setdefault("format", "codemae-checkpoint")
         # meta.json last: its presence marks a complete checkpoint.
         _write_json(tmp / META_FILE, full_meta)
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        # Leftovers of saves that were killed part-way (other process ids): now superseded.
-        for stale in list(directory.parent.glob(f".{directory.name}.old-*")) + \
-                list(directory.parent.glob(f".{directory.name}.tmp-*")):
-            shutil.rmtree(stale, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not directory.exists():
-            old.rename(directory)
-        raise
     return directory
 
 
@@ -222,14 +202,6 @@ def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: 
 # --------------------------------------------------------------------------------------------
 def _is_checkpoint_dir(p: Path) -> bool:
     return (p / MODEL_FILE).is_file() and (p / META_FILE).is_file()
-
-
-def _recover(p: Path) -> Path | None:
-    """A checkpoint moved aside by a save that was killed between its two renames."""
-    for cand in sorted(p.parent.glob(f".{p.name}.old-*")):
-        if _is_checkpoint_dir(cand):
-            return cand
-    return None
 
 
 def resolve_checkpoint(path, prefer: tuple[str, ...] = ("best", "last")) -> Path:
@@ -255,7 +227,7 @@ def resolve_checkpoint(path, prefer: tuple[str, ...] = ("best", "last")) -> Path
         cand = base / name
         if _is_checkpoint_dir(cand):
             return cand
-        rec = _recover(cand)
+        rec = moved_aside(cand, _is_checkpoint_dir)  # a save killed between its two renames
         if rec is not None:
             return rec
     if ckpts.is_dir():
