@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from codemae_cli.analysis import metrics as M
-from codemae_cli.analysis.testbed import CLASSES, generate_scene, write_testbed
+from codemae_cli.analysis.testbed import CLASSES, render_testbed_scene, write_testbed
 
 
 @pytest.fixture(scope="module")
 def scene():
-    return generate_scene(128, 128, seed=7, buildings=6)
+    return render_testbed_scene(128, 128, seed=7, buildings=6)
 
 
 def test_scene_is_deterministic_and_well_formed(scene):
-    again = generate_scene(128, 128, seed=7, buildings=6)
+    again = render_testbed_scene(128, 128, seed=7, buildings=6)
     np.testing.assert_array_equal(scene.optical, again.optical)
     np.testing.assert_array_equal(scene.sar, again.sar)
     assert scene.optical.shape == (4, 128, 128) and scene.sar.shape == (2, 128, 128)
@@ -26,7 +26,7 @@ def test_scene_is_deterministic_and_well_formed(scene):
     assert 0.0 <= scene.optical.min() and scene.optical.max() <= 1.0
     assert scene.sar.min() >= -35.0 and np.isfinite(scene.sar).all()
     assert set(np.unique(scene.labels)) <= set(CLASSES)
-    assert not np.array_equal(generate_scene(128, 128, seed=8).labels, scene.labels)
+    assert not np.array_equal(render_testbed_scene(128, 128, seed=8).labels, scene.labels)
 
 
 def test_labels_are_the_ground_layers_and_effects_sit_where_the_physics_puts_them(scene):
@@ -69,7 +69,7 @@ def test_sar_physics_water_dark_double_bounce_bright_shadow_floor(scene):
 
 def test_speckle_has_the_gamma_statistics_of_its_looks():
     # A homogeneous scene of one parcel: intensity ratio to the mean should have var ~ 1/L.
-    sc = generate_scene(128, 128, seed=1, parcels=1, buildings=0, looks=4.0)
+    sc = render_testbed_scene(128, 128, seed=1, parcels=1, buildings=0, looks=4.0)
     land = (sc.labels <= 1) & ~sc.layers["road"] & ~sc.layers["water"]
     lin = 10 ** (sc.sar[1][land] / 10)  # VH: no smooth moisture field on this band
     ratio = lin / lin.mean()
@@ -86,7 +86,7 @@ def _edges(x: np.ndarray, k: int = 4) -> np.ndarray:
 def test_modalities_share_outlines_but_not_intensities(scene):
     lum = M.optical_luminance(scene.optical, (2, 1, 0))
     sar = M.sar_intensity(scene.sar)
-    other = M.sar_intensity(generate_scene(128, 128, seed=57).sar)
+    other = M.sar_intensity(render_testbed_scene(128, 128, seed=57).sar)
     # Shared structure: edges of the paired images co-locate, those of an unrelated scene do not.
     assert M.pearson(_edges(lum), _edges(sar)) > M.pearson(_edges(lum), _edges(other)) + 0.15
     # Heterogeneity: raw intensities barely agree patch by patch (low SSIM, the paper's premise).

@@ -117,7 +117,7 @@ class _Ground:
         return self.labels.shape
 
 
-def generate_scene(
+def render_testbed_scene(
     height: int = 256,
     width: int = 256,
     *,
@@ -432,7 +432,7 @@ def write_testbed(
         index = _ChipIndex()
         manifest = []
         for k in range(scenes):
-            scene = generate_scene(size, size, seed=seed * 1000 + k, gsd=gsd, looks=looks)
+            scene = render_testbed_scene(size, size, seed=seed * 1000 + k, gsd=gsd, looks=looks)
             origin = (500000.0 + k * (size * gsd + 1000.0), 5750000.0)
             scene_id = f"scene{k:03d}"
             if write_tifs:
@@ -452,7 +452,7 @@ def write_testbed(
             "scenes": manifest or [{"scene_id": f"scene{k:03d}"} for k in range(scenes)],
             "dropped": {},
             "testbed": {"scenes": scenes, "size": size, "seed": seed, "gsd": gsd, "looks": looks,
-                        "generator": "codemae_cli.analysis.testbed.generate_scene"},
+                        "generator": "codemae_cli.analysis.testbed.render_testbed_scene"},
         })
     return out
 
@@ -510,4 +510,5 @@ def _write_chips(writer, index: _ChipIndex, scene: TestbedScene, scene_id: str, 
             index.geoms.append(box(x0, y0 - tile * gsd, x0 + tile * gsd, y0))
 
 
-__all__ = ["CLASSES", "OPTICAL_BANDS", "SAR_BANDS", "TestbedScene", "generate_scene", "write_scene_tifs", "write_testbed"]
+__all__ = ["CLASSES", "OPTICAL_BANDS", "SAR_BANDS", "TestbedScene", "render_testbed_scene", "write_scene_tifs",
+           "write_testbed"]
