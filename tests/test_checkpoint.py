@@ -197,3 +197,28 @@ def test_metadata_record_source_ranges_per_dataset(tmp_path):
     bad = save_checkpoint(tmp_path / "bad", _model(), {"kind": "pretrain", "source_ranges": [{"optical": [1, 1]}]})
     with pytest.raises(UserError, match="invalid source_ranges"):
         read_checkpoint_meta(bad)
+
+
+def test_a_pretraining_checkpoint_is_refused_in_one_sentence_everywhere(tmp_path):
+    """predict, evaluate and the task-model builder ask the record the same question."""
+    from fakes import pretrain_checkpoint
+
+    from codemae_cli.infer.run import predict_from_checkpoint
+    from codemae_cli.tasks import build_task_model_from_checkpoint
+    from codemae_cli.tasks.evaluate import evaluate_checkpoint
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
+
+    ck = pretrain_checkpoint(tmp_path / "run" / "checkpoints" / "last")
+    with pytest.raises(UserError) as own:
+        read_checkpoint_meta(tmp_path / "run").require_finetuned()
+    sentence = str(own.value)
+    assert "pretrain checkpoint, not a fine-tuned model" in sentence and str(ck) in sentence
+    scene = tmp_path / "scene.tif"  # never read: the checkpoint is refused first
+    calls = [lambda: predict_from_checkpoint(tmp_path / "run", str(scene), out=tmp_path / "m.tif"),
+             lambda: build_task_model_from_checkpoint(tmp_path / "run"),
+             lambda: evaluate_checkpoint(tmp_path / "run", [str(tmp_path / "data")], device="cpu")]
+    for call in calls:
+        with pytest.raises(UserError) as err:
+            call()
+        assert str(err.value) == sentence
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -196,9 +196,7 @@ def check_request(checkpoint, scene: Optional[str], sar: Optional[str], inputs: 
 
     meta = read_checkpoint_meta(checkpoint)  # the one read of meta.json; meta.path is the resolved directory
     ckpt = meta.path
-    if meta.kind != "finetune":
-        raise UserError(f"checkpoint '{ckpt}' is a {meta.kind} checkpoint, not a fine-tuned "
-                        "model; fine-tune it first with codemae finetune")
+    meta.require_finetuned()  # before the scenes and outputs are checked; the builder asks the same
     if meta.task != "segmentation":
         raise UserError(f"checkpoint '{ckpt}' is a {meta.task} model; only segmentation models map scenes")
     notes = []

@@ -165,9 +165,7 @@ def build_task_model_from_checkpoint(checkpoint, device="cpu"):
 
     meta = checkpoint if isinstance(checkpoint, CheckpointMeta) else read_checkpoint_meta(checkpoint)
     where = meta.path
-    if meta.kind != "finetune":
-        raise UserError(f"checkpoint '{where}' is a {meta.kind} checkpoint, not a fine-tuned model; "
-                        "run `codemae finetune` first")
+    meta.require_finetuned()
     for key in ("recipe", "encoder_config", "bands", "classes", "inputs"):
         if key not in meta.raw:
             raise UserError(f"checkpoint '{where}' lacks '{key}' in its meta.json; it was not written by `codemae finetune`")

@@ -320,6 +320,13 @@ class CheckpointMeta:
                 return rng
         return None
 
+    def require_finetuned(self) -> None:
+        """Refuse, in one sentence, a checkpoint that is not a fine-tuned model (predict, evaluate,
+        and the task-model builder all ask here)."""
+        if self.kind != "finetune":
+            raise UserError(f"checkpoint '{self.path}' is a {self.kind} checkpoint, not a fine-tuned model; "
+                            "fine-tune it first with `codemae finetune`")
+
     @property
     def class_names(self) -> list[str]:
         return [str(c.get("name", i)) for i, c in enumerate(self.classes)]
