@@ -166,9 +166,10 @@ def test_pretrained_weights_are_loaded_before_training(water_land, tmp_path):
         encoder_state_from_checkpoint,
         load_encoder_weights,
     )
-    from codemae_cli.train.checkpoint import load_checkpoint
+    from codemae_cli.train.checkpoint import load_weights, read_checkpoint_meta
 
-    state, meta = load_checkpoint(_tiny_pretrain_checkpoint(tmp_path / "pre"))
+    meta = read_checkpoint_meta(_tiny_pretrain_checkpoint(tmp_path / "pre"))
+    state = load_weights(meta.path)
     recipe = _recipe(water_land, tmp_path / "run", inputs="both", from_scratch=False, pretrained="x")
     model, cfg = build_task_model(recipe, 4, 2, 2, meta)
     assert cfg.preset == "tiny" and cfg.patch_size == 4

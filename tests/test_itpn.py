@@ -4,6 +4,8 @@ import of the reference CoDe-MAE checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from fakes import random_pair, tiny_model_config
@@ -287,6 +289,7 @@ def test_itpn_pretrain_resumes_then_finetunes_with_the_pyramid_and_probes(tmp_pa
 def test_finetune_recipe_picks_the_backbone_from_scratch_or_refuses_a_mismatch():
     from codemae_cli.tasks.config import FinetuneRecipe
     from codemae_cli.tasks.model_io import encoder_config
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
     raw = {"data": {"datasets": ["d"], "img_size": 32}, "model": {"backbone": "itpn", "preset": "tiny", "patch_size": 8, "img_size": 32},
            "task": {"from_scratch": True}}
@@ -294,6 +297,7 @@ def test_finetune_recipe_picks_the_backbone_from_scratch_or_refuses_a_mismatch()
     raw["model"]["backbone"] = None
     assert encoder_config(from_dict(FinetuneRecipe, raw)).backbone == "vit"
     raw["model"]["backbone"] = "vit"
-    pre = {"recipe": {"model": {"backbone": "itpn", "preset": "tiny", "patch_size": 8}}}
+    pre = CheckpointMeta.from_dict({"kind": "pretrain", "recipe": {"model": {"backbone": "itpn", "preset": "tiny",
+                                                                       "patch_size": 8}}}, Path("pre"))
     with pytest.raises(UserError, match="backbone 'itpn'"):
         encoder_config(from_dict(FinetuneRecipe, raw), pre)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from codemae_cli.errors import UserError
 from codemae_cli.train.loop import LoopSettings, Position, TrainLoop, TrainTask, left_out_note, plan_steps
+
+if TYPE_CHECKING:
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
 _SCALAR_KEYS = ("loss", "miou", "mf1", "oa", "macc", "kappa", "top1", "micro_map", "macro_map", "micro_f1",
                 "macro_f1")
@@ -39,7 +42,8 @@ def _band_names(ds_meta: dict, modality: str) -> list[str]:
 
 
 def _load_pretrained(recipe):
-    """``(state, meta)`` of the pretrained checkpoint, or ``(None, None)`` from scratch."""
+    """``(state, record)`` of the pretrained checkpoint (its weights and its
+    :class:`~codemae_cli.train.checkpoint.CheckpointMeta`), or ``(None, None)`` from scratch."""
     from codemae_cli.train.checkpoint import load_weights, read_checkpoint_meta
 
     t = recipe.task
@@ -50,12 +54,12 @@ def _load_pretrained(recipe):
     meta = read_checkpoint_meta(t.pretrained)
     if meta.kind not in ("pretrain", "finetune"):
         raise UserError(f"'{t.pretrained}' is not a CoDe-MAE pretrain checkpoint (kind: {meta.kind!r})")
-    return load_weights(meta.path), meta.raw
+    return load_weights(meta.path), meta
 
 
-def _check_bands(pre_meta: dict, bands: dict, inputs: str) -> None:
+def _check_bands(pre: CheckpointMeta, bands: dict, inputs: str) -> None:
     """Refuse a checkpoint whose band counts differ from the data for a modality the task uses."""
-    pre_bands = pre_meta.get("bands") or {}
+    pre_bands = pre.bands
     for mod in ("optical", "sar"):
         if inputs not in (mod, "both") or mod not in pre_bands:
             continue
@@ -161,20 +165,21 @@ class FinetuneTask(TrainTask):
 
         from codemae_cli.tasks.model import find_unused_parameters
         from codemae_cli.tasks.model_io import build_task_model
-        from codemae_cli.train.checkpoint import read_meta
+        from codemae_cli.train.checkpoint import read_checkpoint_meta
 
         t, dist = self.recipe.task, self.dist
         if resume_from is not None:
-            # The encoder is rebuilt as it was trained; its weights come from checkpoints/last.
-            last_meta = read_meta(resume_from)
-            pre_state, pre_meta = None, {"encoder_config": last_meta["encoder_config"]}
-            self.best_metrics = (last_meta.get("best") or {}).get("metrics")
+            # The encoder is rebuilt as it was trained (the record's encoder_config); its weights
+            # come from checkpoints/last.
+            last = pre = read_checkpoint_meta(resume_from)
+            pre_state = None
+            self.best_metrics = (last.raw.get("best") or {}).get("metrics")
         else:
-            pre_state, pre_meta = _load_pretrained(self.recipe)
-            if pre_meta is not None:
-                _check_bands(pre_meta, self.bands, t.inputs)
+            pre_state, pre = _load_pretrained(self.recipe)
+            if pre is not None:
+                _check_bands(pre, self.bands, t.inputs)
         model, self.enc_cfg = build_task_model(self.recipe, self.chips.optical_bands, self.chips.sar_bands,
-                                               len(self.classes), pre_meta)
+                                               len(self.classes), pre)
         # What the chosen inputs never touch is frozen: DDP runs without find_unused_parameters.
         unused = find_unused_parameters(model, self.chips.optical_bands, self.chips.sar_bands,
                                         2 * self.enc_cfg.patch_size)
@@ -184,7 +189,7 @@ class FinetuneTask(TrainTask):
         if pre_state is not None:
             self.report = self._load_encoder(model, pre_state, unused)
         elif resume_from is not None:
-            self.report = _LoadedReport(last_meta.get("load_report"))
+            self.report = _LoadedReport(last.raw.get("load_report"))
         else:
             self.report = None
             self.say(f"encoder: preset '{self.enc_cfg.preset}' from scratch (random initialisation)")

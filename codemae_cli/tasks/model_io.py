@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from codemae_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from codemae_cli.train.checkpoint import CheckpointMeta
 
 ENCODER_PREFIX = "encoder."
 # The encoder size of a from-scratch run whose recipe names none: small enough for a CPU, and
@@ -34,21 +37,21 @@ class LoadReport:
                 "unexpected": self.unexpected, "skipped": self.skipped}
 
 
-def encoder_config(recipe, pretrain_meta: Optional[dict] = None):
+def encoder_config(recipe, pretrained: Optional[CheckpointMeta] = None):
     """The ``ModelConfig`` to build the encoder with.
 
-    With a pretrained checkpoint: its own model section (so the trunk is rebuilt exactly as it
-    was pretrained), with this recipe's image size, drop-path and attention switch. The recipe's
-    preset / patch size, when given, must agree with the checkpoint.
+    With a checkpoint's record (``pretrained``): its own model section (so the trunk is rebuilt
+    exactly as it was pretrained; a fine-tuned checkpoint's encoder config), with this recipe's
+    image size, drop-path and attention switch. The recipe's preset / patch size, when given,
+    must agree with the checkpoint.
     """
     from codemae_cli.config import from_dict, to_dict
     from codemae_cli.model.config import ModelConfig
 
     m = recipe.model
-    if pretrain_meta is not None:
-        raw = copy.deepcopy((pretrain_meta.get("recipe") or {}).get("model"))
-        if "encoder_config" in pretrain_meta:  # a fine-tuned checkpoint used as the starting point
-            raw = copy.deepcopy(pretrain_meta["encoder_config"])
+    if pretrained is not None:
+        raw = copy.deepcopy(pretrained.encoder_config if pretrained.encoder_config is not None
+                            else pretrained.recipe.get("model"))
         if not isinstance(raw, dict):
             raise UserError("the pretrained checkpoint's recipe has no model section, so its encoder cannot be rebuilt")
         try:
@@ -129,13 +132,14 @@ def load_encoder_weights(encoder, enc_state: dict, used: Optional[set] = None, s
 
 
 def build_task_model(recipe, optical_bands: int, sar_bands: int, num_classes: int,
-                     pretrain_meta: Optional[dict] = None):
-    """A fresh :class:`TaskModel` (random weights) for ``recipe``, plus its encoder ModelConfig."""
+                     pretrained: Optional[CheckpointMeta] = None):
+    """A fresh :class:`TaskModel` (random weights) for ``recipe``, plus its encoder ModelConfig
+    (the encoder of the checkpoint whose record is ``pretrained``, see :func:`encoder_config`)."""
     from codemae_cli.model import build_encoder
     from codemae_cli.tasks.heads import build_head
     from codemae_cli.tasks.model import TaskModel, default_layers
 
-    cfg = encoder_config(recipe, pretrain_meta)
+    cfg = encoder_config(recipe, pretrained)
     encoder = build_encoder(cfg, optical_bands=optical_bands, sar_bands=sar_bands)
     t = recipe.task
     layers = tuple(t.layers) if t.layers else default_layers(encoder)
@@ -178,7 +182,7 @@ def build_task_model_from_checkpoint(checkpoint, device="cpu"):
     recipe.model.preset = meta.encoder_config["preset"]
     recipe.model.patch_size = meta.encoder_config["patch_size"]
     model, _ = build_task_model(recipe, len(meta.bands["optical"]), len(meta.bands["sar"]),
-                                len(meta.classes), pretrain_meta={"encoder_config": meta.encoder_config})
+                                len(meta.classes), pretrained=meta)
     try:
         model.load_state_dict(load_weights(meta.path), strict=True)
     except RuntimeError:
