@@ -24,8 +24,9 @@ runner = CliRunner()
 ORIGIN = (590000.0, 5760000.0)
 
 
-def _write(path: Path, data: np.ndarray, crs="EPSG:32631", res=1.0, origin=ORIGIN, nodata=255, tags=None) -> Path:
-    return Path(write_raster(path, data, crs=crs, res=res, nodata=nodata, origin=origin, tags=tags))
+def _write(path: Path, data: np.ndarray, crs="EPSG:32631", res=1.0, origin=ORIGIN, nodata=255, **kw) -> Path:
+    """A class raster, 255 its declared nodata; ``kw``: ``transform``, ``tags`` (tests/rasters.py)."""
+    return Path(write_raster(path, data, crs=crs, res=res, nodata=nodata, origin=origin, **kw))
 
 
 def test_raster_vs_raster_equals_hand_computed_confusion(tmp_path):
@@ -61,10 +62,7 @@ def test_reference_on_another_grid_and_crs_is_warped_with_nearest(tmp_path):
         out = np.full((h, w), 255, np.uint8)
         reproject(fine, out, src_transform=src.transform, src_crs=src.crs, dst_transform=tf, dst_crs="EPSG:4326",
                   resampling=Resampling.nearest, dst_nodata=255)
-    r = tmp_path / "ref_wgs84.tif"
-    with rasterio.open(r, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", crs="EPSG:4326",
-                       transform=tf, nodata=255) as dst:
-        dst.write(out[None])
+    r = _write(tmp_path / "ref_wgs84.tif", out, crs="EPSG:4326", transform=tf)
     m = evaluate_raster(p, r)
     assert m["oa"] > 0.97 and m["miou"] > 0.93  # only edge pixels differ after two warps
     assert m["valid_fraction"] > 0.99
@@ -107,11 +105,7 @@ def test_real_spacenet_buildings_vector_in_another_crs(real_dir, tmp_path):
     def class_map(shift_deg: float, name: str) -> Path:
         shapes = ((g, 1) for g in gdf.translate(xoff=shift_deg).geometry)
         data = rasterize(shapes, out_shape=(h, w), transform=tf, fill=0, dtype="uint8")
-        path = tmp_path / name
-        with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1, dtype="uint8", crs="EPSG:4326",
-                           transform=tf, nodata=255) as dst:
-            dst.write(data[None])
-        return path
+        return _write(tmp_path / name, data, crs="EPSG:4326", transform=tf)
 
     good = evaluate_raster(class_map(0.0, "good.tif"), vec)
     shifted = evaluate_raster(class_map(4.0 / 92000, "shifted.tif"), vec)  # ~4 m east at 33.6 N

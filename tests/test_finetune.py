@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 
 from fakes import pretrain_checkpoint  # noqa: E402
+from rasters import write_raster  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from codemae_cli.cli import app  # noqa: E402
@@ -33,11 +34,8 @@ def _water_land_scene(root: Path) -> dict:
     scene = write_scene_pair(root / "raw", 128, 128, seed=11, labels=True)
     with rasterio.open(scene["labels"]) as src:
         cls = src.read(1)
-        profile = src.profile
     binary = np.where(cls == WATER, 0, 1).astype(np.uint8)
-    path = root / "raw" / "water_land.tif"
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(binary[None])
+    path = write_raster(root / "raw" / "water_land.tif", binary, like=scene["labels"])
     return {"optical": scene["optical"], "sar": scene["sar"], "labels": path, "water": float((binary == 0).mean())}
 
 

@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 
+from rasters import write_raster  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from codemae_cli.cli import app  # noqa: E402
@@ -33,16 +34,9 @@ def _ok(args: list[str]):
     return res
 
 
-def _write(path: Path, arr: np.ndarray, origin: tuple[float, float], nodata=None, descriptions=None) -> Path:
-    from rasterio.transform import from_origin
-
-    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
-                       dtype=arr.dtype, crs="EPSG:4326", transform=from_origin(*origin, RES, RES),
-                       nodata=nodata) as dst:
-        dst.write(arr)
-        for k, d in enumerate(descriptions or []):
-            dst.set_band_description(k + 1, d)
-    return path
+def _write(path: Path, arr: np.ndarray, origin: tuple[float, float], **kw) -> Path:
+    """A Sen1Floods11-like file: EPSG:4326 at ``RES`` degrees, top-left corner at ``origin``."""
+    return Path(write_raster(path, arr, crs="EPSG:4326", res=RES, origin=origin, **kw))
 
 
 def flood_chip(root: Path, chip_id: str, size: int, seed: int, declare_label_nodata: bool = True) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rasters import write_raster
 
 from codemae_cli.errors import UserError
 
@@ -39,8 +40,6 @@ def test_areas_in_square_metres_in_any_crs():
 
 def test_vectorize_min_area_in_m2_on_a_degree_grid(tmp_path):
     import geopandas as gpd
-    import rasterio
-    from rasterio.transform import from_origin
 
     from codemae_cli.infer.vectorize import vectorize_classes
 
@@ -48,9 +47,7 @@ def test_vectorize_min_area_in_m2_on_a_degree_grid(tmp_path):
     cls[2:12, 2:12] = 1  # 100 px of ~99.7 m^2
     cls[30:32, 30:32] = 1  # 4 px
     path = tmp_path / "c.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=40, height=40, count=1, dtype="uint8", crs="EPSG:4326",
-                       transform=from_origin(0.0, 0.0036, 9e-5, 9e-5), nodata=255) as d:
-        d.write(cls[None])
+    write_raster(path, cls, crs="EPSG:4326", res=9e-5, origin=(0.0, 0.0036), nodata=255)
     res = vectorize_classes(path, tmp_path / "v.gpkg", classes=[1], min_area=500)
     gdf = gpd.read_file(res["path"])
     assert len(gdf) == 1 and gdf["area"].iloc[0] == pytest.approx(100 * 99.7, rel=5e-3)
@@ -77,8 +74,6 @@ def test_evaluate_json_refuses_a_missing_folder_like_predict(tmp_path):
     from typer.testing import CliRunner
 
     from codemae_cli.cli import app
-    from tests.rasters import write_raster
-
     pred = write_raster(tmp_path / "p.tif", np.zeros((8, 8), np.uint8))
     ref = write_raster(tmp_path / "r.tif", np.zeros((8, 8), np.uint8))
     res = CliRunner().invoke(app, ["evaluate", "--pred", pred, "--ref", ref, "--json", str(tmp_path / "no/m.json")])
@@ -130,8 +125,6 @@ def test_band_reads_cover_files_stacked_in_any_order():
 
 def test_evaluate_reference_nodata_is_declared_or_named(tmp_path):
     from codemae_cli.tasks.evaluate import evaluate_raster
-    from tests.rasters import write_raster
-
     pred = write_raster(tmp_path / "p.tif", np.array([[0, 1], [1, 1]], np.uint8))
     ref = write_raster(tmp_path / "r.tif", np.array([[0, 1], [-9999, 0]], np.int16))
     with pytest.raises(UserError, match="value -9999.*--ref-nodata -9999"):

@@ -15,6 +15,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 from rasterio.warp import transform as warp_transform
+from rasters import write_raster
 
 from codemae_cli.data import geo
 from codemae_cli.data.geo import (
@@ -29,7 +30,6 @@ from codemae_cli.data.geo import (
 from codemae_cli.data.prepare import run_prepare
 from codemae_cli.data.shards import PreparedDataset
 from codemae_cli.infer.sources import OpticalSource, SarSource
-from tests.rasters import write_raster
 
 LEFT, TOP, N = 600000.0, 5750000.0, 64  # optical: 64 x 64 px of 1 m in EPSG:32631
 TILE = 16

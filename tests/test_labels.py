@@ -43,14 +43,11 @@ def test_spacenet4_buildings_rasterised_on_the_pan_grid(real_dir):
     assert mask[tuple(free)] == 0
 
 
-_raster = write_raster
-
-
 @pytest.fixture()
 def pair(tmp_path):
     rng = np.random.default_rng(0)
-    opt = _raster(tmp_path / "o.tif", rng.integers(1, 255, (3, 64, 64)).astype(np.uint8), nodata=0)
-    sar = _raster(tmp_path / "s.tif", rng.uniform(0.01, 1, (2, 64, 64)).astype(np.float32))
+    opt = write_raster(tmp_path / "o.tif", rng.integers(1, 255, (3, 64, 64)).astype(np.uint8), nodata=0)
+    sar = write_raster(tmp_path / "s.tif", rng.uniform(0.01, 1, (2, 64, 64)).astype(np.float32))
     return opt, sar
 
 
@@ -95,7 +92,7 @@ def test_label_raster_warped_nearest_with_nodata(tmp_path, pair):
     lab[:, 16:] = 3
     lab[:4, :4] = 9  # nodata
     # Label raster at 2 m resolution: nearest keeps class codes, nodata -> 255.
-    path = _raster(tmp_path / "lab.tif", lab, res=2.0, nodata=9)
+    path = write_raster(tmp_path / "lab.tif", lab, res=2.0, nodata=9)
     run_prepare(out=str(tmp_path / "out"), optical=[pair[0]], sar=[pair[1]], tile=64, labels=path,
                 classes="a,b,c,d", quicklook=False, sar_scale="linear")
     ds = PreparedDataset(tmp_path / "out")

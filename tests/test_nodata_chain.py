@@ -12,6 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")
 rasterio = pytest.importorskip("rasterio")
 
+from rasters import write_raster  # noqa: E402
+
 torch.set_num_threads(1)
 
 FILL = 0.25  # a plausible linear backscatter, so only the override makes it nodata
@@ -30,12 +32,9 @@ def chain(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("nodata")
     scene = write_scene_pair(root / "raw", 64, 64, seed=11, labels=True)
     with rasterio.open(scene["sar"]) as src:
-        sar, profile = src.read(), src.profile
+        sar = src.read()
     sar[:, :24, :24] = FILL
-    profile.pop("nodata", None)
-    sar_path = root / "raw" / "sar_filled.tif"
-    with rasterio.open(sar_path, "w", **profile) as dst:
-        dst.write(sar)
+    sar_path = write_raster(root / "raw" / "sar_filled.tif", sar, like=scene["sar"], nodata=None)
     data = root / "prepared"
     run_prepare(out=str(data), optical=[str(scene["optical"])], sar=[str(sar_path)], labels=str(scene["labels"]),
                 tile=16, block=1, split="0.75,0.25,0", seed=0, quicklook=False, nodata_sar=str(FILL))

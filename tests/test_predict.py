@@ -7,6 +7,7 @@ import pytest
 import rasterio
 import torch
 from rasterio.transform import from_origin
+from rasters import write_raster
 
 from codemae_cli.errors import UserError
 from codemae_cli.infer import PredictStats, predict_scene
@@ -130,15 +131,10 @@ def test_uint8_probabilities_scaled(scenes, tmp_path):
 def test_scene_smaller_than_window(scenes, tmp_path):
     net = PixelNet(seed=5)
     src = tmp_path / "small.tif"
+    window = rasterio.windows.Window(10, 20, 37, 23)
     with rasterio.open(scenes["same"]["optical"]) as ds:
-        profile = ds.profile
-        data = ds.read(window=rasterio.windows.Window(10, 20, 37, 23))
-        profile.update(width=37, height=23, transform=ds.window_transform(rasterio.windows.Window(10, 20, 37, 23)),
-                       tiled=False)
-        profile.pop("blockxsize", None)
-        profile.pop("blockysize", None)
-    with rasterio.open(src, "w", **profile) as dst:
-        dst.write(data)
+        data, transform = ds.read(window=window), ds.window_transform(window)
+    write_raster(src, data, like=scenes["same"]["optical"], transform=transform, tiled=False)
     out, prob = tmp_path / "m.tif", tmp_path / "p.tif"
     stats = PredictStats()
     predict_scene(_fn(net), src, None, out, window=64, overlap=16, stats={"optical": OPT_STATS},
@@ -146,7 +142,7 @@ def test_scene_smaller_than_window(scenes, tmp_path):
     assert stats.windows == 1
     with rasterio.open(out) as ds:
         assert (ds.height, ds.width) == (23, 37)
-        assert ds.transform == profile["transform"]
+        assert ds.transform == transform
     np.testing.assert_allclose(_read(prob), _direct_probs(net, src), atol=1e-4)
 
 
@@ -155,9 +151,7 @@ def test_accumulator_bounded_by_a_band_of_rows(tmp_path):
     h, w = 700, 40
     src = tmp_path / "tall.tif"
     rng = np.random.default_rng(0)
-    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=4, dtype="uint16", crs="EPSG:32631",
-                       transform=from_origin(500000.0, 5700000.0, 1, 1)) as dst:
-        dst.write(rng.integers(1, 4000, size=(4, h, w), dtype=np.uint16))
+    write_raster(src, rng.integers(1, 4000, size=(4, h, w), dtype=np.uint16), origin=(500000.0, 5700000.0))
     net = PixelNet(seed=6)
     stats = PredictStats()
     window, overlap = 48, 16
@@ -182,16 +176,14 @@ def test_nodata_propagation_optical_and_sar(scenes, tmp_path):
     opt = tmp_path / "opt.tif"
     sar = tmp_path / "sar.tif"
     with rasterio.open(scenes["same"]["optical"]) as ds:
-        p, data = ds.profile, ds.read()
+        data = ds.read()
     data[:, 10:30, 5:25] = 0
     data[2, 100:105, 100:110] = 0  # one band only: a legitimate 0, valid as in the training chips
-    with rasterio.open(opt, "w", **p) as dst:
-        dst.write(data)
+    write_raster(opt, data, like=scenes["same"]["optical"])
     with rasterio.open(scenes["same"]["sar"]) as ds:
-        ps, sdata = ds.profile, ds.read()
+        sdata = ds.read()
     sdata[:, 60:70, 40:90] = np.nan
-    with rasterio.open(sar, "w", **ps) as dst:
-        dst.write(sdata)
+    write_raster(sar, sdata, like=scenes["same"]["sar"])
     out = tmp_path / "m.tif"
     summary = predict_scene(_fn(PixelNet()), opt, sar, out, window=64, overlap=16,
                             stats={"optical": OPT_STATS, "sar": SAR_STATS}, inputs="both")
@@ -248,9 +240,7 @@ def test_sar_only_uses_the_sar_grid(scenes, tmp_path):
 def test_sar_scale_conversion(tmp_path):
     p = tmp_path / "lin.tif"
     lin = np.array([[[1.0, 0.1, 0.0, -1.0]]], dtype=np.float32)
-    with rasterio.open(p, "w", driver="GTiff", width=4, height=1, count=1, dtype="float32", crs="EPSG:32631",
-                       transform=from_origin(500000.0, 5700000.0, 1, 1)) as dst:
-        dst.write(lin)
+    write_raster(p, lin, origin=(500000.0, 5700000.0))
     for scale, expect in (("linear", [0.0, -10.0]), ("amplitude", [0.0, -20.0]), ("db", [1.0, 0.1])):
         s = SarSource(p, scale=scale)
         db, valid = s.read_strip(0, 1)
@@ -335,23 +325,17 @@ def test_bad_input(scenes, tmp_path, tmp_path_factory):
     _err(lambda: predict_scene(fn, opt, None, tmp_path / "m.tif", window=64, overlap=64, stats=st), "overlap")
     # a raster without CRS
     nocrs = tmp_path / "nocrs.tif"
-    with rasterio.open(nocrs, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16") as dst:
-        dst.write(np.ones((4, 8, 8), np.uint16))
+    write_raster(nocrs, np.ones((4, 8, 8), np.uint16), crs=None)
     _err(lambda: predict_scene(fn, nocrs, None, tmp_path / "m.tif", stats=st), "no CRS")
     # SAR far away from the optical scene
     far = tmp_path / "far.tif"
     with rasterio.open(sar) as ds:
-        p = ds.profile
-        p["transform"] = from_origin(100000.0, 1000000.0, 1.0, 1.0)
         data = ds.read()
-    with rasterio.open(far, "w", **p) as dst:
-        dst.write(data)
+    write_raster(far, data, like=sar, transform=from_origin(100000.0, 1000000.0, 1.0, 1.0))
     _err(lambda: predict_scene(fn, opt, far, tmp_path / "m.tif", inputs="both", stats=st), "does not overlap")
     # every input pixel nodata
     empty = tmp_path / "empty.tif"
-    with rasterio.open(empty, "w", driver="GTiff", width=8, height=8, count=4, dtype="uint16", crs="EPSG:32631",
-                       transform=from_origin(500000.0, 5700000.0, 1, 1), nodata=0) as dst:
-        dst.write(np.zeros((4, 8, 8), np.uint16))
+    write_raster(empty, np.zeros((4, 8, 8), np.uint16), origin=(500000.0, 5700000.0), nodata=0)
     _err(lambda: predict_scene(fn, empty, None, tmp_path / "m.tif", window=16, overlap=4, stats=st), "nodata")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.tif", "far.tif", "nocrs.tif"]
 

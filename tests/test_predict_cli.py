@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import rasterio
+from rasters import write_raster
 from typer.testing import CliRunner
 
 from codemae_cli.cli import app
@@ -127,11 +128,8 @@ def test_predict_cli_bad_input(setup, tmp_path):
     # wrong band count: a 3-band scene for a 4-band checkpoint
     three = tmp_path / "three.tif"
     with rasterio.open(pair["optical"]) as ds:
-        p = ds.profile
-        p.update(count=3)
         data = ds.read()[:3]
-    with rasterio.open(three, "w", **p) as dst:
-        dst.write(data)
+    write_raster(three, data, like=pair["optical"])
     _fails(["predict", str(three), "-o", out, "-c", opt, "--window", "32", "--device", "cpu", "-q"],
            "has 3 band(s) but the model expects 4")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["pre", "three.tif"]
@@ -196,9 +194,8 @@ def test_sar_scale_auto_reads_the_scene_in_the_training_data_units(setup, tmp_pa
     with pytest.raises(UserError, match="looks like linear power"):  # declared dB, holds linear power
         predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db", **kw)
     with rasterio.open(pair["sar"]) as src:  # the same scene in dB: the scale fits, but not the training data
-        profile, db = src.profile, 10 * np.log10(src.read())
-    with rasterio.open(tmp_path / "sar_db.tif", "w", **profile) as dst:
-        dst.write(db.astype(np.float32))
+        db = 10 * np.log10(src.read())
+    write_raster(tmp_path / "sar_db.tif", db.astype(np.float32), like=pair["sar"])
     wrong = predict_from_checkpoint(ckpt, str(pair["optical"]), out=tmp_path / "db.tif", sar_scale="db",
                                     **{**kw, "sar": str(tmp_path / "sar_db.tif")})
     read = [rasterio.open(tmp_path / f"{n}.tif").read(1) for n in ("auto", "linear", "db")]

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rasters import write_raster
 
 from codemae_cli.config import from_dict
 from codemae_cli.data.dataset import PairedChips
@@ -16,7 +17,6 @@ from codemae_cli.data.shards import PreparedDataset
 from codemae_cli.data.source_scale import SourceScale, optical_range_rule, read_source_range
 from codemae_cli.errors import UserError
 from codemae_cli.model import ModelConfig, build_model
-from tests.rasters import write_raster
 
 torch.set_num_threads(1)
 
