@@ -596,3 +596,53 @@ def test_a_failing_writer_or_reader_thread_stops_the_run_and_leaves_nothing(scen
         predict_scene(_fn(PixelNet()), scenes["same"]["optical"], None, out / "m.tif", window=32, overlap=8,
                       batch_size=2, stats={"optical": OPT_STATS}, probabilities=out / "p.tif")
     assert list(out.iterdir()) == []
+
+
+def _codemae_threads() -> list[str]:
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("codemae-") and t.is_alive())
+
+
+def test_errors_in_the_pipeline_stages_surface_once_and_leave_nothing(scenes, tmp_path):
+    """An error raised in the blend stage (a class count that disagrees) or in the model's thread
+    half-way through the scene is the error the caller gets; no output, temporary file or thread
+    of the pipeline is left behind."""
+    opt = scenes["same"]["optical"]
+    st = {"optical": OPT_STATS}
+    before = _codemae_threads()
+    _err(lambda: predict_scene(_fn(PixelNet(k=3)), opt, None, tmp_path / "m.tif", window=32, overlap=8,
+                               batch_size=2, stats=st, class_names=["a", "b"]), "predicts 3 classes but 2")
+    net, calls = PixelNet(k=3), []
+
+    def failing(o, s):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory half-way")
+        return net(o, s)
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        predict_scene(failing, opt, None, tmp_path / "m.tif", window=32, overlap=8, batch_size=2, stats=st,
+                      probabilities=tmp_path / "p.tif")
+    assert list(tmp_path.iterdir()) == []
+    assert _codemae_threads() == before
+
+
+def test_the_model_thread_runs_only_the_model(scenes, tmp_path, monkeypatch):
+    """Softmax, blending and writing run beside the model: the thread that calls the model does
+    nothing else between its calls but hand the answers on (checked by where the softmax runs)."""
+    import threading
+
+    import codemae_cli.infer.predict as P
+
+    seen = []
+    real = P.probs_from_logits
+
+    def spy(outs, window):
+        seen.append(threading.current_thread().name)
+        return real(outs, window)
+
+    monkeypatch.setattr(P, "probs_from_logits", spy)
+    predict_scene(_fn(PixelNet()), scenes["same"]["optical"], None, tmp_path / "m.tif", window=32, overlap=8,
+                  batch_size=4, stats={"optical": OPT_STATS})
+    assert seen and all(name.startswith("codemae-blend") for name in seen)

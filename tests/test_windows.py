@@ -59,3 +59,33 @@ def test_resolve_overlap():
     for bad in (256, -1, 300, 1.5):
         with pytest.raises(UserError):
             resolve_overlap(256, bad)
+
+
+@pytest.mark.parametrize("width,panel_width", [(4096, 4096), (4096, 8192), (8000, 4096), (20000, 8192), (600, 48),
+                                               (150, 30)])
+def test_panels_tile_the_width_evenly_within_the_panel_width(width, panel_width):
+    """A scene at most a panel wide is one panel (no window runs twice); a wider one is cut into
+    the fewest panels of at most ``panel_width // stride`` window columns, shared out evenly."""
+    window, overlap = (512, 128) if width > 1000 else (32, 8)
+    grid = WindowGrid(64, width, window, overlap)
+    panels = grid.panels(panel_width)
+    assert [p.x0 for p in panels] == [0] + [p.x1 for p in panels[:-1]] and panels[-1].x1 == width
+    per = max(1, panel_width // grid.stride)
+    if width <= panel_width:
+        assert len(panels) == 1 and panels[0].col_starts == grid.col_starts
+        return
+    counts = [len(p.col_starts) for p in panels]
+    # each panel runs its own window columns plus at most one straddling column on each side
+    owned = [sum(1 for c in p.col_starts if p.x0 <= c + window // 2 < p.x1) for p in panels]
+    assert sum(owned) == len(grid.col_starts) and max(owned) <= per
+    assert len(panels) == -(-len(grid.col_starts) // per)  # as few panels as the bound allows
+    assert max(owned) - min(owned) <= 1  # shared out evenly: no narrow last panel
+    assert all(n <= o + 2 for n, o in zip(counts, owned, strict=True))
+    # every window column touching a panel's columns runs in that panel
+    for p in panels:
+        assert p.col_starts == [c for c in grid.col_starts if c < p.x1 and c + window > p.x0]
+
+
+def test_panels_none_is_one_panel():
+    grid = WindowGrid(64, 10000, 512, 64)
+    assert len(grid.panels(None)) == 1

@@ -149,7 +149,8 @@ def _register_bench_predict(group: typer.Typer) -> None:
         preset: str = typer.Option("tiny", "--preset", help="Model preset of the randomly initialised model."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
         window: int = typer.Option(512, "--window", help="Window size in pixels."),
-        overlap: float = typer.Option(0.125, "--overlap", help="Overlap: a fraction of the window or pixels."),
+        overlap: float = typer.Option(0.25, "--overlap", help="Overlap: a fraction of the window or pixels "
+                                      "(predict's default)."),
         batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the scenes are generated (default: a temp dir)."),
         head: str = typer.Option("linear", "--head", help="Segmentation head: linear | upernet | fpn."),

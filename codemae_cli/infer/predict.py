@@ -12,8 +12,9 @@ Stages (each a named piece a newcomer can open on its own):
 | check    | :meth:`PredictRequest.check`           | outputs, inputs, sizes: one sentence on bad input   |
 | layout   | ``infer/windows.py`` ``WindowGrid``    | window grid, vertical panels, tapers                |
 | read     | ``infer/strips.py`` ``StripReader``    | strips read, normalised, batched, in threads        |
-| model    | :func:`window_probs`                   | softmax (B, K, window, window), TTA flips           |
-| blend    | ``infer/blend.py`` ``BandAccumulator`` | tapered sums over an open band of rows              |
+| model    | :func:`window_logits`                  | the model's answers, TTA flips (the model's thread) |
+| blend    | ``infer/blend.py`` ``BandAccumulator`` | softmax, tapered sums over an open band of rows, in |
+|          | :meth:`ScenePredictor.blend_batch`     | a blend thread (``infer/stage.py`` ``Stage``)       |
 | write    | ``infer/writer.py`` ``PredictionWriter`` | class map + probabilities, in a writer thread     |
 | publish  | :func:`publish_outputs`                | COG copies, polygons, renames onto the outputs      |
 
@@ -51,11 +52,15 @@ from codemae_cli.infer.windows import WindowGrid, resolve_overlap
 
 Inputs = Literal["optical", "sar", "both"]
 
+#: Batches waiting for the blend stage at most (each holds the model's answers for one batch).
+BLEND_DEPTH = 2
+
 #: GDAL block cache (MB) while predicting, unless GDAL_CACHEMAX is set in the environment.
 GDAL_CACHE_MB = 256
 
 #: Default output columns per panel: the accumulator spans at most this plus about one window.
-PANEL_WIDTH = 4096
+#: A scene at most this wide is one panel (no window runs twice).
+PANEL_WIDTH = 8192
 
 
 @dataclass
@@ -171,13 +176,13 @@ def _device_precision(device, precision: str):
     return dev, torch.bfloat16 if use_bf16 else None
 
 
-def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
-    """Softmax probabilities (B, K, window, window) float32, averaged over flips with TTA."""
+def window_logits(model_fn, optical, sar, tta: bool, autocast_dtype) -> list[tuple[tuple[int, ...], object]]:
+    """The model's answer (B, K, h, w) for each flip of the inputs, as ``(flip dims, logits)``
+    (one entry without TTA): the model's share of the work, nothing after it."""
     import torch
-    import torch.nn.functional as F
 
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
-    total = None
+    outs = []
     for dims in flips:
         o = optical.flip(dims) if (optical is not None and dims) else optical
         s = sar.flip(dims) if (sar is not None and dims) else sar
@@ -186,6 +191,18 @@ def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype)
             logits = model_fn(o, s)
         if logits.ndim != 4:
             raise UserError("the model returns one score per image, not a segmentation map, so it cannot map a scene")
+        outs.append((dims, logits))
+    return outs
+
+
+def probs_from_logits(outs: list, window: int):
+    """Softmax probabilities (B, K, window, window) float32 from :func:`window_logits`' answers,
+    flipped back and averaged over the flips."""
+    import torch
+    import torch.nn.functional as F
+
+    total = None
+    for dims, logits in outs:
         if logits.shape[-2:] != (window, window):
             # heads that predict at a reduced resolution are upsampled to the window's pixels
             logits = F.interpolate(logits.float(), size=(window, window), mode="bilinear", align_corners=False)
@@ -193,7 +210,13 @@ def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype)
         if dims:
             p = p.flip(dims)
         total = p if total is None else total + p
-    return total / len(flips) if len(flips) > 1 else total
+    return total / len(outs) if len(outs) > 1 else total
+
+
+def window_probs(model_fn, optical, sar, window: int, tta: bool, autocast_dtype):
+    """Softmax probabilities (B, K, window, window) float32, averaged over flips with TTA: the
+    model and the softmax in one call, on the caller's thread."""
+    return probs_from_logits(window_logits(model_fn, optical, sar, tta, autocast_dtype), window)
 
 
 @dataclass(frozen=True)
@@ -220,21 +243,29 @@ def window_batches(rows: list[int], cols: list[int], batch_size: int) -> Iterato
 
 
 class ScenePredictor:
-    """Drives the panels: strips in, model, blended band, finished rows out to the writer."""
+    """Drives the panels: strips in, the model on this thread, blending and writing in stages beside it.
+
+    The model's thread only runs the model (:func:`window_logits`); each batch's answers go to the
+    blend stage (softmax, flips, tapered sums, finished rows), which hands finished rows to the
+    writer stage: three threads in a pipeline, each call in order, so the model never waits for
+    the work after it.
+    """
 
     def __init__(self, model_fn: Callable, req: PredictRequest, layout: WindowGrid, panels: list, reader, acc,
-                 writer, *, instrument: PredictStats):
+                 writer, blend, *, instrument: PredictStats):
         self.model_fn = model_fn
         self.req = req
         self.layout, self.panels = layout, panels
-        self.reader, self.acc, self.writer = reader, acc, writer
+        self.reader, self.acc, self.writer, self.blend = reader, acc, writer, blend
         self.st = instrument
 
     @classmethod
     def open(cls, model_fn: Callable, req: PredictRequest, scene, temps: list[Path], *, readers: int, tags,
              class_colors, instrument: PredictStats, stack: ExitStack) -> ScenePredictor:
-        """Layout, reader threads, writer thread and accumulator for an open scene (closed by ``stack``)."""
+        """Layout, reader threads, blend and writer stages and the accumulator for an open scene
+        (closed by ``stack``: the blend stage first, then the writer, then the readers)."""
         from codemae_cli.infer.blend import BandAccumulator
+        from codemae_cli.infer.stage import Stage
         from codemae_cli.infer.strips import StripReader
         from codemae_cli.infer.writer import PredictionWriter
 
@@ -248,43 +279,60 @@ class ScenePredictor:
         writer = PredictionWriter(req.out, scene.grid, temps, nodata=req.nodata, tags=tags,
                                   class_names=req.class_names, class_colors=class_colors)
         stack.callback(writer.abort)
+        blend = Stage("codemae-blend", depth=BLEND_DEPTH)
+        stack.callback(blend.abort)
         acc = BandAccumulator(layout, req.device, instrument=st)
-        return cls(model_fn, req, layout, panels, reader, acc, writer, instrument=st)
+        return cls(model_fn, req, layout, panels, reader, acc, writer, blend, instrument=st)
 
     def run_panels(self, progress: bool) -> None:
-        """Panels outer, row bands inner: the temporary GeoTIFF takes writes in any order."""
+        """Panels outer, row bands inner (the temporary GeoTIFF takes writes in any order); returns
+        once every row is blended and handed to the writer."""
         with ExitStack() as bar_stack:
             total = sum(len(self.layout.row_starts) * len(pn.col_starts) for pn in self.panels)
             advance = _progress(progress, total, bar_stack)
             for pn in self.panels:
                 self.run_panel(pn, advance)
+            self.blend.close()
 
     def run_panel(self, panel, advance: Callable[[int], None]) -> None:
-        self.acc.start_panel(panel)
+        self.blend.submit(self.acc.start_panel, panel)
         for batch in self.reader.panel_batches(panel, window_batches(self.layout.row_starts, panel.col_starts,
                                                                      self.req.batch_size)):
             self.run_batch(batch)
             advance(len(batch.windows))
-        for rows in self.acc.finish(self.layout.padded_height):
-            self.writer.put(rows)
+        self.blend.submit(self.finish_rows, self.layout.padded_height)
 
     def run_batch(self, batch) -> None:
-        """One :class:`~codemae_cli.infer.strips.BatchInputs`: finish the rows above it, run, blend."""
+        """One :class:`~codemae_cli.infer.strips.BatchInputs` through the model; its answers to the blend stage."""
         import torch
 
-        # every window of earlier window rows is done: the rows above this one are final
-        for rows in self.acc.finish(self.layout.row_starts[batch.windows[0].ri]):
-            self.writer.put(rows)
-        for s in batch.new_strips:
-            self.acc.place_valid(s.row, s.valid)
         with torch.inference_mode():
-            p = window_probs(self.model_fn, batch.x.get("optical"), batch.x.get("sar"), self.layout.window,
-                             self.req.tta, self.req.autocast_dtype)
-        if self.acc.classes is None:
-            self.first_answer(int(p.shape[1]))
-        self.acc.add(p, [(w.row, w.col) for w in batch.windows])
+            outs = window_logits(self.model_fn, batch.x.get("optical"), batch.x.get("sar"), self.req.tta,
+                                 self.req.autocast_dtype)
+        # only what blending needs travels on: the windows, the new strips' validity, the answers
+        valid = [(s.row, s.valid) for s in batch.new_strips]
+        self.blend.submit(self.blend_batch, batch.windows, valid, outs)
         self.st.batches += 1
         self.st.windows_run += len(batch.windows)
+
+    def blend_batch(self, windows: list[WindowAt], valid: list, outs: list) -> None:
+        """In the blend stage: finish the rows above the batch, place the validity, softmax, blend."""
+        import torch
+
+        with torch.inference_mode():
+            # every window of earlier window rows is done: the rows above this batch are final
+            self.finish_rows(self.layout.row_starts[windows[0].ri])
+            for row, ok in valid:
+                self.acc.place_valid(row, ok)
+            p = probs_from_logits(outs, self.layout.window)
+            if self.acc.classes is None:
+                self.first_answer(int(p.shape[1]))
+            self.acc.add(p, [(w.row, w.col) for w in windows])
+
+    def finish_rows(self, upto: int) -> None:
+        """Rows above ``upto`` are final: to the writer."""
+        for rows in self.acc.finish(upto):
+            self.writer.put(rows)
 
     def first_answer(self, k: int) -> None:
         """The model's class count is known: check it, allocate the band, open the probabilities."""
@@ -449,5 +497,5 @@ def scene_summary(req: PredictRequest, predictor: ScenePredictor, counts: np.nda
     }
 
 
-__all__ = ["PANEL_WIDTH", "PredictRequest", "PredictStats", "ScenePredictor", "predict_scene", "publish_outputs",
-           "scene_summary", "window_batches", "window_probs"]
+__all__ = ["PANEL_WIDTH", "PredictRequest", "PredictStats", "ScenePredictor", "predict_scene", "probs_from_logits",
+           "publish_outputs", "scene_summary", "window_batches", "window_logits", "window_probs"]

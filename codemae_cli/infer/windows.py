@@ -129,15 +129,18 @@ class WindowGrid:
         (``col_starts``), so each owned pixel gets exactly the windows it gets in one whole-width
         pass. Panel borders are placed at the centre of a window column: with an overlap of at most
         half a window only that one window column straddles a border and is computed twice.
-        ``panel_width`` (pixels, at least one stride) bounds the owned width; ``None`` or a scene
-        narrower than one panel gives a single panel, the whole width.
+        ``panel_width`` (pixels) bounds the owned width: a scene at most that wide is one panel
+        (``None``: always one); a wider one gets at most ``panel_width // stride`` window columns
+        per panel, in as few panels as that allows, with the columns shared out evenly (no narrow
+        last panel that would run its straddling windows twice for a few columns).
         """
         cols = self.col_starts
-        per = len(cols) if panel_width is None else max(1, int(panel_width) // self.stride)
-        bounds = [0]
-        for j in range(per, len(cols), per):
-            bounds.append(cols[j] + self.window // 2)  # < width: the last window ends at the edge
-        bounds.append(self.width)
+        n = 1
+        if panel_width is not None and self.width > panel_width:
+            per = max(1, int(panel_width) // self.stride)
+            n = -(-len(cols) // per)
+        firsts = [round(k * len(cols) / n) for k in range(1, n)]  # first window column of panels 2..n
+        bounds = [0, *(cols[j] + self.window // 2 for j in firsts), self.width]  # < width: the last window ends there
         out = []
         for x0, x1 in zip(bounds[:-1], bounds[1:], strict=True):
             pc = [c for c in cols if c < x1 and c + self.window > x0]

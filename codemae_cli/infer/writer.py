@@ -6,22 +6,22 @@
     counts = writer.close()                            # pixels per class id (256 bins)
 
 For each :class:`~codemae_cli.infer.blend.FinishedRows` the writer thread divides the weighted
-sums by the weight sums, builds the class map (:func:`class_map`), masks invalid input pixels with nodata, counts pixels per class and writes
-the rows with a windowed write; with probabilities it also writes them (uint8 ``p * 254`` or
-float32). The queue is bounded, so at most a few bands of rows wait in memory, and the model
-never waits for GDAL. An error in the thread is raised again by the next ``put`` or ``close``.
+sums by the weight sums, builds the class map (:func:`class_map`), masks invalid input pixels
+with nodata, counts pixels per class and writes the rows with a windowed write; with
+probabilities it also writes them (uint8 ``p * 254`` or float32). The thread is a
+:class:`~codemae_cli.infer.stage.Stage`: at most a few bands of rows wait in memory, nothing
+upstream waits for GDAL, and an error in the thread is raised again by the next ``put`` or ``close``.
 """
 
 from __future__ import annotations
 
 import json
-import queue
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from codemae_cli.infer.cog import TiledWriter, temp_sibling
+from codemae_cli.infer.stage import Stage
 
 #: Probabilities written as uint8 are ``round(p * PROB_SCALE)``; 255 stays free for nodata.
 PROB_SCALE = 254
@@ -85,10 +85,7 @@ class PredictionWriter:
         self.prob_tmp: Path | None = None
         self.prob_dtype = "uint8"
         self.counts = np.zeros(256, dtype=np.int64)
-        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_BANDS)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="codemae-write", daemon=True)
-        self._thread.start()
+        self._stage = Stage("codemae-write", depth=QUEUE_BANDS)
 
     def _temp(self, path: Path) -> Path:
         tmp = temp_sibling(path, ".part.tif")
@@ -112,56 +109,22 @@ class PredictionWriter:
 
     def put(self, rows) -> None:
         """Queue finished rows (None is ignored); waits while the queue is full."""
-        self._raise_thread_error()
         if rows is not None:
-            while True:
-                try:
-                    self._queue.put(rows, timeout=0.5)
-                    return
-                except queue.Full:  # the thread may have failed while we waited
-                    self._raise_thread_error()
+            self._stage.submit(self._write, rows)
 
     def close(self) -> np.ndarray:
         """Write what is queued, close the files; the pixels per class id (256 bins)."""
-        while self._thread.is_alive():
-            try:
-                self._queue.put(None, timeout=0.5)
-                break
-            except queue.Full:  # the thread may have failed with a full queue
-                continue
-        self._thread.join()
-        self._raise_thread_error()
+        self._stage.close()
         self._close_files()
         return self.counts
 
     def abort(self) -> None:
         """Stop after an error elsewhere: drop what is queued, close the files (the caller removes them)."""
-        self._error = self._error or _Aborted()
-        while self._thread.is_alive():
-            try:
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=0.1)
+        self._stage.abort()
         try:
             self._close_files()
         except Exception:  # closing after an error must not hide the error
             pass
-
-    def _drain(self) -> None:
-        try:
-            while True:
-                rows = self._queue.get()
-                if rows is None or self._error is not None:
-                    return
-                self._write(rows)
-        except BaseException as err:  # handed to the main thread by the next put/close
-            self._error = err
 
     def _write(self, rows) -> None:
         import torch
@@ -179,19 +142,10 @@ class PredictionWriter:
             q = probs.masked_fill_(~ok, float("nan"))
         self._prob.write_rows(rows.row, q.cpu().numpy(), col=rows.col)
 
-    def _raise_thread_error(self) -> None:
-        if self._error is not None and not isinstance(self._error, _Aborted):
-            err, self._error = self._error, _Aborted()
-            raise err
-
     def _close_files(self) -> None:
         for w in (self._cls, self._prob):
             if w is not None:
                 w.close()
-
-
-class _Aborted(Exception):
-    """Marks a writer that must stop (after an error, here or elsewhere)."""
 
 
 __all__ = ["PROB_SCALE", "PredictionWriter", "class_map", "colormap"]
