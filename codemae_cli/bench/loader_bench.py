@@ -107,14 +107,14 @@ def _raw_memmap_rate(chips, n: int) -> float:
     src = chips.sources[0]
     count = min(n, len(src.rows))
     for p in range(count):  # warm the page cache and the maps
-        np.array(src.array("optical", int(src.shard[p]))[int(src.offset[p])])
+        np.array(src.maps.array("optical", int(src.shard[p]))[int(src.offset[p])])
     t0 = time.perf_counter()
     done = 0
     while done < n:
         p = done % len(src.rows)
         k, off = int(src.shard[p]), int(src.offset[p])
-        np.array(src.array("optical", k)[off])
-        np.array(src.array("sar", k)[off])
+        np.array(src.maps.array("optical", k)[off])
+        np.array(src.maps.array("sar", k)[off])
         done += 1
     return done / max(time.perf_counter() - t0, 1e-9)
 

@@ -323,13 +323,44 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return view
 
 
+class ShardMaps:
+    """The memory maps of one dataset's shards, opened on first use and cached per process.
+
+    A DataLoader worker forked after a read reopens its own maps instead of sharing file
+    positions or handles with the parent; pickling (spawned workers) drops the cache.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def array(self, modality: str, k: int) -> np.ndarray:
+        """Shard ``k`` of ``modality`` (a read-only memory map)."""
+        if os.getpid() != self._pid:  # forked: do not reuse the parent's maps
+            self._maps, self._pid = {}, os.getpid()
+        arr = self._maps.get((modality, k))
+        if arr is None:
+            path = self.root / "shards" / shard_name(modality, k)
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                raise UserError(f"shard '{path}' is missing or corrupt; re-run `codemae prepare`") from None
+            self._maps[(modality, k)] = arr
+        return arr
+
+
 class PreparedDataset:
     """Read a directory written by ``codemae prepare`` (format version 1 or 2).
 
     ``read(i)`` returns float32 copies (optical, sar; NaN = nodata whatever the stored dtype)
-    and a uint8 label copy so callers may modify them or hand them to ``torch.from_numpy``. Shards are opened lazily with
-    ``np.load(mmap_mode="r")`` and cached per process: a DataLoader worker forked after a read
-    reopens its own maps instead of sharing file positions or handles with the parent.
+    and a uint8 label copy so callers may modify them or hand them to ``torch.from_numpy``.
+    Shards are memory-mapped on first use (:class:`ShardMaps`, per process).
     """
 
     def __init__(self, root: str | Path):
@@ -359,19 +390,13 @@ class PreparedDataset:
         self._chip_id = self.index["chip_id"].astype(str).to_numpy()
         self._split = self.index["split"].astype(str).to_numpy()
         self.has_labels = self.meta.get("labels") is not None
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
-        self._pid = os.getpid()
+        self.maps = ShardMaps(self.root)
 
     def __len__(self) -> int:
         return len(self._shard)
 
     def __getitem__(self, i: int) -> dict:
         return self.read(i)
-
-    def __getstate__(self):  # pickling for spawned workers: maps are reopened on demand
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        return state
 
     @property
     def shard_column(self) -> np.ndarray:
@@ -399,18 +424,6 @@ class PreparedDataset:
         classes = labels["classes"]
         return [classes[str(k)] for k in sorted(int(k) for k in classes)]
 
-    def _map(self, modality: str, k: int) -> np.ndarray:
-        if os.getpid() != self._pid:  # forked: do not reuse the parent's maps
-            self._maps = {}
-            self._pid = os.getpid()
-        key = (modality, k)
-        arr = self._maps.get(key)
-        if arr is None:
-            path = self.root / "shards" / shard_name(modality, k)
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            self._maps[key] = arr
-        return arr
-
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self._split == split)
 
@@ -423,15 +436,15 @@ class PreparedDataset:
         k, off = int(self._shard[i]), int(self._offset[i])
         valid = None
         if self.layout.optical_mask:
-            bits = self._map("optical_valid", k)[off, rows]
+            bits = self.maps.array("optical_valid", k)[off, rows]
             valid = np.unpackbits(bits, axis=-1, count=self.layout.tile)[:, cols]
-        optical = np.array(self._map("optical", k)[off, :, rows, cols], dtype=np.float32)
+        optical = np.array(self.maps.array("optical", k)[off, :, rows, cols], dtype=np.float32)
         if valid is not None:
             optical[:, valid == 0] = np.nan
         return {
             "optical": optical,
-            "sar": self.layout.decode_sar(self._map("sar", k)[off, :, rows, cols]),
-            "label": np.array(self._map("label", k)[off, rows, cols], dtype=np.uint8) if self.has_labels else None,
+            "sar": self.layout.decode_sar(self.maps.array("sar", k)[off, :, rows, cols]),
+            "label": np.array(self.maps.array("label", k)[off, rows, cols], dtype=np.uint8) if self.has_labels else None,
             "chip_id": str(self._chip_id[i]),
             "split": str(self._split[i]),
         }
