@@ -79,8 +79,10 @@ def test_vector_reference_with_class_column(tmp_path):
     v = tmp_path / "ref.gpkg"
     gdf.to_file(v)
     m = evaluate_raster(p, v, label_column="cls")
-    # only pixels inside polygons are scored: 100 of class 1 (all right), 100 of class 2 (50 right)
-    assert m["confusion"] == [[0, 0, 0], [0, 100, 0], [50, 0, 50]]
+    # read as prepare reads vector labels: pixels outside every polygon are background (0), so
+    # 200 of class 0 (all right), 100 of class 1 (all right), 100 of class 2 (50 right)
+    assert m["pixels"] == 400 and m["classes"] == ["background", "class_1", "class_2"]
+    assert m["confusion"] == [[200, 0, 0], [0, 100, 0], [50, 0, 50]]
     # footprints without a column: inside = 1, outside = 0, everywhere on the grid
     binary = _write(tmp_path / "binary.tif", (pred == 1).astype(np.uint8))
     m = evaluate_raster(binary, v)
@@ -139,7 +141,7 @@ def test_bad_inputs_are_one_sentence_errors(tmp_path):
     cases = [
         (["--pred", str(p), "--ref", str(far)], "does not overlap"),
         (["--pred", str(flt), "--ref", str(p)], "floating-point"),
-        (["--pred", str(p), "--ref", str(empty)], "no geometries"),
+        (["--pred", str(p), "--ref", str(empty)], "has no features"),
         (["--pred", str(p), "--ref", str(poly), "--label-column", "cls"], "no column 'cls'"),
         (["--pred", str(tmp_path / "nope.tif"), "--ref", str(p)], "does not exist"),
         (["--pred", str(p)], "--ref"),

@@ -105,11 +105,41 @@ def test_label_raster_warped_nearest_with_nodata(tmp_path, pair):
 def test_label_errors(tmp_path, pair):
     gdf = gpd.GeoDataFrame({"name": ["x"]}, geometry=[box(500001, 5599990, 500005, 5599995)], crs="EPSG:32631")
     gdf.to_file(tmp_path / "l.gpkg")
-    with pytest.raises(UserError, match="no column 'class'"):
-        VectorLabels(tmp_path / "l.gpkg", None, None, "EPSG:32631")
+    with pytest.raises(UserError, match="no column 'kind'"):
+        VectorLabels(tmp_path / "l.gpkg", "kind", None, "EPSG:32631")
+    # no class column named and no 'class' column: footprints, inside = 1
+    v = VectorLabels(tmp_path / "l.gpkg", None, None, "EPSG:32631")
+    assert v.column is None and v.names == ["background", "foreground"] and v.gdf["_code"].tolist() == [1]
+    with pytest.raises(UserError, match="need two class names"):
+        VectorLabels(tmp_path / "l.gpkg", None, ["building"], "EPSG:32631")
     with pytest.raises(UserError, match="not one of --classes"):
         VectorLabels(tmp_path / "l.gpkg", "name", ["background", "y", "z"], "EPSG:32631")
     with pytest.raises(UserError):
         parse_classes("a,,b")
     with pytest.raises(UserError):
         parse_classes("a,a")
+
+
+def test_evaluate_reads_a_vector_reference_as_prepare_rasterises_it(tmp_path, pair):
+    """One reader of vector labels: a prediction equal to prepare's labels scores perfectly when
+    evaluated against the same vector file with the same options, over the whole grid (pixels
+    outside every polygon are background in both), whatever the file's CRS."""
+    from codemae_cli.tasks.evaluate import evaluate_raster
+
+    x0, y0 = 500000.0, 5600000.0
+    gdf = gpd.GeoDataFrame({"class": ["building", "water", "building"]},
+                           geometry=[box(x0 + 10.3, y0 - 12, x0 + 30, y0 - 4.6), box(x0, y0 - 50, x0 + 8, y0 - 40),
+                                     box(x0 + 40, y0 - 30, x0 + 52.5, y0 - 20)],
+                           crs="EPSG:32631").to_crs("EPSG:4326")
+    gdf.to_file(tmp_path / "lab.gpkg")
+    grid = reference_grid([open_source(pair[0], "o")])
+    names = ["background", "building", "water"]
+    for column, classes in (("class", names), ("class", None), (None, names)):
+        labels = VectorLabels(tmp_path / "lab.gpkg", column, classes, grid.crs_wkt)
+        assert list(labels.classes.values()) == names
+        trained = labels.rasterize(grid, 0, 0, 64, 64)
+        assert set(np.unique(trained)) == {0, 1, 2}
+        pred = _raster(tmp_path / "pred.tif", trained, nodata=255)
+        m = evaluate_raster(pred, tmp_path / "lab.gpkg", label_column=column, classes=classes)
+        assert m["classes"] == names and m["pixels"] == 64 * 64
+        assert m["miou"] == 1.0, (column, classes, m["confusion"])

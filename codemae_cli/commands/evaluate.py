@@ -31,7 +31,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             None, "--ref", help="Reference labels: a raster (warped onto the prediction grid, nearest) or a vector file."
         ),
         label_column: Optional[str] = typer.Option(
-            None, "--label-column", help="Vector attribute holding class ids or names (default: footprints = class 1)."
+            None, "--label-column", help="Vector attribute holding class ids or names, read as prepare reads labels (default: class; a file without it holds footprints = class 1)."
         ),
         classes: Optional[str] = typer.Option(
             None, "--classes", help="Comma-separated class names in id order (default: from the raster tags)."

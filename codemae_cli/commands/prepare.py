@@ -113,7 +113,7 @@ def _register_prepare(group: typer.Typer) -> None:
         ),
         min_valid: float = typer.Option(0.5, "--min-valid", help="Keep a chip only if at least this fraction is valid in BOTH modalities."),
         labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: a vector file (with --label-column) or a label raster."),
-        label_column: Optional[str] = typer.Option(None, "--label-column", help="Class column of a vector label file (default: class)."),
+        label_column: Optional[str] = typer.Option(None, "--label-column", help="Class column of a vector label file (default: class; a file without it holds footprints = class 1)."),
         classes: Optional[str] = typer.Option(None, "--classes", help="Class names by code, e.g. background,building."),
         label_nodata: Optional[str] = typer.Option(
             None, "--label-nodata",

@@ -1,8 +1,10 @@
 """Labels on the chip grid: vector files rasterised, or a label raster warped with nearest.
 
-Vector labels: every feature is burnt with the integer code of its class column value
-(``geo.rasterize_shapes``, pixel centres inside the polygon); pixels covered by no
-feature are class 0 ("background"); later features win where features overlap.
+Vector labels (:class:`VectorLabels`, the one reader: prepare's labels and evaluate's reference):
+every feature is burnt with the integer code of its class column value (``geo.rasterize_shapes``,
+pixel centres inside the polygon); pixels covered by no feature are class 0 ("background");
+later features win where features overlap. The class column is ``--label-column``, by default
+``class``; a file without that default column holds footprints (inside = class 1).
 
 * numeric column: values are the codes (0..254); names from ``--classes`` (one per code)
   or ``class_<code>``;
@@ -48,17 +50,37 @@ def is_vector(path: str | Path) -> bool:
     return Path(path).suffix.lower() in VECTOR_SUFFIXES
 
 
-class VectorLabels:
-    """A vector label file, re-projected to the grid CRS, with integer class codes."""
+DEFAULT_COLUMN = "class"
 
-    def __init__(self, path: str | Path, column: Optional[str], classes: Optional[list[str]], crs_wkt: str):
+
+class VectorLabels:
+    """A vector label file, re-projected to the grid CRS, with integer class codes.
+
+    The one reader of vector labels: prepare's ``--labels`` and evaluate's ``--ref`` both read
+    through it, so a file means the same pixels to both. ``column``: the class column; None
+    takes ``class`` when the file has one, else the features are footprints (inside = class 1,
+    named by ``classes[1]`` or "foreground"). ``what`` names the file in messages.
+    """
+
+    def __init__(self, path: str | Path, column: Optional[str], classes: Optional[list[str]], crs_wkt: str,
+                 what: str = "label file"):
         self.path = Path(path)
-        self.column = column or "class"
-        gdf = _read_features(self.path, self.column)
-        codes, names = _class_codes(gdf[self.column], self.column, classes)
+        gdf = _read_features(self.path, what)
+        if column is None and DEFAULT_COLUMN in gdf.columns:
+            column = DEFAULT_COLUMN
+        self.column = column
+        if column is None:  # footprints (buildings, water bodies ...)
+            codes, names = np.ones(len(gdf), dtype=np.int64), _footprint_classes(classes)
+        else:
+            gdf = _with_values(gdf, self.path, column, what)
+            codes, names = _class_codes(gdf[column], column, classes)
         self.classes = {str(k): n for k, n in enumerate(names)}
         gdf = gdf.assign(_code=codes)[["_code", "geometry"]].to_crs(crs_wkt)
         self.gdf = gdf.reset_index(drop=True)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.classes.values())
 
     def rasterize(self, grid: Grid, row: int, col: int, height: int, width: int) -> np.ndarray:
         """uint8 codes on the grid window; 0 where no feature."""
@@ -69,28 +91,45 @@ class VectorLabels:
         return rasterize_shapes(shapes, grid, row, col, height, width, fill=0, dtype=np.uint8)
 
 
-def _read_features(path: Path, column: str):
-    """The features of a vector label file that have a geometry and a ``column`` value."""
+def _read_features(path: Path, what: str):
+    """The features of a vector file that have a geometry (a CRS is required)."""
     import geopandas as gpd
 
     if not path.exists():
-        raise UserError(f"label file '{path}' does not exist")
+        raise UserError(f"{what} '{path}' does not exist")
     try:
         gdf = gpd.read_file(path)
     except Exception:  # pyogrio raises several types for unreadable files
-        raise UserError(f"label file '{path}' is not a readable vector file") from None
+        raise UserError(f"{what} '{path}' is not a readable vector file") from None
     if len(gdf) == 0:
-        raise UserError(f"label file '{path}' has no features")
+        raise UserError(f"{what} '{path}' has no features")
     if gdf.crs is None:
-        raise UserError(f"label file '{path}' has no CRS")
+        raise UserError(f"{what} '{path}' has no CRS")
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if len(gdf) == 0:
+        raise UserError(f"{what} '{path}' has no features with a geometry")
+    return gdf
+
+
+def _with_values(gdf, path: Path, column: str, what: str):
+    """The features that have a ``column`` value."""
     if column not in gdf.columns:
         cols = ", ".join(c for c in gdf.columns if c != "geometry")
-        raise UserError(f"label file '{path}' has no column '{column}' (choose one with --label-column: {cols})")
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+        raise UserError(f"{what} '{path}' has no column '{column}' (choose one with --label-column: {cols})")
     gdf = gdf[gdf[column].notna()]
     if len(gdf) == 0:
-        raise UserError(f"label file '{path}' has no features with a geometry and a '{column}' value")
+        raise UserError(f"{what} '{path}' has no features with a geometry and a '{column}' value")
     return gdf
+
+
+def _footprint_classes(classes: Optional[list[str]]) -> list[str]:
+    """Class names of footprints: code 0 outside, code 1 inside."""
+    if classes is None:
+        return ["background", "foreground"]
+    if len(classes) < 2:
+        raise UserError("footprints (a vector file without a class column) need two class names: "
+                        "the background and the footprints' class")
+    return list(classes)
 
 
 def _class_codes(values, column: str, classes: Optional[list[str]]) -> tuple[np.ndarray, list[str]]:

@@ -27,8 +27,6 @@ from codemae_cli.tasks.metrics import (
     segmentation_metrics,
 )
 
-VECTOR_SUFFIXES = {".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".gml", ".kml"}
-
 
 # --------------------------------------------------------------------------------------------
 # model evaluation (shared with fine-tuning's validation)
@@ -233,10 +231,12 @@ def _reference_on_grid(ref: Path, grid, nodata_value: int, label_column: Optiona
     """The reference as int32 labels on the prediction's grid; ``nodata_value`` where unknown.
 
     A raster reference is read like prepare reads label rasters (directly when on the grid,
-    else nearest resampling); a vector reference is rasterised like prepare's vector labels.
+    else nearest resampling); a vector reference is read and rasterised by prepare's reader.
     """
-    if ref.suffix.lower() in VECTOR_SUFFIXES:
-        return _rasterise_reference(ref, grid, nodata_value, label_column, class_names)
+    from codemae_cli.data.labels import is_vector
+
+    if is_vector(ref):
+        return _rasterise_reference(ref, grid, label_column, class_names)
     from rasterio.warp import transform_bounds
 
     from codemae_cli.data.geo import Grid, read_on_grid, resampling_kernel
@@ -261,55 +261,15 @@ def _reference_on_grid(ref: Path, grid, nodata_value: int, label_column: Optiona
     return dst, names
 
 
-def _rasterise_reference(ref: Path, grid, nodata_value, label_column, class_names):
-    import geopandas as gpd
+def _rasterise_reference(ref: Path, grid, label_column: Optional[str], class_names: Optional[list[str]]):
+    """A vector reference on the prediction's grid, read as prepare reads vector labels
+    (:class:`~codemae_cli.data.labels.VectorLabels`): the same file means the same pixels."""
+    from codemae_cli.data.labels import VectorLabels
 
-    from codemae_cli.data.geo import rasterize_shapes
-
-    if not ref.is_file():
-        raise UserError(f"reference vector file '{ref}' does not exist")
-    try:
-        gdf = gpd.read_file(ref)
-    except Exception:
-        raise UserError(f"reference '{ref}' cannot be read as a vector file") from None
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
-    if len(gdf) == 0:
-        raise UserError(f"reference vector file '{ref}' holds no geometries")
-    if gdf.crs is None:
-        raise UserError(f"reference vector file '{ref}' has no CRS")
-    gdf = gdf.to_crs(grid.crs)
-    if not _overlap(tuple(gdf.total_bounds), grid.bounds):
+    labels = VectorLabels(ref, label_column, class_names, grid.crs_wkt, what="reference")
+    if not _overlap(tuple(labels.gdf.total_bounds), grid.bounds):
         raise UserError(f"reference '{ref}' does not overlap the prediction")
-    names = None
-    if label_column is None:
-        # Footprints (buildings, water bodies...): inside = class 1, outside = class 0.
-        values = np.ones(len(gdf), dtype=np.int32)
-        names = class_names if class_names and len(class_names) == 2 else ["background", "foreground"]
-        fill = 0
-    else:
-        if label_column not in gdf.columns:
-            cols = ", ".join(c for c in gdf.columns if c != "geometry")
-            raise UserError(f"reference '{ref}' has no column '{label_column}' (columns: {cols})")
-        col = gdf[label_column]
-        if col.isna().any():
-            raise UserError(f"column '{label_column}' of '{ref}' has empty values")
-        if np.issubdtype(col.dtype, np.number):
-            vals = col.to_numpy()
-            if not np.all(np.equal(np.mod(vals, 1), 0)) or vals.min() < 0:
-                raise UserError(f"column '{label_column}' of '{ref}' must hold class ids (non-negative integers) or class names")
-            values = vals.astype(np.int32)
-        else:
-            if not class_names:
-                raise UserError(f"column '{label_column}' of '{ref}' holds names; give the class order with --classes")
-            lookup = {n.lower(): i for i, n in enumerate(class_names)}
-            unknown = sorted({str(v) for v in col if str(v).lower() not in lookup})
-            if unknown:
-                raise UserError(f"class name(s) {', '.join(unknown[:5])} in '{ref}' are not among {', '.join(class_names)}")
-            values = np.array([lookup[str(v).lower()] for v in col], dtype=np.int32)
-        # Pixels outside every polygon are unknown, unless class 0 is a background class.
-        fill = nodata_value
-    shapes = ((g, int(v)) for g, v in zip(gdf.geometry, values, strict=True))
-    return rasterize_shapes(shapes, grid, fill=fill, dtype=np.int32), names
+    return labels.rasterize(grid, 0, 0, grid.height, grid.width).astype(np.int32), labels.names
 
 
 def _overlap(a, b) -> bool:
