@@ -139,7 +139,7 @@ def test_evaluate_reads_a_vector_reference_as_prepare_rasterises_it(tmp_path, pa
         assert list(labels.classes.values()) == names
         trained = labels.rasterize(grid, 0, 0, 64, 64)
         assert set(np.unique(trained)) == {0, 1, 2}
-        pred = _raster(tmp_path / "pred.tif", trained, nodata=255)
+        pred = write_raster(tmp_path / "pred.tif", trained, nodata=255)
         m = evaluate_raster(pred, tmp_path / "lab.gpkg", label_column=column, classes=classes)
         assert m["classes"] == names and m["pixels"] == 64 * 64
         assert m["miou"] == 1.0, (column, classes, m["confusion"])
