@@ -23,36 +23,6 @@ import numpy as np
 from codemae_cli.errors import UserError
 
 
-def write_bench_dataset(root, n_chips: int = 256, tile: int = 256, optical_dtype: str = "uint8",
-                        seed: int = 0) -> Path:
-    """A prepared dataset of random chips (3 optical bands that look like 8-bit imagery, 2 SAR
-    bands in dB) written by the format's one writer, all in the train split."""
-    from shapely.geometry import box
-
-    from codemae_cli.data.shards import ShardLayout, ShardWriter, finish_dataset
-
-    root = Path(root)
-    layout = ShardLayout.for_source(optical_dtype, tile=tile, optical_bands=3, sar_bands=2, labels=False)
-    writer = ShardWriter(root / "shards", layout, shard_size=256)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32) / tile
-    rows, geoms = [], []
-    for i in range(n_chips):
-        base = np.sin(6 * xx + rng.uniform(0, 6.28)) * np.cos(5 * yy + rng.uniform(0, 6.28))
-        opt = np.clip(np.rint(np.stack([80 + 20 * b + 60 * base + rng.normal(0, 10, base.shape) for b in range(3)])),
-                      0, 255).astype(np.float32)
-        sar = np.stack([-12 - 5 * b + 4 * base + rng.normal(0, 2, base.shape) for b in range(2)]).astype(np.float32)
-        part, offset = writer.write(opt, sar, train=True)
-        rows.append({"chip_id": f"bench_{i:05d}", "row": 0, "col": i * tile, "valid_optical": 1.0, "valid_sar": 1.0,
-                     "valid_joint": 1.0, "split": "train", "shard": part, "offset": offset})
-        geoms.append(box(i * tile, 0, (i + 1) * tile, tile))
-    finish_dataset(root, layout, writer.close(), rows, geoms, "EPSG:32631", writer.stats, {
-        "stride": tile, "res": [1.0, 1.0], "paired": True,
-        "optical": {"bands": ["B1", "B2", "B3"], "source_dtype": optical_dtype, "nodata": None},
-        "sar": {"bands": ["VV", "VH"], "input_scale": "db"}, "labels": None, "synthetic": True})
-    return root
-
-
 def _children_cpu_seconds() -> float | None:
     """CPU seconds used so far by the live child processes (loader workers); Linux only."""
     import os
@@ -152,6 +122,7 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
 
     import torch
 
+    from codemae_cli.bench.synthetic import write_synthetic_dataset
     from codemae_cli.data.dataset import PairedBatchSampler, PairedChips, build_loader
 
     workers = workers if workers is not None else [0, 1, 2, 4]
@@ -162,7 +133,7 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
         tmp = tempfile.TemporaryDirectory(prefix="codemae-loader-bench-")
         echo(f"writing a synthetic dataset of {chips} chips ({tile} px, 3 uint8 optical + 2 SAR bands in 1/256 dB) "
              f"to {tmp.name} ...")
-        root = write_bench_dataset(Path(tmp.name) / "data", n_chips=chips, tile=tile)
+        root = write_synthetic_dataset(Path(tmp.name) / "data", n_chips=chips, tile=tile, shard_size=256)
     else:
         root = Path(dataset)
     try:
@@ -201,4 +172,4 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
             tmp.cleanup()
 
 
-__all__ = ["run_loader_bench", "write_bench_dataset"]
+__all__ = ["run_loader_bench"]
