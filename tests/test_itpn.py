@@ -98,6 +98,43 @@ def test_masked_forward_uses_the_reference_resampled_table():
     assert not torch.allclose(as_map, plain)
 
 
+def test_the_resampled_table_follows_every_change_of_the_table():
+    """The masked forward's resampled table is computed once per grid, yet always equals the
+    resampling of the table as it is now: changed in place, loaded, cast, or learnable."""
+    from codemae_cli.model.itpn import reference_pos_embed
+
+    torch.manual_seed(0)
+    enc = build_encoder(itpn_cfg(), 4, 2)
+    grid = enc.grid
+
+    def expected():
+        return reference_pos_embed(enc.absolute_pos_embed, enc.grid, grid)
+
+    with torch.inference_mode():  # asked first under inference mode (analysis), then trained
+        torch.testing.assert_close(enc.pos_embed(grid, masked=True), expected(), rtol=0, atol=0)
+    opt = random_pair(B=2)[0]
+    ids = torch.stack([torch.randperm(16)[:4] for _ in range(2)])
+    enc.forward_masked([("optical", opt)], ids)[0][0].sum().backward()
+    with torch.no_grad():
+        enc.absolute_pos_embed.mul_(2.0)  # in place: same storage, new values
+    torch.testing.assert_close(enc.pos_embed(grid, masked=True), expected(), rtol=0, atol=0)
+    other = build_encoder(itpn_cfg(), 4, 2)
+    with torch.no_grad():
+        other.absolute_pos_embed.add_(1.0)
+    enc.load_state_dict(other.state_dict())
+    torch.testing.assert_close(enc.pos_embed(grid, masked=True), expected(), rtol=0, atol=0)
+    enc.double()
+    assert enc.pos_embed(grid, masked=True).dtype == torch.float64
+    torch.testing.assert_close(enc.pos_embed(grid, masked=True), expected(), rtol=0, atol=0)
+    # other grids (crops of another size) each get their own resampling
+    assert enc.pos_embed((3, 5), masked=True).shape == (1, 15, enc.embed_dim)
+    # a learnable table is resampled every time, so its gradient flows
+    learnable = build_encoder(itpn_cfg(pos_embed="learnable"), 4, 2)
+    for _ in range(2):
+        learnable.forward_masked([("optical", opt)], ids)[0][0].sum().backward()
+    assert learnable.absolute_pos_embed.grad is not None and learnable.absolute_pos_embed.grad.any()
+
+
 def test_pyramid_and_layer_features_any_size():
     enc = build_encoder(itpn_cfg(), 4, 2).eval()
     opt, sar = random_pair(B=2, size=48)

@@ -160,6 +160,7 @@ class ITPNEncoder(EncoderBase):
         )
         # Fixed sin-cos table, but stored: a checkpoint carries the values it was trained with.
         self.register_buffer("absolute_pos_embed", sincos_pos_embed(embed_dim, *self.grid))  # (1, N, D)
+        self._pos_cache: dict = {}  # grid -> (key, resampled table): see pos_embed
         n_blocks = 2 * mlp_depth + depth
         dpr = iter([drop_path * i / max(n_blocks - 1, 1) for i in range(n_blocks)])  # grows with depth
         blocks: list[nn.Module] = [MlpBlock(d4, bridge_mlp_ratio, next(dpr)) for _ in range(mlp_depth)]
@@ -196,10 +197,27 @@ class ITPNEncoder(EncoderBase):
         return x[:, :, 0, 0, :], early
 
     def pos_embed(self, grid: tuple[int, int], masked: bool) -> torch.Tensor:
-        """(1, h*w, D) positions for ``grid``; masked forwards use the reference's resampled table."""
+        """(1, h*w, D) positions for ``grid``; masked forwards use the reference's resampled table.
+
+        The fixed table's resampling is cached per grid: it is the same every step. The key holds
+        the table's storage, device, dtype and version counter, so moving the model, casting it or
+        loading weights (an in-place copy) invalidates it. A learnable table (``model.pos_embed:
+        learnable``) is resampled every time, so that its gradient flows; so is a traced one
+        (torch.compile folds the fixed table's resampling into the graph).
+        """
+        table = self.absolute_pos_embed
         if not masked and tuple(grid) == self.grid:
-            return self.absolute_pos_embed
-        return reference_pos_embed(self.absolute_pos_embed, self.grid, grid)
+            return table
+        if table.requires_grad or torch.compiler.is_compiling():
+            return reference_pos_embed(table, self.grid, grid)
+        key = (tuple(grid), table.device, table.dtype, table.data_ptr(), table._version)
+        cached = self._pos_cache.get(tuple(grid))
+        if cached is None or cached[0] != key:
+            # Not an inference tensor even when first asked under inference_mode: training reuses it.
+            with torch.inference_mode(False), torch.no_grad():
+                cached = (key, reference_pos_embed(table, self.grid, grid))
+            self._pos_cache[tuple(grid)] = cached
+        return cached[1]
 
     def forward_neck(self, x: torch.Tensor, early: list[torch.Tensor]) -> list[torch.Tensor]:
         """Trunk tokens (B, n, D) + lateral tokens -> [(B, n, 1, 1, F), (B, n, 2, 2, F), (B, n, 4, 4, F)]."""
