@@ -94,6 +94,39 @@ def test_normalisation_nodata_and_validation_mode(tmp_path):
     assert resized["optical"].shape == (3, 16, 16) and torch.isfinite(resized["sar"]).all()
 
 
+def test_augmentation_is_bilinear_resize_of_the_flipped_window(tmp_path):
+    """Each item is F.interpolate (bilinear, half-pixel centres; antialiased beyond 1.5x
+    shrinking) of its normalised, nodata-filled crop window, flipped left-right when drawn so:
+    whatever kernels the loader runs, the geometry and values are those."""
+    import torch.nn.functional as F
+
+    root = make_synthetic_dataset(tmp_path / "d", n_chips=3, tile=48, nodata_fraction=0.25,
+                                  optical_nodata_fraction=0.2)
+    chips = PairedChips([root], "train", img_size=24)  # crops over 36 px take the antialiased kernel
+    src, raw = chips.sources[0], PreparedDataset(root)
+    kinds = Counter()
+    for i in range(len(chips)):
+        chip = raw.read(int(src.rows[i]))
+        stacked = np.concatenate([chip["optical"], chip["sar"]])                        # (C, 48, 48), NaN nodata
+        for seed in range(8):
+            win = chips._window(i, seed)
+            top, left, h, w = win.box
+            x = torch.from_numpy(src.norm.apply(stacked[:, top:top + h, left:left + w]))
+            valid = torch.from_numpy(np.isfinite(stacked[:, top:top + h, left:left + w]).all(0))
+            if win.flip:
+                x, valid = x.flip(-1), valid.flip(-1)
+            aa = h > 36 or w > 36
+            kinds[(aa, win.flip)] += 1
+            exp = F.interpolate(x[None], size=(24, 24), mode="bilinear", align_corners=False, antialias=aa)[0]
+            exp_valid = F.interpolate(valid[None, None].float(), size=(24, 24), mode="bilinear",
+                                      align_corners=False)[0, 0] > 0.5
+            item = chips[(i, seed)]
+            torch.testing.assert_close(item["optical"], exp[:3], rtol=0, atol=1e-5)
+            torch.testing.assert_close(item["sar"], exp[3:], rtol=0, atol=1e-5)
+            assert torch.equal(item["valid"], exp_valid)
+    assert len(kinds) == 4, f"every kernel and flip case should occur: {kinds}"
+
+
 def test_sampler_shards_ranks_epochs_and_resume(tmp_path):
     root = make_synthetic_dataset(tmp_path / "d", n_chips=20, tile=16)
     chips = PairedChips([root], "train", img_size=16)

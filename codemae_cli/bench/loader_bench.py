@@ -72,6 +72,18 @@ def _time_loader(loader, max_batches: int, warmup: int) -> tuple[float, float | 
     return n_items / max(dt, 1e-9), cpu_rate, n_items
 
 
+PREFETCH = 4  # batches in flight per worker
+
+
+def _warmup_batches(workers: int, prefetch: int) -> int:
+    """Batches served before timing: 2, plus for each worker as many as it has reusable batch
+    buffers, so the timing sees the steady state where a worker reuses its shared-memory
+    buffers instead of the one-off first touch of new ones."""
+    from codemae_cli.data.dataset import pool_slots
+
+    return 2 + workers * pool_slots(prefetch)
+
+
 def _raw_memmap_rate(chips, n: int) -> float:
     """Baseline: whole-chip copies straight from the memory maps (no augmentation)."""
     src = chips.sources[0]
@@ -144,6 +156,9 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
              f"crops, batch {bs}, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
         base = _raw_memmap_rate(base_chips, n=max(200, bs * 4))
         echo(f"baseline  raw memmap whole-chip read, no augmentation: {base:,.0f} pairs/s")
+        echo(f"timing {batches} batches after {_warmup_batches(0, PREFETCH)} warm-up batches in the main process, "
+             f"{_warmup_batches(1, PREFETCH)} with 1 worker, +{_warmup_batches(1, PREFETCH) - 2} per further worker "
+             "(until each worker's reusable batch buffers exist)")
         results: dict = {"baseline_raw_pairs_per_s": base}
         for mode in modes:
             ds = PairedChips([root], "train", img_size=img_size, train=True, augment_on=mode)
@@ -151,10 +166,11 @@ def run_loader_bench(dataset: str | None = None, workers: list[int] | None = Non
             what = ("crop+flip+normalise+resize in the loader" if mode == "loader"
                     else "tile copy in the loader; augmentation on the device")
             for w in workers:
+                warmup = _warmup_batches(w, PREFETCH)
                 sampler = PairedBatchSampler(ds, bs, shuffle=True, seed=0,
-                                             num_samples=max(len(ds), bs * (batches + 4 + 2 * w)))
-                loader = build_loader(ds, sampler, num_workers=w, pin_memory=False, prefetch_factor=4)
-                rate, cpu_rate, n = _time_loader(loader, batches, warmup=max(2, 2 * w))
+                                             num_samples=max(len(ds), bs * (batches + warmup + PREFETCH * w + 2)))
+                loader = build_loader(ds, sampler, num_workers=w, pin_memory=False, prefetch_factor=PREFETCH)
+                rate, cpu_rate, n = _time_loader(loader, batches, warmup=warmup)
                 del loader
                 results[mode][w] = {"pairs_per_s": rate, "pairs_per_cpu_s": cpu_rate}
                 label = "main process" if w == 0 else f"{w} worker{'s' if w > 1 else ''}"

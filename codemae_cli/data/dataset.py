@@ -417,8 +417,9 @@ class PairedChips:
                 n = part.shape[0]
                 torch._C._nn._upsample_bilinear2d_aa(torch.from_numpy(part).view(n, 1, h, w), [S, S], False,
                                                      None, None, out=torch.from_numpy(out).view(n, 1, S, S))
-        else:
-            self._resize_separable(x, win.flip, opt, sar)
+        else:  # one modality at a time: the scratch planes then stay in the core's cache
+            self._resize_separable(x[:co], win.flip, opt)
+            self._resize_separable(x[co:], win.flip, sar)
         if v is not None:
             vt = torch.from_numpy(np.ascontiguousarray(v[:, ::-1]) if win.flip else v)
             if resize:
@@ -433,27 +434,26 @@ class PairedChips:
                 lab = torch.nn.functional.interpolate(lab[None, None], size=(S, S), mode="nearest-exact")[0, 0]
             label.copy_(lab)                                                              # (S, S) int64
 
-    def _resize_separable(self, x: np.ndarray, flip: bool, opt: np.ndarray, sar: np.ndarray) -> None:
-        """Bilinear resize (``align_corners=False``, as ``F.interpolate``) of the normalised crop
-        ``x`` (C, h, w), flipped left-right when ``flip``, into the batch slots ``opt`` and ``sar``.
+    def _resize_separable(self, x: np.ndarray, flip: bool, out: np.ndarray) -> None:
+        """Bilinear resize (``align_corners=False``, as ``F.interpolate``) of the bands ``x``
+        (n, h, w), flipped left-right when ``flip``, into the batch slot ``out`` (n, S, S).
 
         Two one-axis passes of torch's channels-last kernel (:func:`_resize_rows`), each with
         the rows of a plane as its vector lanes; the flip is folded into the transpose before the
-        first pass (a reversed read), and the second pass writes the batch slots directly. About
-        half the time of torch's planar kernel on this data (docs/performance.md); the values
-        agree with it to float rounding (a few 1e-7 of the normalised value).
+        first pass (a reversed read), and the second pass writes the batch slot directly. About
+        half the time of torch's planar kernel here (docs/performance.md); the values agree with
+        it to float rounding (a few 1e-7 of the normalised value).
         """
-        c, h, w = x.shape
-        S, co = opt.shape[-1], opt.shape[0]
-        xt = x.transpose(0, 2, 1)                                                         # (C, w, h) view
-        t = self._scratch("t", c * w * h, np.float32).reshape(c, w, h)
+        n, h, w = x.shape
+        S = out.shape[-1]
+        xt = x.transpose(0, 2, 1)                                                         # (n, w, h) view
+        t = self._scratch("t", n * w * h, np.float32).reshape(n, w, h)
         np.copyto(t, xt[:, ::-1] if flip else xt)                                         # columns as rows
-        y = self._scratch("y", c * S * h, np.float32).reshape(c, S, h)
+        y = self._scratch("y", n * S * h, np.float32).reshape(n, S, h)
         _resize_rows(t, y)                                                                # along the columns
-        t = self._scratch("t", c * h * S, np.float32).reshape(c, h, S)
-        np.copyto(t, y.transpose(0, 2, 1))                                                # (C, h, S)
-        _resize_rows(t[:co], opt)                                                         # along the rows
-        _resize_rows(t[co:], sar)
+        t = self._scratch("t", n * h * S, np.float32).reshape(n, h, S)
+        np.copyto(t, y.transpose(0, 2, 1))                                                # (n, h, S)
+        _resize_rows(t, out)                                                              # along the rows
 
     def _batch(self, out: dict, meta: np.ndarray, label, tag) -> ChipBatch:
         """The per-sample bookkeeping, labels and the worker's buffer tag, added to a batch."""
@@ -865,6 +865,12 @@ def _chip_loader_class():
     return _ChipLoader
 
 
+def pool_slots(prefetch_factor: int) -> int:
+    """Reusable batch buffers per :func:`build_loader` worker: enough for the batches in flight
+    (prefetch) plus those the consumer still holds."""
+    return int(prefetch_factor) + 3
+
+
 def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_workers: int = 4,
                  pin_memory: bool = True, prefetch_factor: int = 4, persistent_workers: bool = True):
     """A DataLoader over ``chips`` driven by ``batch_sampler`` with seeded, single-thread workers.
@@ -879,8 +885,7 @@ def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_work
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                       worker_init_fn=_worker_init)
     if num_workers > 0 and hasattr(torch._C, "_storage_Use_Count"):
-        # Enough slots for the batches in flight (prefetch) plus the one being consumed.
-        board = torch.zeros((num_workers, prefetch_factor + 3), dtype=torch.int64).share_memory_()
+        board = torch.zeros((num_workers, pool_slots(prefetch_factor)), dtype=torch.int64).share_memory_()
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                       worker_init_fn=functools.partial(_worker_init, board=board))
     return _chip_loader_class()(
@@ -898,5 +903,6 @@ __all__ = [
     "build_loader",
     "collate_chips",
     "open_datasets",
+    "pool_slots",
     "random_resized_crop_params",
 ]
