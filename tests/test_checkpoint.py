@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from rasters import write_raster
 
 from codemae_cli.errors import UserError
 from codemae_cli.train.checkpoint import (
@@ -222,3 +223,44 @@ def test_a_pretraining_checkpoint_is_refused_in_one_sentence_everywhere(tmp_path
             call()
         assert str(err.value) == sentence
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_datasets_that_disagree_are_recorded_as_mixed_never_as_the_first(tmp_path):
+    from typer.testing import CliRunner
+
+    from codemae_cli.cli import app
+    from codemae_cli.infer.run import scene_nodata_rules
+    from codemae_cli.train.checkpoint import MIXED, data_provenance, read_checkpoint_meta
+
+    def ds(selected=None, count=3, nodata=None):
+        return {"input_scale": "db", "selected": selected, "count": count, "nodata_override": nodata}
+
+    # every band in order is "all bands": datasets that agree record one value, as before
+    same = data_provenance([{"optical": ds([1, 2, 3]), "sar": ds(count=2, nodata=0)},
+                            {"optical": ds(None), "sar": ds(count=2, nodata=0.0)}])
+    assert same["band_selection"] == {"optical": [1, 2, 3], "sar": None}
+    assert same["nodata_override"] == {"optical": None, "sar": 0}
+    # different bands, or a few bands of one against all of another, or different nodata: mixed
+    prov = data_provenance([{"optical": ds([4, 3, 2]), "sar": ds(count=2, nodata=0)},
+                            {"optical": ds(None), "sar": ds(count=2)}])
+    assert prov["band_selection"]["optical"] == MIXED and prov["nodata_override"]["sar"] == MIXED
+    assert data_provenance([{"optical": ds([1, 2, 3])}, {"optical": ds(None, count=4)}])[
+        "band_selection"]["optical"] == MIXED
+    assert prov["inputs_per_dataset"][0]["optical"]["band_selection"] == [4, 3, 2]
+    assert prov["inputs_per_dataset"][1]["sar"]["nodata_override"] is None
+    ck = save_checkpoint(tmp_path / "ck", _model(), {"kind": "finetune", "task": "segmentation", "inputs": "both",
+                                                    **prov})
+    meta = read_checkpoint_meta(ck)
+    # nodata: the scene's own (the first dataset's 0 would be a guess), said in a note
+    notes: list = []
+    assert scene_nodata_rules(meta, {"sar": None}, notes) == {"sar": None}
+    assert len(notes) == 1 and "different --nodata-sar" in notes[0]
+    assert scene_nodata_rules(meta, {"sar": "-1"}, []) == {"sar": -1.0}  # the user's choice wins
+    # bands: no single answer, so predict refuses in one sentence before anything is written
+    scene = write_raster(tmp_path / "scene.tif", np.zeros((3, 8, 8), np.uint8))
+    sar = write_raster(tmp_path / "sar.tif", np.zeros((2, 8, 8), np.float32))
+    res = CliRunner().invoke(app, ["predict", scene, "--sar", sar, "-o", str(tmp_path / "m.tif"), "-c", str(ck)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    line = " ".join(res.output.split())
+    assert "trained on datasets that kept different optical bands" in line and "--optical-bands" in line
+    assert not (tmp_path / "m.tif").exists()

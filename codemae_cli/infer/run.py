@@ -42,15 +42,37 @@ def scene_nodata_rules(meta, given: dict, notes: list) -> dict:
     """Per modality, the nodata rule to read a scene with: the user's ``--nodata-*``, else the one
     given at prepare (the checkpoint records it), else None (the file's own); a note says so."""
     from codemae_cli.data.raster import nodata_override_meta
+    from codemae_cli.train.checkpoint import MIXED
 
     rules = {}
     for m, value in given.items():
         rules[m] = nodata_override_meta(value)  # checks the value
-        if value is None and meta.nodata_override.get(m) is not None:
-            rules[m] = meta.nodata_override[m]
+        recorded = meta.nodata_override.get(m)
+        if value is None and recorded == MIXED:
+            notes.append(f"the training datasets were prepared with different --nodata-{m}: reading the scene's "
+                         f"own nodata (--nodata-{m} to choose)")
+        elif value is None and recorded is not None:
+            rules[m] = recorded
             notes.append(f"{'SAR' if m == 'sar' else m} nodata {rules[m]}: the --nodata-{m} given at prepare "
                          f"(--nodata-{m} to change)")
     return rules
+
+
+def scene_bands(meta, read: dict) -> dict:
+    """Per modality read, the input bands of a scene to read (None: all), as prepare kept them.
+    Refuses a checkpoint whose training datasets kept different bands: no single answer."""
+    from codemae_cli.train.checkpoint import MIXED
+
+    bands = {}
+    for m, path in read.items():
+        if path is None:
+            continue
+        if meta.band_selection.get(m) == MIXED:
+            raise UserError(f"checkpoint '{meta.path}' was trained on datasets that kept different {m} bands at "
+                            f"prepare, so it cannot tell which bands of a {m} scene to read; fine-tune on datasets "
+                            f"prepared with the same --{m}-bands")
+        bands[m] = meta.band_selection.get(m)
+    return bands
 
 
 def resolve_scenes(ckpt_inputs: str, scene: Optional[str], sar: Optional[str], inputs: Optional[str]):
@@ -118,6 +140,7 @@ class PredictPlan:
     sar_scale: str = "auto"  # the SAR scene's units, resolved against the checkpoint
     input_nodata: dict = field(default_factory=dict)  # per modality read: its nodata rule
     window: int = 0  # px, a multiple of the model's patch size
+    bands: dict = field(default_factory=dict)  # per modality read: its input bands (None: all)
 
 
 def predict_from_checkpoint(
@@ -178,7 +201,7 @@ def predict_from_checkpoint(
             device=dev, tta=tta, probabilities=probabilities, probabilities_dtype=probabilities_dtype,
             vectorize=vectorize, min_area=min_area, simplify=simplify, tags=tags,
             sar_scale=plan.sar_scale, precision=precision, progress=progress, readers=readers,
-            bands=meta.band_selection, input_nodata=plan.input_nodata,
+            bands=plan.bands, input_nodata=plan.input_nodata,
         )
     summary["checkpoint"] = str(meta.path)
     summary["notes"] = plan.notes
@@ -210,8 +233,9 @@ def check_request(checkpoint, scene: Optional[str], sar: Optional[str], inputs: 
     for p, what in ((optical_path, "optical"), (sar_path, "SAR")):
         if p is not None and not Path(p).exists():
             raise UserError(f"the {what} scene '{p}' does not exist")
+    bands = scene_bands(meta, {"optical": optical_path, "sar": sar_path})
     guard_predict_outputs(ckpt, optical_path, sar_path, out, probabilities, vectorize)
-    return PredictPlan(meta=meta, optical=optical_path, sar=sar_path, inputs=use, notes=notes)
+    return PredictPlan(meta=meta, optical=optical_path, sar=sar_path, inputs=use, notes=notes, bands=bands)
 
 
 def resolve_input_rules(plan: PredictPlan, nodata_optical: Optional[str], nodata_sar: Optional[str],
@@ -275,4 +299,5 @@ def provenance_tags(plan: PredictPlan) -> dict:
     }
 
 
-__all__ = ["PredictPlan", "predict_from_checkpoint", "resolve_scenes", "scene_nodata_rules", "sha256_file"]
+__all__ = ["PredictPlan", "predict_from_checkpoint", "resolve_scenes", "scene_bands", "scene_nodata_rules",
+           "sha256_file"]

@@ -263,9 +263,11 @@ class CheckpointMeta:
     path: Path  # the resolved checkpoint directory
     kind: str  # "pretrain" | "finetune"
     bands: dict  # {"optical": [names], "sar": [names]}: the bands the model reads, in order
-    band_selection: dict  # {"optical"|"sar": [1-based input bands kept at prepare] | None (all)}; default all
+    band_selection: dict  # {"optical"|"sar": [1-based input bands kept at prepare] | None (all) | "mixed"
+    #                       (datasets that kept different bands: predict cannot read a scene)}; default all
     nodata_override: dict  # {"optical"|"sar": --nodata-* given at prepare, as data.raster.nodata_override_meta
-    #                        records it: None (each file's own nodata; the default), "none", "nan" or a number}
+    #                        records it: None (each file's own nodata; the default), "none", "nan", a number,
+    #                        or "mixed" (datasets prepared with different ones: predict reads the file's own)}
     sar_scale: str  # units of the SAR rasters the training data came from: db | linear | amplitude | slc
     #                 | mixed | unknown (default: unknown, read as dB by predict)
     stats: dict  # {"optical"|"sar": {"mean": [...], "std": [...]}}: normalisation (SAR in dB)
@@ -367,16 +369,46 @@ def _source_ranges(value, path) -> list:
     return out
 
 
+MIXED = "mixed"  # a provenance field on which the training datasets disagree
+
+
 def data_provenance(dataset_metas: list[dict]) -> dict:
     """What a checkpoint records about its training data's inputs, from the datasets' metadata.json:
-    ``sar_scale`` (units of the SAR rasters; "mixed" when the datasets differ), ``band_selection``
-    (input bands kept at prepare, 1-based; None: all) and ``nodata_override`` (``--nodata-*`` given
-    at prepare; None: each file's own), the last two from the first dataset."""
+    ``sar_scale`` (units of the SAR rasters), ``band_selection`` (per modality, the input bands kept
+    at prepare, 1-based; None: all) and ``nodata_override`` (``--nodata-*`` given at prepare; None:
+    each file's own). A field on which the datasets disagree is ``"mixed"``, never the first
+    dataset's value, and with several datasets each one's is kept in ``inputs_per_dataset``
+    (in the order of ``datasets``). A selection of every band in order equals None ("all")."""
     scales = {str((m.get("sar") or {}).get("input_scale") or "unknown") for m in dataset_metas}
-    first = dataset_metas[0] if dataset_metas else {}
-    return {"sar_scale": scales.pop() if len(scales) == 1 else "mixed",
-            "band_selection": {m: (first.get(m) or {}).get("selected") for m in ("optical", "sar")},
-            "nodata_override": {m: (first.get(m) or {}).get("nodata_override") for m in ("optical", "sar")}}
+    sections = {m: [d.get(m) or {} for d in dataset_metas] for m in ("optical", "sar")}
+    out = {"sar_scale": scales.pop() if len(scales) == 1 else MIXED,
+           "band_selection": {m: _one_selection(secs) for m, secs in sections.items()},
+           "nodata_override": {m: _one_value([s.get("nodata_override") for s in secs]) for m, secs in sections.items()}}
+    if len(dataset_metas) > 1:
+        out["inputs_per_dataset"] = [{m: {"band_selection": sections[m][i].get("selected"),
+                                          "nodata_override": sections[m][i].get("nodata_override")}
+                                      for m in sections} for i in range(len(dataset_metas))]
+    return out
+
+
+def _one_selection(sections: list[dict]):
+    """The band selection the datasets share (None: all bands), or MIXED."""
+    lists = {tuple(s["selected"]) for s in sections if s.get("selected")}
+    if not lists:
+        return None
+    if len(lists) > 1:
+        return MIXED
+    chosen = lists.pop()
+    every = tuple(range(1, len(chosen) + 1))
+    for s in sections:  # "all bands" of a dataset agrees only with every band of it, in order
+        if not s.get("selected") and int(s.get("count") or 0) and (chosen != every or int(s["count"]) != len(chosen)):
+            return MIXED
+    return list(chosen)
+
+
+def _one_value(values: list):
+    """The value every dataset recorded (None for none), or MIXED."""
+    return values[0] if all(v == values[0] for v in values) else (MIXED if values else None)
 
 
 def read_checkpoint_meta(path) -> CheckpointMeta:
@@ -449,6 +481,7 @@ def load_resume(path, optimizer=None, restore_rng_state: bool = False) -> dict:
 __all__ = [
     "CheckpointMeta",
     "capture_rng",
+    "MIXED",
     "data_provenance",
     "has_resume",
     "load_checkpoint",
