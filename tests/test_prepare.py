@@ -265,3 +265,37 @@ def test_resume_after_interruption(tmp_path, holes, monkeypatch):
     for i in range(len(a)):
         np.testing.assert_array_equal(a.read(i)["sar"], b.read(i)["sar"])
     assert a.meta["stats"] == b.meta["stats"] and a.meta["splits"] == b.meta["splits"]
+
+
+def test_sar_scale_checks_honour_the_nodata_sar_override(tmp_path):
+    """A fill the SAR file does not declare (-9999 in linear power) is not a dB value once
+    --nodata-sar names it: neither the declared-scale check nor auto detection looks at it, in
+    prepare and in predict alike."""
+    from pathlib import Path
+
+    from codemae_cli.data.raster import check_sar_scale, open_source, parse_nodata
+    from codemae_cli.errors import UserError
+    from codemae_cli.infer.run import PredictPlan, resolve_input_rules
+    from codemae_cli.train.checkpoint import CheckpointMeta
+
+    rng = np.random.default_rng(3)
+    opt = _raster(tmp_path / "o.tif", rng.integers(1, 255, (3, 64, 64)).astype(np.uint8))
+    power = rng.uniform(0.01, 1.0, (1, 64, 64)).astype(np.float32)
+    power[:, :, :20] = -9999.0  # a third of the scene: undeclared fill
+    sar = _raster(tmp_path / "s.tif", power)
+    with pytest.raises(UserError, match="looks like dB"):
+        check_sar_scale(open_source(sar, "SAR"), "linear")  # without the override it does look like dB
+    for scale in ("linear", "auto"):
+        run_prepare(out=str(tmp_path / scale), optical=[opt], sar=[sar], tile=16, sar_scale=scale,
+                    nodata_sar="-9999", quicklook=False)
+        meta = PreparedDataset(tmp_path / scale).meta
+        assert meta["sar"]["input_scale"] == "linear" and meta["sar"]["nodata_override"] == -9999
+    check_sar_scale(open_source(sar, "SAR"), "linear", nodata=parse_nodata("-9999"))
+    # predict: the --nodata-sar recorded at prepare is the scene's rule, and the check follows it
+    record = CheckpointMeta.from_dict({"kind": "finetune", "sar_scale": "linear",
+                                       "nodata_override": {"sar": -9999}}, Path("ck"))
+    plan = PredictPlan(meta=record, optical=None, sar=sar, inputs="sar")
+    resolve_input_rules(plan, None, None, "auto")
+    assert plan.sar_scale == "linear" and plan.input_nodata == {"sar": -9999}
+    with pytest.raises(UserError, match="looks like dB"):  # told the file's nodata counts, it refuses
+        resolve_input_rules(PredictPlan(meta=record, optical=None, sar=sar, inputs="sar"), None, "none", "auto")

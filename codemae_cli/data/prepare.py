@@ -252,11 +252,12 @@ def _crs_name(crs) -> str:
     return f"EPSG:{epsg}" if epsg else (crs.to_string()[:40] or "custom CRS")
 
 
-def _sar_scale(src, requested: str) -> str:
-    """The scale of a SAR file (detected with ``auto``); a declared scale must fit its values."""
-    scale = R.detect_sar_scale(src, requested)
+def _sar_scale(src, requested: str, nodata: tuple) -> str:
+    """The scale of a SAR file (detected with ``auto``); a declared scale must fit its values.
+    ``nodata``: the ``--nodata-sar`` override (parsed): its pixels are not values."""
+    scale = R.detect_sar_scale(src, requested, nodata)
     if requested != "auto":
-        R.check_sar_scale(src, scale)
+        R.check_sar_scale(src, scale, nodata=nodata)
     return scale
 
 
@@ -319,7 +320,7 @@ def _plan_scene(spec: SceneSpec, o: PrepareOptions, stride: int, sid: str, class
         sar=sar,
         optical_nodata=[R.effective_nodata(s, nd_opt) for s in optical],
         sar_nodata=[R.effective_nodata(s, nd_sar) for s in sar],
-        sar_scales=[_sar_scale(s, o.sar_scale) for s in sar],
+        sar_scales=[_sar_scale(s, o.sar_scale, nd_sar) for s in sar],
         optical_resampling=[resampling_kernel(s.grid, grid, "optical") for s in optical],
         sar_resampling=[resampling_kernel(s.grid, grid, "sar") for s in sar],
         grid=grid,

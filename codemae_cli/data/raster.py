@@ -210,11 +210,16 @@ def rgb_band_indices(names: Sequence[str]) -> Optional[tuple[int, int, int]]:
     return found[0], found[1], found[2]
 
 
-def detect_sar_scale(src: RasterSource, requested: str) -> str:
+NO_OVERRIDE = (False, None)  # parse_nodata(None): no --nodata-* given, each file's own nodata
+
+
+def detect_sar_scale(src: RasterSource, requested: str, nodata: tuple = NO_OVERRIDE) -> str:
     """The input scale of a SAR file: 'slc', 'linear', 'amplitude' or 'db'.
 
     ``auto`` (documented in the summary): complex -> slc; integers -> amplitude (digital
     numbers of GRD products); floats with negative values -> dB; other floats -> linear power.
+    ``nodata``: the ``--nodata-sar`` override as :func:`parse_nodata` returns it (its pixels are
+    not values).
     """
     if src.is_complex:
         return "slc"
@@ -222,30 +227,33 @@ def detect_sar_scale(src: RasterSource, requested: str) -> str:
         return requested
     if np.dtype(src.dtype).kind in "iu":
         return "amplitude"
-    return "db" if (_valid_sample(src) < 0).any() else "linear"
+    return "db" if (_valid_sample(src, nodata) < 0).any() else "linear"
 
 
-def _valid_sample(src: RasterSource) -> np.ndarray:
-    """The valid values of a decimated read of band 1 (about 256 x 256): enough to see their sign."""
+def _valid_sample(src: RasterSource, override: tuple = NO_OVERRIDE) -> np.ndarray:
+    """The valid values of a decimated read of band 1 (about 256 x 256): enough to see their sign.
+    Nodata is the file's, or the ``--nodata-*`` override (``override`` from :func:`parse_nodata`)."""
     import rasterio
 
     with rasterio.open(src.path) as ds:
         step = max(1, max(ds.width, ds.height) // 256)
         sample = ds.read(1, out_shape=(max(1, ds.height // step), max(1, ds.width // step))).astype(np.float64)
-    nodata = src.nodata
+    nodata = effective_nodata(src, override)
     ok = np.isfinite(sample)
     if nodata is not None and not math.isnan(nodata):
         ok &= sample != nodata
     return sample[ok]
 
 
-def check_sar_scale(src: RasterSource, scale: str, option: str = "--sar-scale") -> None:
+def check_sar_scale(src: RasterSource, scale: str, option: str = "--sar-scale", nodata: tuple = NO_OVERRIDE) -> None:
     """Refuse SAR values that cannot be in the declared scale, before any work: linear power and
     amplitude are never negative (a negative share means dB), and backscatter in dB is mostly
-    negative (a large sample without one negative value is power, amplitude or digital numbers)."""
+    negative (a large sample without one negative value is power, amplitude or digital numbers).
+    ``nodata``: the ``--nodata-sar`` override as :func:`parse_nodata` returns it: its pixels are
+    not looked at (a -9999 fill the file does not declare is not a dB value)."""
     if src.is_complex or scale not in ("linear", "amplitude", "db"):
         return
-    values = _valid_sample(src)
+    values = _valid_sample(src, nodata)
     if values.size == 0:
         return
     negative = float((values < 0).mean())

@@ -248,9 +248,10 @@ def resolve_input_rules(plan: PredictPlan, nodata_optical: Optional[str], nodata
         plan.sar_scale, warning = plan.meta.sar_scale_for(sar_scale)
         if warning:
             plan.notes.append(warning)
-        from codemae_cli.data.raster import check_sar_scale, open_source
+        from codemae_cli.data.raster import check_sar_scale, open_source, parse_nodata
 
-        check_sar_scale(open_source(plan.sar, "SAR"), plan.sar_scale)  # a wrong scale would map nodata only
+        # A wrong scale would map nodata only; the scene's nodata rule decides what is a value.
+        check_sar_scale(open_source(plan.sar, "SAR"), plan.sar_scale, nodata=parse_nodata(plan.input_nodata.get("sar")))
 
 
 def load_model(plan: PredictPlan, dev):
