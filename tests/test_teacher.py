@@ -55,8 +55,9 @@ def test_teacher_file_errors(tmp_path, weights_file):
     with pytest.raises(UserError, match="safetensors"):
         build_model(cfg_with(teacher="file", teacher_model=TEACHER, teacher_weights=str(pickle)), 3, 2)
     path, _ = weights_file
-    with pytest.raises(UserError, match="does not fit"):
-        build_model(cfg_with(teacher="file", teacher_model="vit_base_patch16_dinov3", teacher_weights=str(path)), 3, 2)
+    with pytest.raises(UserError, match="does not fit"):  # another DINOv3 ViT (SwiGLU MLPs), 1/4 of a base's cost
+        build_model(cfg_with(teacher="file", teacher_model="vit_small_plus_patch16_dinov3", teacher_weights=str(path)),
+                    3, 2)
     with pytest.raises(UserError, match="not a timm model"):
         build_model(cfg_with(teacher="timm", teacher_model="no_such_model_xyz"), 3, 2)
     with pytest.raises(UserError, match="teacher_bands"):

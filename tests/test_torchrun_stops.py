@@ -16,6 +16,12 @@ from fakes import make_synthetic_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """16 random chips, read by both jobs (each writes its run elsewhere)."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("torchrun") / "data", n_chips=16, tile=32, seed=5)
+
+
 def _start(tmp_path, data):
     sets = [f"data.datasets=[{data}]", "model.preset=tiny", "model.img_size=32", "data.img_size=32",
             "model.patch_size=8", "model.ccl.num_heads=4", "model.okd.teacher=ema", "optim.batch_size=2",
@@ -48,8 +54,7 @@ def _worker_of_rank(pid: int, rank: int) -> int:
 
 
 @pytest.mark.parametrize("stop", ["kill_one_rank", "ctrl_c"])
-def test_torchrun_job_stops_with_sentences_not_tracebacks(tmp_path, stop):
-    data = make_synthetic_dataset(tmp_path / "data", n_chips=16, tile=32, seed=5)
+def test_torchrun_job_stops_with_sentences_not_tracebacks(tmp_path, data, stop):
     proc = _start(tmp_path, data)
     try:
         _wait_for_training(proc, tmp_path)
