@@ -176,4 +176,28 @@ def cli_command(fn: Callable) -> Callable:
     return wrapper
 
 
-__all__ = ["cli_command"]
+THREADS_HELP = ("CPU threads for the maths (default: the physical cores, fewer on a busy machine or per torchrun "
+                "process; OMP_NUM_THREADS also sets it).")
+
+
+def start_training_run(cfg, inputs: Callable[[], list], *, print_recipe: bool, threads, echo: Callable) -> bool:
+    """What ``pretrain`` and ``finetune`` do before training, in this order: print the resolved
+    recipe (and stop: False), check the files the recipe names (preflight), guard the run folder
+    against the datasets and ``inputs()`` (``(path, what)`` pairs, resolved only after preflight
+    has checked those files), set torch's CPU threads. True when the run may start (inside
+    ``fsutil.cleaned_on_refusal(cfg.run.output_dir)``)."""
+    from codemae_cli.config import dump_recipe
+    from codemae_cli.fsutil import guard_run_dir
+    from codemae_cli.preflight import preflight
+    from codemae_cli.threads import apply_threads
+
+    if print_recipe:
+        typer.echo(dump_recipe(cfg))
+        return False
+    preflight(cfg, echo=echo)
+    guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets), *inputs()])
+    apply_threads(threads, echo=echo)
+    return True
+
+
+__all__ = ["THREADS_HELP", "cli_command", "start_training_run"]

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.commands._common import cli_command
+from codemae_cli.commands._common import THREADS_HELP, cli_command
 from codemae_cli.errors import UserError
 
 
@@ -43,9 +43,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON here."),
         batch_size: int = typer.Option(8, "--batch-size", help="Chips per forward pass (checkpoint mode)."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (checkpoint mode)."),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
-            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Score a fine-tuned checkpoint on a prepared split, or a predicted raster against a reference.
 

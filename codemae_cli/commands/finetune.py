@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.commands._common import cli_command
+from codemae_cli.commands._common import THREADS_HELP, cli_command, start_training_run
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
@@ -22,9 +22,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in run.output_dir from checkpoints/last."),
         print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
-            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Fine-tune a pretrained CoDe-MAE encoder (or train from scratch) on labelled prepared chips.
 
@@ -34,23 +32,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from codemae_cli.config import dump_recipe, load_recipe
+        from codemae_cli.config import load_recipe
         from codemae_cli.defaults import resolve_recipe
-        from codemae_cli.fsutil import cleaned_on_refusal, guard_run_dir
-        from codemae_cli.preflight import preflight
+        from codemae_cli.fsutil import cleaned_on_refusal
         from codemae_cli.tasks.config import FinetuneRecipe
 
         console = Console()
         cfg = load_recipe(resolve_recipe(recipe, echo=console.print), FinetuneRecipe, overrides)
-        if print_recipe:
-            console.print(dump_recipe(cfg), markup=False, highlight=False)
+        if not start_training_run(cfg, lambda: [(pretrained_checkpoint(cfg), "the pretrained checkpoint")],
+                                  print_recipe=print_recipe, threads=threads, echo=console.print):
             return
-        preflight(cfg, echo=console.print)
-        guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
-                                           (pretrained_checkpoint(cfg), "the pretrained checkpoint")])
-        from codemae_cli.threads import apply_threads
-
-        apply_threads(threads, echo=console.print)
         from codemae_cli.tasks.evaluate import metrics_table
         from codemae_cli.tasks.finetune import run_finetune
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.commands._common import cli_command
+from codemae_cli.commands._common import THREADS_HELP, cli_command
 
 
 def _fmt_bytes(n: int) -> str:
@@ -109,9 +109,7 @@ def _register_predict(group: typer.Typer) -> None:
         nodata_sar: Optional[str] = typer.Option(
             None, "--nodata-sar", help="SAR nodata value, or none (default: the one given to prepare, else the "
             "file's; NaN is always nodata)."),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
-            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Predict a whole scene with a fine-tuned model into a georeferenced Cloud-Optimised GeoTIFF."""

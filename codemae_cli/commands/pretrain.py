@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from codemae_cli.commands._common import cli_command
+from codemae_cli.commands._common import THREADS_HELP, cli_command, start_training_run
 
 
 def _parse_workers(text: str) -> list[int]:
@@ -34,33 +34,23 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output directory from checkpoints/last."),
         output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default: run.output_dir)."),
         print_recipe: bool = typer.Option(False, "--print-recipe", help="Print the resolved recipe and exit."),
-        threads: Optional[int] = typer.Option(
-            None, "--threads", help="CPU threads for the maths (default: the physical cores, fewer on a busy machine "
-            "or per torchrun process; OMP_NUM_THREADS also sets it)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ) -> None:
         """Pretrain CoDe-MAE on prepared optical/SAR chips.
 
         The same command runs on a CPU, one GPU, or under torchrun on many GPUs and nodes:
         torchrun --nproc_per_node=8 -m codemae_cli pretrain recipes/hr.yaml
         """
-        from codemae_cli.config import dump_recipe
         from codemae_cli.defaults import resolve_recipe
-        from codemae_cli.fsutil import cleaned_on_refusal, guard_run_dir
-        from codemae_cli.preflight import preflight
+        from codemae_cli.fsutil import cleaned_on_refusal
         from codemae_cli.train.recipe import load_pretrain_recipe
 
         cfg = load_pretrain_recipe(resolve_recipe(recipe, echo=typer.echo), overrides)
         if output_dir is not None:
             cfg.run.output_dir = str(output_dir)
-        if print_recipe:
-            typer.echo(dump_recipe(cfg))
+        if not start_training_run(cfg, lambda: [(cfg.model.okd.teacher_weights, "the teacher weights")],
+                                  print_recipe=print_recipe, threads=threads, echo=typer.echo):
             return
-        preflight(cfg, echo=typer.echo)
-        guard_run_dir(cfg.run.output_dir, [*((d, "the dataset") for d in cfg.data.datasets),
-                                           (cfg.model.okd.teacher_weights, "the teacher weights")])
-        from codemae_cli.threads import apply_threads
-
-        apply_threads(threads, echo=typer.echo)
         from codemae_cli.train.pretrain import run_pretrain
 
         with cleaned_on_refusal(cfg.run.output_dir):
