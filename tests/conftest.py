@@ -1,4 +1,9 @@
-"""Shared test fixtures: paths to the real samples and a GPU skip marker."""
+"""Shared test fixtures: paths to the real samples and a GPU skip marker.
+
+The other test support, one of each: ``rasters.write_raster`` writes every GeoTIFF a test needs
+(fresh or copied from another raster's profile); ``fakes`` holds the random prepared dataset,
+a pretraining checkpoint, the tiny model configuration and a random input pair.
+"""
 
 from __future__ import annotations
 
