@@ -210,14 +210,16 @@ def test_getitems_batch_equals_stacked_items(pattern_ds, tmp_path, mode):
         assert default_collate(chips.__getitems__(keys)).keys() == ref.keys()
 
 
-def test_worker_buffer_reuse_never_overwrites_held_batches(tmp_path):
-    """Workers reuse shared-memory batch buffers only once the consumer dropped the batch."""
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batch_buffer_reuse_never_overwrites_held_batches(tmp_path, workers):
+    """Workers (shared memory) and the main process (no workers) reuse batch buffers only once
+    the consumer dropped the batch."""
     root = make_synthetic_dataset(tmp_path / "d", n_chips=40, tile=32)
     chips = PairedChips([root], "train", img_size=24)
     s = PairedBatchSampler(chips, 2, seed=1)
-    ref = [b["optical"].clone() for b in build_loader(chips, s, num_workers=0)]
+    ref = [chips.__getitems__(b).batch["optical"] for b in s]  # fresh buffers outside a loader
     assert len(ref) == 20
-    kw = dict(num_workers=1, prefetch_factor=1, persistent_workers=False)
+    kw = dict(num_workers=workers, prefetch_factor=1, persistent_workers=False)
     # Held whole tensors and held views: never recycled, so still intact at the end.
     held = list(build_loader(chips, s, **kw))
     views = [b["optical"][:, :1] for b in build_loader(chips, s, **kw)]

@@ -19,6 +19,7 @@ reproducible whatever the number of workers and resumes exactly mid-epoch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -535,9 +536,9 @@ _POOL = None  # the _SlotPool of this DataLoader worker process (set by build_lo
 
 
 class _SlotPool:
-    """Shared-memory batch buffers a :func:`build_loader` worker reuses instead of allocating
-    fresh ones per batch (first-touch page faults of fresh shared memory cost more than the whole
-    augmentation on some machines).
+    """Batch buffers a :func:`build_loader` worker (shared memory) or, with no workers, the main
+    process reuses instead of allocating fresh ones per batch (first-touch page faults of fresh
+    memory cost more than the whole augmentation on some machines).
 
     A slot is reused only after the main process says the batch it carried is no longer
     referenced: the worker issues a fresh ticket with each batch (tag ``(worker, slot,
@@ -581,6 +582,22 @@ def _batch_buffers(spec):
 
 
 _POOL_PID = None
+_END = object()  # end of a loader's batches
+
+
+@contextlib.contextmanager
+def _pool_active(pool):
+    """Let :func:`_batch_buffers` in this process take buffers from ``pool`` (None: no change)."""
+    global _POOL, _POOL_PID
+    if pool is None:
+        yield
+        return
+    saved = _POOL, _POOL_PID
+    _POOL, _POOL_PID = pool, os.getpid()
+    try:
+        yield
+    finally:
+        _POOL, _POOL_PID = saved
 
 
 class ChipBatch(Sequence):
@@ -821,43 +838,58 @@ def _chip_loader_class():
     _storage_Use_Count = getattr(torch._C, "_storage_Use_Count", None)
 
     class _ChipLoader(torch.utils.data.DataLoader):
-        """A DataLoader that hands the workers' pooled batch buffers back once released.
+        """A DataLoader that hands pooled batch buffers back once released: the workers' (shared
+        memory) or, with ``num_workers=0``, the main process's own (``main_pool``).
 
         A batch is released when nothing but this loader references its tensors: no other
         Python reference to the tensor objects and no other tensor (view) on their storage.
         """
 
-        def __init__(self, *args, board=None, **kwargs):
+        def __init__(self, *args, board=None, main_pool: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self._board = board.numpy() if board is not None else None
+            # With no workers, __getitems__ runs in this process while this loader fetches.
+            self._pool = _SlotPool(board[0], 0) if main_pool and board is not None else None
             self._held: list = []
 
         def _release(self) -> None:
             keep = []
             for tag, tensors in self._held:
-                # 3 Python refs: the list, the loop variable, getrefcount's argument; storage use
-                # count 2: the tensor and the temporary storage object.
+                w, s, ticket = (int(v) for v in tag)
+                # Main process: the pool's own buffer tensors (the batch may be pinned copies).
+                bufs = tensors if tensors is not None else self._pool.slots[s][1].values()
+                # 3 Python refs: the list (or the pool's dict), the loop variable, getrefcount's
+                # argument; storage use count 2: the tensor and the temporary storage object.
                 if all(sys.getrefcount(t) <= 3 and _storage_Use_Count(t.untyped_storage()._cdata) <= 2
-                       for t in tensors):
-                    w, s, ticket = (int(v) for v in tag)
+                       for t in bufs):
                     self._board[w, s] = ticket
                 else:
                     keep.append((tag, tensors))
-                del tensors
+                del tensors, bufs
             self._held = keep
 
+        def _hold(self, tag, batch: dict) -> None:
+            if self._pool is not None:
+                self._held.append((tag, None))
+                return
+            shared = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_shared()]
+            if len(shared) == 0:  # pinned copies: the shared buffers are already dropped
+                w, s, ticket = (int(v) for v in tag)
+                self._board[w, s] = ticket
+            else:
+                self._held.append((tag, shared))
+
         def __iter__(self):
-            for batch in super().__iter__():
+            batches = super().__iter__()
+            while True:
+                self._release()
+                with _pool_active(self._pool):
+                    batch = next(batches, _END)
+                if batch is _END:
+                    break
                 tag = batch.pop(_SLOT_KEY, None) if isinstance(batch, dict) else None
                 if tag is not None and self._board is not None:
-                    shared = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_shared()]
-                    if len(shared) == 0:  # pinned copies: the shared buffers are already dropped
-                        w, s, ticket = (int(v) for v in tag)
-                        self._board[w, s] = ticket
-                    else:
-                        self._held.append((tag, shared))
-                    del shared
-                self._release()
+                    self._hold(tag, batch)
                 yield batch
                 del batch
             self._release()
@@ -866,8 +898,8 @@ def _chip_loader_class():
 
 
 def pool_slots(prefetch_factor: int) -> int:
-    """Reusable batch buffers per :func:`build_loader` worker: enough for the batches in flight
-    (prefetch) plus those the consumer still holds."""
+    """Reusable batch buffers per :func:`build_loader` worker (or main process, prefetch 0):
+    enough for the batches in flight (prefetch) plus those the consumer still holds."""
     return int(prefetch_factor) + 3
 
 
@@ -875,8 +907,9 @@ def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_work
                  pin_memory: bool = True, prefetch_factor: int = 4, persistent_workers: bool = True):
     """A DataLoader over ``chips`` driven by ``batch_sampler`` with seeded, single-thread workers.
 
-    Batches are built whole by :meth:`PairedChips.__getitems__`; workers write them into
-    shared-memory buffers they reuse once the consumer has dropped a batch."""
+    Batches are built whole by :meth:`PairedChips.__getitems__` into buffers reused once the
+    consumer has dropped a batch: shared memory in the workers, the main process's own with
+    ``num_workers=0`` (3 batches' worth)."""
     import torch
 
     kwargs = {}
@@ -884,13 +917,16 @@ def build_loader(chips: PairedChips, batch_sampler: PairedBatchSampler, num_work
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
                       worker_init_fn=_worker_init)
-    if num_workers > 0 and hasattr(torch._C, "_storage_Use_Count"):
-        board = torch.zeros((num_workers, pool_slots(prefetch_factor)), dtype=torch.int64).share_memory_()
-        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
-                      worker_init_fn=functools.partial(_worker_init, board=board))
+    if hasattr(torch._C, "_storage_Use_Count"):
+        slots = pool_slots(prefetch_factor if num_workers > 0 else 0)
+        board = torch.zeros((max(num_workers, 1), slots), dtype=torch.int64)
+        if num_workers > 0:
+            board.share_memory_()
+            kwargs.update(worker_init_fn=functools.partial(_worker_init, board=board))
     return _chip_loader_class()(
         chips, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_chips,
-        pin_memory=bool(pin_memory) and torch.cuda.is_available(), board=board, **kwargs)
+        pin_memory=bool(pin_memory) and torch.cuda.is_available(), board=board, main_pool=num_workers == 0,
+        **kwargs)
 
 
 __all__ = [
