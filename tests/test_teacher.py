@@ -105,3 +105,135 @@ def test_ema_teacher_update_and_resume_state():
     # the EMA teacher follows .to(): dtype conversion reaches it
     model.to(torch.float64)
     assert next(model.teacher.parameters()).dtype == torch.float64
+
+
+# -- which optical bands a frozen teacher sees -----------------------------------------------
+S2_NAMES = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
+
+
+def _prepared(tmp_path, name: str, descriptions=None) -> dict:
+    """A tiny dataset prepared from one 4-band optical file (``descriptions``: its band names)."""
+    import json
+
+    import numpy as np
+    from rasters import write_raster
+
+    from codemae_cli.data.prepare import run_prepare
+
+    rng = np.random.default_rng(0)
+    opt = write_raster(tmp_path / f"{name}_opt.tif", rng.integers(1, 255, (4, 32, 32), dtype=np.uint8),
+                       descriptions=descriptions)
+    sar = write_raster(tmp_path / f"{name}_sar.tif", rng.uniform(-25, -5, (2, 32, 32)).astype(np.float32))
+    out = tmp_path / name
+    run_prepare(out=str(out), optical=[opt], sar=[sar], tile=32, split="1,0,0", quicklook=False)
+    return json.loads((out / "metadata.json").read_text())
+
+
+def test_band_names_choose_red_green_blue_for_the_teacher(tmp_path):
+    from codemae_cli.model.teacher import optical_names_of
+
+    # A B, G, R, NIR file: its descriptions reach metadata.json, and the teacher reads bands 3, 2, 1.
+    bgrn = _prepared(tmp_path, "bgrn", ["blue", "green", "red", "nir"])
+    model = build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 4, 2,
+                        optical_names=optical_names_of([("bgrn", bgrn)]))
+    assert model.teacher.bands == (2, 1, 0) and model.teacher_input.names == ("red", "green", "blue")
+    optical = torch.rand(2, 4, 32, 32)
+    x = model.teacher.prepare(optical)
+    torch.testing.assert_close(x * model.teacher.std + model.teacher.mean, optical[:, [2, 1, 0]])
+    # The same file without descriptions is named B1..B4 by prepare: B4/B3/B2 are not taken for
+    # Sentinel-2's red/green/blue; the first three are kept and the start-up line says so.
+    plain = _prepared(tmp_path, "plain")
+    assert plain["optical"]["bands"] == ["B1", "B2", "B3", "B4"]
+    chosen = build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 4, 2,
+                         optical_names=optical_names_of([("plain", plain)])).teacher_input
+    assert chosen.bands == (0, 1, 2)
+    line = chosen.describe()
+    assert "B1, B2, B3" in line and "do not say" in line and "model.okd.teacher_bands" in line
+    assert "\n" not in line
+
+
+def test_sentinel2_short_names_only_where_the_names_are_clearly_sentinel2():
+    from codemae_cli.data.raster import fallback_band_names, rgb_band_indices
+
+    assert rgb_band_indices(S2_NAMES) == (3, 2, 1)
+    assert rgb_band_indices(["B02_10m", "B03_10m", "B04_10m", "B08_10m"]) == (2, 1, 0)  # L2A file names
+    # prepare's names for bands without descriptions (B<input band>) never say a colour, also
+    # where enough of them look like Sentinel-2's (B11, B12) or after --optical-bands
+    assert rgb_band_indices(fallback_band_names(13)) is None
+    assert rgb_band_indices(["B1", "B2", "B3", "B4"]) is None
+    assert rgb_band_indices(["B4", "B3", "B2", "B11"], input_bands=[4, 3, 2, 11]) is None
+    # described Sentinel-2 bands kept with --optical-bands 4,3,2,8,12 (input band 12 is B11)
+    assert rgb_band_indices(["B4", "B3", "B2", "B8", "B11"], input_bands=[4, 3, 2, 8, 12]) == (0, 1, 2)
+    # Landsat 7 (B3 red, B4 NIR): nothing Sentinel-2 among the names
+    assert rgb_band_indices(["B1", "B2", "B3", "B4", "B5", "B7"]) is None
+
+
+def test_teacher_band_rules_explicit_grey_and_several_datasets():
+    from codemae_cli.model.teacher import choose_teacher_input, optical_names_of
+
+    s2 = optical_names_of([("s2", {"optical": {"bands": S2_NAMES}})])
+    assert choose_teacher_input(13, None, 3, s2).bands == (3, 2, 1)
+    assert choose_teacher_input(13, [7, 3, 2], 3, s2).names == ("B8", "B4", "B3")  # teacher_bands wins
+    assert choose_teacher_input(1, None, 3, optical_names_of([("p", {"optical": {"bands": ["PAN"]}})])).bands == (0,) * 3
+    three = optical_names_of([("x", {"optical": {"bands": ["B1", "B2", "B3"]}})])
+    assert choose_teacher_input(3, None, 3, three).bands == (0, 1, 2)
+    # Datasets whose names do not say follow the ones that do; names that disagree are refused.
+    bgrn = {"optical": {"bands": ["blue", "green", "red", "nir"]}}
+    assert choose_teacher_input(4, None, 3, optical_names_of(
+        [("a", {"optical": {"bands": ["B1", "B2", "B3", "B4"]}}), ("b", bgrn)])).bands == (2, 1, 0)
+    mixed = optical_names_of([("a", bgrn), ("b", {"optical": {"bands": ["red", "green", "blue", "nir"]}})])
+    with pytest.raises(UserError, match="different optical bands") as err:
+        choose_teacher_input(4, None, 3, mixed)
+    assert "'a'" in str(err.value) and "'b'" in str(err.value) and "\n" not in str(err.value)
+    assert choose_teacher_input(4, [0, 1, 2], 3, mixed).bands == (0, 1, 2)  # an explicit choice settles it
+    with pytest.raises(UserError, match="names band 13 but the optical input has 13 bands"):
+        choose_teacher_input(13, [3, 2, 13], 3, s2)
+
+
+def test_pretrain_feeds_sentinel2_red_green_blue_records_them_and_resumes_exactly(tmp_path):
+    import json
+
+    from fakes import make_synthetic_dataset
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from codemae_cli.cli import app
+
+    data = make_synthetic_dataset(tmp_path / "s2", n_chips=4, tile=32, optical_bands=13, seed=1)
+    meta = json.loads((data / "metadata.json").read_text())
+    meta["optical"]["bands"] = S2_NAMES
+    (data / "metadata.json").write_text(json.dumps(meta))
+    runner = CliRunner()
+
+    def run(out, *extra, resume=False):
+        sets = ["model.preset=tiny", "model.img_size=32", "data.img_size=32", "model.patch_size=8",
+                "model.ccl.num_heads=4", "model.okd.teacher=timm", f"model.okd.teacher_model={TEACHER}",
+                "optim.batch_size=2", "optim.lr=1e-3", "run.device=cpu", "run.precision=fp32",
+                "run.tensorboard=false", "data.num_workers=0", "data.pin_memory=false", f"data.datasets=[{data}]",
+                *extra]
+        args = ["pretrain", "smoke", "--output-dir", str(out)] + (["--resume"] if resume else [])
+        for s in sets:
+            args += ["--set", s]
+        return runner.invoke(app, args)
+
+    res = run(tmp_path / "a", "optim.max_steps=1")
+    assert res.exit_code == 0, res.output
+    assert "OKD teacher input (R, G, B): optical bands B4, B3, B2 (model.okd.teacher_bands=[3,2,1])" in res.output
+    ck = json.loads((tmp_path / "a" / "checkpoints" / "last" / "meta.json").read_text())
+    assert ck["teacher_input"]["bands"] == [3, 2, 1] and ck["teacher_input"]["names"] == ["B4", "B3", "B2"]
+    res = run(tmp_path / "a", "optim.max_steps=2", resume=True)
+    assert res.exit_code == 0 and "resumed from" in res.output and "as in the run being resumed" in res.output
+    res = run(tmp_path / "b", "optim.max_steps=2")
+    assert res.exit_code == 0, res.output
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "last" / "model.safetensors")) for r in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Datasets whose names now put the colours elsewhere cannot continue the run.
+    meta["optical"]["bands"] = ["red", "green", "blue"] + S2_NAMES[3:]
+    (data / "metadata.json").write_text(json.dumps(meta))
+    res = run(tmp_path / "a", "optim.max_steps=3", resume=True)
+    assert res.exit_code == 2 and "the run being resumed fed its teacher optical bands [3, 2, 1]" in res.output
+    assert "Traceback" not in res.output
+    # A bad explicit choice: one sentence, nothing written.
+    res = run(tmp_path / "c", "model.okd.teacher_bands=[3,2,13]")
+    assert res.exit_code == 2 and "model.okd.teacher_bands names band 13" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "c").exists()

@@ -196,15 +196,44 @@ def band_names(sources: list[RasterSource], default_prefix: str) -> list[str]:
     return names
 
 
-_RGB_ALIASES = {"red": ("red", "r", "b04", "b4"), "green": ("green", "g", "b03", "b3"),
-                "blue": ("blue", "b", "b02", "b2")}
+_RGB_ALIASES = {"red": ("red", "r", "b04"), "green": ("green", "g", "b03"), "blue": ("blue", "b", "b02")}
+# Short Sentinel-2 names. Alone they are ambiguous: Landsat 5/7 call red B3 and NIR B4, and a
+# file without band descriptions gets B1, B2, ... from band_names.
+_S2_SHORT = {"red": "b4", "green": "b3", "blue": "b2"}
+_S2_ONLY = ("b8a", "b11", "b12")  # bands no 4-band or Landsat 5/7 naming has
 
 
-def rgb_band_indices(names: Sequence[str]) -> Optional[tuple[int, int, int]]:
-    """Indices of the red, green and blue bands when the band names say which they are
-    (red/green/blue, R/G/B, Sentinel-2 B04/B03/B02 or B4/B3/B2, any case), else None."""
-    lower = [str(n).lower() for n in names]
-    found = [next((i for i, n in enumerate(lower) if n in aliases), None) for aliases in _RGB_ALIASES.values()]
+def _plain_band_name(name) -> str:
+    """Lower case, without a Sentinel-2 resolution suffix: "B02_10m" -> "b02"."""
+    n = str(name).strip().lower()
+    head, sep, tail = n.rpartition("_")
+    return head if sep and tail.endswith("m") and tail[:-1].isdigit() else n
+
+
+def fallback_band_names(count: int, input_bands: Optional[Sequence[int]] = None) -> list[str]:
+    """The names :func:`band_names` gives the bands of one file without band descriptions:
+    B<k> for input band k (1-based; ``input_bands``: the bands kept, default all ``count``)."""
+    return [f"B{k}" for k in (input_bands or range(1, count + 1))]
+
+
+def rgb_band_indices(names: Sequence[str], input_bands: Optional[Sequence[int]] = None
+                     ) -> Optional[tuple[int, int, int]]:
+    """Indices of the red, green and blue bands when the band names say which they are, else None.
+
+    Understood (any case): red/green/blue, R/G/B, Sentinel-2 B04/B03/B02 (also "B04_10m"), and
+    the short B4/B3/B2 only where the names are clearly Sentinel-2 (zero-padded names, or B8A,
+    B11 or B12 among them). Names that are exactly what prepare gives a file without band
+    descriptions (B1, B2, ... in input order; ``input_bands``: the 1-based input bands kept,
+    as metadata.json's ``selected`` records them) say nothing.
+    """
+    lower = [_plain_band_name(n) for n in names]
+    if lower == [n.lower() for n in fallback_band_names(len(lower), input_bands)]:
+        return None
+    sentinel2 = any(n in _S2_ONLY or (len(n) == 3 and n.startswith("b0") and n[2].isdigit()) for n in lower)
+    found = []
+    for colour, aliases in _RGB_ALIASES.items():
+        aliases = aliases + ((_S2_SHORT[colour],) if sentinel2 else ())
+        found.append(next((i for i, n in enumerate(lower) if n in aliases), None))
     if any(i is None for i in found):
         return None
     return found[0], found[1], found[2]

@@ -47,9 +47,11 @@ from codemae_cli.model.targets import (
 )
 from codemae_cli.model.teacher import (
     EMATeacher,
+    OpticalNames,
+    TeacherInput,
     TimmTeacher,
+    choose_teacher_input,
     create_timm_teacher,
-    default_teacher_bands,
     teacher_targets,
 )
 from codemae_cli.model.trunk import build_trunk
@@ -78,7 +80,8 @@ def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class CoDeMAE(nn.Module):
-    def __init__(self, cfg: ModelConfig, optical_bands: int, sar_bands: int):
+    def __init__(self, cfg: ModelConfig, optical_bands: int, sar_bands: int,
+                 optical_names: Optional[OpticalNames] = None):
         super().__init__()
         cfg.validate()
         if optical_bands < 1 or sar_bands < 1:
@@ -118,9 +121,10 @@ class CoDeMAE(nn.Module):
         # OKD: teacher outside the module tree (not in state_dict, not seen by DDP/optimizer).
         self._teacher: Optional[nn.Module] = None
         self._teacher_synced = False
+        self.teacher_input: Optional[TeacherInput] = None  # the bands a timm / file teacher sees
         aux_layer = None
         if cfg.okd.enabled:
-            T = self._build_teacher_dim()
+            T = self._build_teacher_dim(optical_names)
             self.okd_norm = norm_layer(Dd)
             self.okd_head = nn.Linear(Dd, T)
             if cfg.okd.aux_head:
@@ -154,14 +158,14 @@ class CoDeMAE(nn.Module):
             self._set_teacher(EMATeacher(self.encoder))
 
     # -- teacher plumbing ---------------------------------------------------------------------
-    def _build_teacher_dim(self) -> int:
+    def _build_teacher_dim(self, optical_names: Optional[OpticalNames]) -> int:
         okd = self.cfg.okd
         if okd.teacher == "ema":
             return self.encoder.embed_dim
         model = create_timm_teacher(okd, fused_attn=self.cfg.fused_attn)
         in_chans = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else 3
-        bands = default_teacher_bands(self.bands["optical"], okd.teacher_bands, in_chans)
-        teacher = TimmTeacher(model, bands)
+        self.teacher_input = choose_teacher_input(self.bands["optical"], okd.teacher_bands, in_chans, optical_names)
+        teacher = TimmTeacher(model, self.teacher_input.bands)
         self._set_teacher(teacher)
         return teacher.dim
 
@@ -366,12 +370,15 @@ class CoDeMAE(nn.Module):
         }
 
 
-def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int) -> CoDeMAE:
-    """The full CoDe-MAE pretraining model for the given band counts."""
+def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int,
+                optical_names: Optional[OpticalNames] = None) -> CoDeMAE:
+    """The full CoDe-MAE pretraining model for the given band counts. ``optical_names``: what the
+    data's optical band names say, so a timm / file teacher sees red, green, blue
+    (:func:`~codemae_cli.model.teacher.choose_teacher_input`)."""
     if optical_bands < 1 or sar_bands < 1:
         raise UserError("CoDe-MAE needs at least one optical band and one SAR band")
     try:
-        return CoDeMAE(cfg, optical_bands, sar_bands)
+        return CoDeMAE(cfg, optical_bands, sar_bands, optical_names)
     except ValueError as err:
         raise UserError(str(err)) from None
 

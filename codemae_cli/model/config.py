@@ -68,11 +68,13 @@ class OKDConfig:
     """Optical-anchored knowledge distillation from a frozen (or EMA) teacher.
 
     Teacher input (timm / file teachers): the student sees dataset-normalised optical bands;
-    the teacher gets the optical bands ``teacher_bands`` (default the first three, read as RGB)
-    at the source's own scale in [0, 1] (dataset normalisation undone, divided by the source
-    range recorded at prepare time: 8-bit / 255 as in the reference; no per-image stretch, so
-    a dark scene stays dark and colour balance is kept), then normalised with the teacher's own
-    ``pretrained_cfg`` mean/std. An EMA teacher is a copy of the student's optical encoder and
+    the teacher gets the optical bands ``teacher_bands`` as R, G, B (default: red, green, blue
+    where the datasets' band names say which bands those are, else the first three; one band
+    as grey; pretraining's start-up line names them, checkpoints record them) at the source's
+    own scale in [0, 1] (dataset normalisation undone, divided by the source range recorded at
+    prepare time: 8-bit / 255 as in the reference; no per-image stretch, so a dark scene stays
+    dark and colour balance is kept), then normalised with the teacher's own ``pretrained_cfg``
+    mean/std. An EMA teacher is a copy of the student's optical encoder and
     sees exactly what the student sees.
     """
 
@@ -81,7 +83,7 @@ class OKDConfig:
     teacher_model: str = "vit_large_patch16_dinov3.sat493m"
     teacher_weights: Optional[str] = None  # local .safetensors file, read only with teacher: file
     teacher_pretrained: bool = False  # teacher: timm -> load the hub weights (needs them cached)
-    teacher_bands: Optional[list[int]] = None  # optical band indices fed to the teacher as RGB
+    teacher_bands: Optional[list[int]] = None  # 0-based optical band indices fed to the teacher as R, G, B
     ema_momentum: float = 0.996
     sar_side: bool = False  # also map SAR visible tokens to the paired optical teacher tokens
     aux_head: bool = True  # auxiliary head from the trunk at 3/4 depth through 2 extra blocks

@@ -119,7 +119,8 @@ class PretrainTask(TrainTask):
         self.loader = build_loader(self.chips, self.sampler, num_workers=data.num_workers,
                                    pin_memory=data.pin_memory and dist.device.type == "cuda")
         self.plan = plan_steps(self.sampler.batches_per_epoch, optim)
-        self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands)
+        self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands,
+                                 optical_names=_teacher_names(self.chips.sources, recipe, resumed))
         # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale:
         # the one its metadata records, or in a resumed run the one the run has used so far.
         kept = [resumed.recorded_source_range(s.root) if resumed else None for s in self.chips.sources]
@@ -148,6 +149,8 @@ class PretrainTask(TrainTask):
             say(f"lr = {self.lr:.4g} (optim.lr); {batch}")
         if getattr(self.model, "init_report", None) is not None:
             say(self.model.init_report.summary())
+        if self.model.teacher_input is not None:
+            say(self.model.teacher_input.describe())
         say(f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all, {plan.warmup_steps} warmup steps"
             f"{left_out_note(self.sampler)}")
 
@@ -180,8 +183,33 @@ class PretrainTask(TrainTask):
                 "backbone": getattr(self.recipe.model, "backbone", "vit"),
                 "dataset_stats": [s.meta.get("stats") for s in self.chips.sources],
                 "source_ranges": self.source_ranges,
+                # The optical bands a timm / file teacher saw (a resumed run keeps them); null: EMA or no OKD.
+                "teacher_input": self.model.teacher_input.to_meta() if self.model.teacher_input else None,
                 "world_size": self.dist.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                 "total_steps": self.plan.total_steps}
+
+
+def _teacher_names(sources, recipe: PretrainRecipe, resumed: Optional[CheckpointMeta]):
+    """What the datasets' optical band names say about colour, for the OKD teacher's input; in a
+    resumed run, the bands the run's teacher saw (refused when the datasets now say otherwise)."""
+    from codemae_cli.model.teacher import OpticalNames, TeacherInput, optical_names_of
+
+    named = optical_names_of([(str(s.root), s.meta) for s in sources])
+    if resumed is None or recipe.model.okd.teacher_bands is not None:
+        return named
+    if "teacher_input" not in resumed.raw:  # written before the choice was recorded: the first three
+        first = (0, 1, 2) if sources[0].n_opt >= 3 else None
+        return OpticalNames(named.names, first, "the first three, as in the run being resumed")
+    recorded = TeacherInput.recorded_bands(resumed.raw["teacher_input"])
+    if recorded is None or len(recorded) != 3:  # EMA teacher, OKD off, or a teacher that is not RGB
+        return named
+    if named.conflict:
+        raise UserError(named.conflict)
+    if named.rgb is not None and named.rgb != recorded:
+        raise UserError(f"the run being resumed fed its teacher optical bands {list(recorded)}, but the datasets' "
+                        f"band names put red, green, blue at {list(named.rgb)}; resume with the run's datasets or "
+                        "start a new run")
+    return OpticalNames(named.names, recorded, "as in the run being resumed")
 
 
 def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
