@@ -12,9 +12,9 @@ modalities valid), ``label`` (H,W) int64 with 255 = ignore (``with_labels``), ``
 ``paired`` (bool) and ``index`` (int64, global index).
 
 The random crop + flip of a pair is IDENTICAL for optical, SAR and label: the three are cut from
-the same window and resized by the same kernel and weights. Randomness is drawn from a per-sample seed that the
-batch sampler derives from (seed, epoch, position), never from worker RNG state, so a run is
-reproducible whatever the number of workers and resumes exactly mid-epoch.
+the same window and resized with the same weights. Randomness is drawn from a per-sample seed
+that the batch sampler derives from (seed, epoch, position), never from worker RNG state, so a
+run is reproducible whatever the number of workers and resumes exactly mid-epoch.
 """
 
 from __future__ import annotations
