@@ -179,8 +179,9 @@ def test_teacher_band_rules_explicit_grey_and_several_datasets():
     assert choose_teacher_input(3, None, 3, three).bands == (0, 1, 2)
     # Datasets whose names do not say follow the ones that do; names that disagree are refused.
     bgrn = {"optical": {"bands": ["blue", "green", "red", "nir"]}}
-    assert choose_teacher_input(4, None, 3, optical_names_of(
-        [("a", {"optical": {"bands": ["B1", "B2", "B3", "B4"]}}), ("b", bgrn)])).bands == (2, 1, 0)
+    follow = choose_teacher_input(4, None, 3, optical_names_of(
+        [("a", {"optical": {"bands": ["B1", "B2", "B3", "B4"]}}), ("b", bgrn)]))
+    assert follow.bands == (2, 1, 0) and follow.names == ("red", "green", "blue") and "'b'" in follow.rule
     mixed = optical_names_of([("a", bgrn), ("b", {"optical": {"bands": ["red", "green", "blue", "nir"]}})])
     with pytest.raises(UserError, match="different optical bands") as err:
         choose_teacher_input(4, None, 3, mixed)
@@ -237,3 +238,20 @@ def test_pretrain_feeds_sentinel2_red_green_blue_records_them_and_resumes_exactl
     res = run(tmp_path / "c", "model.okd.teacher_bands=[3,2,13]")
     assert res.exit_code == 2 and "model.okd.teacher_bands names band 13" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "c").exists()
+
+
+def test_real_sentinel2_files_feed_b04_b03_b02(tmp_path, real_dir):
+    import json
+
+    from codemae_cli.data.prepare import run_prepare
+    from codemae_cli.model.teacher import choose_teacher_input, optical_names_of
+
+    # BigEarthNet: one file per Sentinel-2 band (B01 ... B12, B8A), named by what tells the files apart
+    s2 = next((real_dir / "bigearthnet_s1s2" / "BigEarthNet-S2-Example").glob("*_87_48"))
+    s1 = next((real_dir / "bigearthnet_s1s2" / "BigEarthNet-S1-Example").glob("*_87_48"))
+    run_prepare(out=str(tmp_path / "ben"), optical=[str(s2)], sar=[str(s1 / "*_VV.tif"), str(s1 / "*_VH.tif")],
+                tile=40, split="1,0,0", quicklook=False)
+    meta = json.loads((tmp_path / "ben" / "metadata.json").read_text())
+    chosen = choose_teacher_input(len(meta["optical"]["bands"]), None, 3, optical_names_of([("ben", meta)]))
+    assert chosen.names == ("B04", "B03", "B02")
+    assert [meta["optical"]["bands"][b] for b in chosen.bands] == ["B04", "B03", "B02"]

@@ -168,7 +168,7 @@ def teacher_targets(teacher: nn.Module, optical: torch.Tensor, grid: tuple[int, 
 class OpticalNames:
     """What the optical band names of the training data say about colour."""
 
-    names: tuple[str, ...]  # band names in the model's band order (the first dataset's)
+    names: tuple[str, ...]  # band names in the model's band order (of a dataset that says ``rgb``, else the first)
     rgb: Optional[tuple[int, int, int]] = None  # 0-based positions of red, green, blue; None: not said
     rule: str = "red, green, blue as the band names say"  # why ``rgb``, for the start-up line
     conflict: Optional[str] = None  # the refusal when datasets disagree (raised only if the names decide)
@@ -189,9 +189,12 @@ def optical_names_of(datasets: Sequence[tuple[str, dict]]) -> OpticalNames:
         rgb = rgb_band_indices(opt.get("bands") or [], opt.get("selected"))
         if rgb is not None:
             said.append((root, tuple(opt.get("bands")), rgb))
-    first = ((datasets[0][1].get("optical") or {}).get("bands") or []) if datasets else []
-    if not said:
-        return OpticalNames(tuple(first))
+    if not said:  # the first dataset's names, for the start-up line
+        return OpticalNames(tuple((datasets[0][1].get("optical") or {}).get("bands") or []) if datasets else ())
+    rule = OpticalNames.rule
+    if len(said) < len(datasets):
+        rule = (f"red, green, blue as the band names of {', '.join(repr(d[0]) for d in said)} say (the other "
+                "datasets' names do not say: read the same way)")
     conflict = None
     other = next((d for d in said if d[2] != said[0][2]), None)
     if other is not None:
@@ -199,7 +202,7 @@ def optical_names_of(datasets: Sequence[tuple[str, dict]]) -> OpticalNames:
         conflict = (f"the band names put red, green, blue at different optical bands: {list(a)} in '{ra}' "
                     f"({', '.join(na)}) and {list(b)} in '{rb}' ({', '.join(nb)}); prepare the datasets with the "
                     "same band order (prepare --optical-bands) or set model.okd.teacher_bands")
-    return OpticalNames(tuple(first), said[0][2], conflict=conflict)
+    return OpticalNames(said[0][1], said[0][2], rule, conflict)
 
 
 @dataclass(frozen=True)
