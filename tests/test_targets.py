@@ -211,3 +211,46 @@ def test_masked_mse_counts_only_hidden_patches():
     mask = torch.tensor([[0.0, 1.0, 0.0, 1.0]])
     assert masked_mse(pred, target, mask).item() == pytest.approx((4 + 16) / 2)
     assert math.isclose(masked_mse(target, target, mask).item(), 0.0)
+
+
+def _bands_meta(names) -> dict:
+    return {"optical": {"bands": list(names)}}
+
+
+def test_luminance_reads_red_green_blue_where_the_band_names_say():
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model import ModelConfig, build_model
+
+    cfg = ModelConfig(preset="tiny", img_size=16, patch_size=8)
+    cfg.okd.teacher = "ema"
+    bgrn = choose_rgb([("bgrn", _bands_meta(["blue", "green", "red", "nir"]))])
+    model = build_model(cfg, 4, 2, rgb=bgrn)
+    assert model.rgb_bands == (2, 1, 0) and model.luminance.source == "names"
+    # the target the model computes, against the luminance by hand on a tiny image
+    x = torch.arange(4 * 16 * 16, dtype=torch.float32).reshape(1, 4, 16, 16).sin()
+    t = degraded_target(x, "optical", model.cfg.cdr.degradation, 8, model.rgb_bands, norm_pix=False)
+    lum = 0.299 * x[0, 2] + 0.587 * x[0, 1] + 0.114 * x[0, 0]  # red (band 3), green (2), blue (1)
+    torch.testing.assert_close(t[0, 1], lum[0:8, 8:16].reshape(-1))
+    assert not torch.allclose(t[0, 1], (0.299 * x[0, 0] + 0.587 * x[0, 1] + 0.114 * x[0, 2])[0:8, 8:16].reshape(-1))
+    # model.cdr.rgb_bands still wins (an empty list: the band mean)
+    cfg.cdr.rgb_bands = [0, 1, 2]
+    assert build_model(cfg, 4, 2, rgb=bgrn).rgb_bands == (0, 1, 2)
+    cfg.cdr.rgb_bands = []
+    assert build_model(cfg, 4, 2, rgb=bgrn).rgb_bands is None
+
+
+def test_luminance_bands_unchanged_where_the_names_do_not_say():
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model.targets import choose_luminance
+
+    def lum(names, count=None):
+        return choose_luminance(count or len(names), None, choose_rgb([("d", _bands_meta(names))], count)).bands
+
+    assert lum(["PAN"]) is None and lum(["B1", "B2"]) is None  # the band mean (of one band: the band)
+    assert lum(["B1", "B2", "B3"]) == (0, 1, 2) and lum(["R", "G", "B"]) == (0, 1, 2)
+    assert lum(["B1", "B2", "B3", "B4"]) == (0, 1, 2)  # RGB+NIR without telling names: the first three
+    assert lum(["red", "green", "blue", "nir"]) == (0, 1, 2)
+    assert lum([f"B{k}" for k in range(1, 6)]) is None  # more bands, names that do not say: the band mean
+    assert lum(["B4", "B3", "B2", "B8", "B11"]) == (0, 1, 2)  # described Sentinel-2 bands: their colours
+    # no names at all: the decision on band order alone, as before for 3 and 4 bands
+    assert [choose_luminance(n, None).bands for n in (1, 2, 3, 4, 5)] == [None, None, (0, 1, 2), (0, 1, 2), None]

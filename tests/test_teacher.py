@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,27 +130,69 @@ def _prepared(tmp_path, name: str, descriptions=None) -> dict:
     return json.loads((out / "metadata.json").read_text())
 
 
-def test_band_names_choose_red_green_blue_for_the_teacher(tmp_path):
-    from codemae_cli.model.teacher import optical_names_of
+def _same_bands_everywhere(tmp_path, name: str, meta: dict) -> tuple[int, ...]:
+    """The bands the teacher, CDR's luminance, the quick-look and analyze read as R, G, B for the
+    prepared dataset ``tmp_path / name``; asserted to be the same."""
+    from codemae_cli.analysis.analyze import load_analysis_chips
+    from codemae_cli.data.quicklook import _rgb_bands
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.data.shards import PreparedDataset
+
+    rgb = choose_rgb([(name, meta)])
+    model = build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 4, 2, rgb=rgb)
+    bands = model.teacher.bands
+    assert model.rgb_bands == bands  # CDR's luminance
+    assert tuple(_rgb_bands(tmp_path / name, meta, 4)) == bands  # the quick-look
+    chips = load_analysis_chips(PreparedDataset(tmp_path / name), "train", 2)  # analyze's structure image
+    lum, raw = chips.luminance, chips.optical
+    np.testing.assert_allclose(lum, 0.299 * raw[:, bands[0]] + 0.587 * raw[:, bands[1]] + 0.114 * raw[:, bands[2]],
+                               rtol=1e-6)
+    return bands
+
+
+def test_band_names_choose_red_green_blue_for_teacher_luminance_quicklook_and_analyze(tmp_path):
+    from codemae_cli.data.raster import choose_rgb
 
     # A B, G, R, NIR file: its descriptions reach metadata.json, and the teacher reads bands 3, 2, 1.
     bgrn = _prepared(tmp_path, "bgrn", ["blue", "green", "red", "nir"])
     model = build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 4, 2,
-                        optical_names=optical_names_of([("bgrn", bgrn)]))
+                        rgb=choose_rgb([("bgrn", bgrn)]))
     assert model.teacher.bands == (2, 1, 0) and model.teacher_input.names == ("red", "green", "blue")
     optical = torch.rand(2, 4, 32, 32)
     x = model.teacher.prepare(optical)
     torch.testing.assert_close(x * model.teacher.std + model.teacher.mean, optical[:, [2, 1, 0]])
+    # CDR's luminance, the quick-look and analyze read the same bands
+    assert _same_bands_everywhere(tmp_path, "bgrn", bgrn) == (2, 1, 0)
+    line = model.describe_rgb()[0]
+    assert line.endswith("red, green, blue as the band names say; CDR's luminance (0.299 R + 0.587 G + 0.114 B) "
+                         "reads the same bands")
     # The same file without descriptions is named B1..B4 by prepare: B4/B3/B2 are not taken for
     # Sentinel-2's red/green/blue; the first three are kept and the start-up line says so.
     plain = _prepared(tmp_path, "plain")
     assert plain["optical"]["bands"] == ["B1", "B2", "B3", "B4"]
     chosen = build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 4, 2,
-                         optical_names=optical_names_of([("plain", plain)])).teacher_input
-    assert chosen.bands == (0, 1, 2)
-    line = chosen.describe()
+                         rgb=choose_rgb([("plain", plain)]))
+    assert chosen.teacher_input.bands == (0, 1, 2)
+    line, = chosen.describe_rgb()
     assert "B1, B2, B3" in line and "do not say" in line and "model.okd.teacher_bands" in line
-    assert "\n" not in line
+    assert "set model.cdr.rgb_bands too" in line and "\n" not in line
+    assert _same_bands_everywhere(tmp_path, "plain", plain) == (0, 1, 2)
+
+
+def test_one_and_three_bands_read_as_before_by_every_user():
+    from codemae_cli.data.quicklook import _rgb_bands
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model.teacher import choose_teacher_input
+
+    for names, teacher, shown, lum in ((["PAN"], (0, 0, 0), [0], None), (["B1", "B2", "B3"], (0, 1, 2), [0, 1, 2], (0, 1, 2)),
+                                       (["VV", "VH"], None, [0], None)):
+        meta = {"optical": {"bands": names}}
+        rgb = choose_rgb([("d", meta)])
+        if teacher is not None:
+            assert choose_teacher_input(len(names), None, 3, rgb).bands == teacher
+        assert _rgb_bands("d", meta, len(names)) == shown
+        model = build_model(cfg_with(teacher="ema"), len(names), 2, rgb=rgb)
+        assert model.rgb_bands == lum == build_model(cfg_with(teacher="ema"), len(names), 2).rgb_bands
 
 
 def test_sentinel2_short_names_only_where_the_names_are_clearly_sentinel2():
@@ -169,20 +212,21 @@ def test_sentinel2_short_names_only_where_the_names_are_clearly_sentinel2():
 
 
 def test_teacher_band_rules_explicit_grey_and_several_datasets():
-    from codemae_cli.model.teacher import choose_teacher_input, optical_names_of
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model.teacher import choose_teacher_input
 
-    s2 = optical_names_of([("s2", {"optical": {"bands": S2_NAMES}})])
+    s2 = choose_rgb([("s2", {"optical": {"bands": S2_NAMES}})])
     assert choose_teacher_input(13, None, 3, s2).bands == (3, 2, 1)
     assert choose_teacher_input(13, [7, 3, 2], 3, s2).names == ("B8", "B4", "B3")  # teacher_bands wins
-    assert choose_teacher_input(1, None, 3, optical_names_of([("p", {"optical": {"bands": ["PAN"]}})])).bands == (0,) * 3
-    three = optical_names_of([("x", {"optical": {"bands": ["B1", "B2", "B3"]}})])
+    assert choose_teacher_input(1, None, 3, choose_rgb([("p", {"optical": {"bands": ["PAN"]}})])).bands == (0,) * 3
+    three = choose_rgb([("x", {"optical": {"bands": ["B1", "B2", "B3"]}})])
     assert choose_teacher_input(3, None, 3, three).bands == (0, 1, 2)
     # Datasets whose names do not say follow the ones that do; names that disagree are refused.
     bgrn = {"optical": {"bands": ["blue", "green", "red", "nir"]}}
-    follow = choose_teacher_input(4, None, 3, optical_names_of(
+    follow = choose_teacher_input(4, None, 3, choose_rgb(
         [("a", {"optical": {"bands": ["B1", "B2", "B3", "B4"]}}), ("b", bgrn)]))
     assert follow.bands == (2, 1, 0) and follow.names == ("red", "green", "blue") and "'b'" in follow.rule
-    mixed = optical_names_of([("a", bgrn), ("b", {"optical": {"bands": ["red", "green", "blue", "nir"]}})])
+    mixed = choose_rgb([("a", bgrn), ("b", {"optical": {"bands": ["red", "green", "blue", "nir"]}})])
     with pytest.raises(UserError, match="different optical bands") as err:
         choose_teacher_input(4, None, 3, mixed)
     assert "'a'" in str(err.value) and "'b'" in str(err.value) and "\n" not in str(err.value)
@@ -221,7 +265,9 @@ def test_pretrain_feeds_sentinel2_red_green_blue_records_them_and_resumes_exactl
     assert res.exit_code == 0, res.output
     assert "OKD teacher input (R, G, B): optical bands B4, B3, B2 (model.okd.teacher_bands=[3,2,1])" in res.output
     ck = json.loads((tmp_path / "a" / "checkpoints" / "last" / "meta.json").read_text())
-    assert ck["teacher_input"]["bands"] == [3, 2, 1] and ck["teacher_input"]["names"] == ["B4", "B3", "B2"]
+    rec = ck["rgb_input"]
+    assert rec["bands"] == rec["teacher"] == rec["luminance"] == [3, 2, 1] and rec["source"] == "names"
+    assert rec["names"] == S2_NAMES and "CDR's luminance (0.299 R + 0.587 G + 0.114 B) reads the same bands" in res.output
     res = run(tmp_path / "a", "optim.max_steps=2", resume=True)
     assert res.exit_code == 0 and "resumed from" in res.output and "as in the run being resumed" in res.output
     res = run(tmp_path / "b", "optim.max_steps=2")
@@ -232,7 +278,7 @@ def test_pretrain_feeds_sentinel2_red_green_blue_records_them_and_resumes_exactl
     meta["optical"]["bands"] = ["red", "green", "blue"] + S2_NAMES[3:]
     (data / "metadata.json").write_text(json.dumps(meta))
     res = run(tmp_path / "a", "optim.max_steps=3", resume=True)
-    assert res.exit_code == 2 and "the run being resumed fed its teacher optical bands [3, 2, 1]" in res.output
+    assert res.exit_code == 2 and "the run being resumed read red, green, blue from optical bands [3, 2, 1]" in res.output
     assert "Traceback" not in res.output
     # A bad explicit choice: one sentence, nothing written.
     res = run(tmp_path / "c", "model.okd.teacher_bands=[3,2,13]")
@@ -244,7 +290,8 @@ def test_real_sentinel2_files_feed_b04_b03_b02(tmp_path, real_dir):
     import json
 
     from codemae_cli.data.prepare import run_prepare
-    from codemae_cli.model.teacher import choose_teacher_input, optical_names_of
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model.teacher import choose_teacher_input
 
     # BigEarthNet: one file per Sentinel-2 band (B01 ... B12, B8A), named by what tells the files apart
     s2 = next((real_dir / "bigearthnet_s1s2" / "BigEarthNet-S2-Example").glob("*_87_48"))
@@ -252,6 +299,50 @@ def test_real_sentinel2_files_feed_b04_b03_b02(tmp_path, real_dir):
     run_prepare(out=str(tmp_path / "ben"), optical=[str(s2)], sar=[str(s1 / "*_VV.tif"), str(s1 / "*_VH.tif")],
                 tile=40, split="1,0,0", quicklook=False)
     meta = json.loads((tmp_path / "ben" / "metadata.json").read_text())
-    chosen = choose_teacher_input(len(meta["optical"]["bands"]), None, 3, optical_names_of([("ben", meta)]))
+    chosen = choose_teacher_input(len(meta["optical"]["bands"]), None, 3, choose_rgb([("ben", meta)]))
     assert chosen.names == ("B04", "B03", "B02")
     assert [meta["optical"]["bands"][b] for b in chosen.bands] == ["B04", "B03", "B02"]
+
+
+def test_resume_keeps_the_luminance_of_checkpoints_written_before_it_followed_the_names(tmp_path):
+    import json
+
+    from fakes import make_synthetic_dataset
+    from typer.testing import CliRunner
+
+    from codemae_cli.cli import app
+    from codemae_cli.train.checkpoint import read_checkpoint_meta
+
+    data = make_synthetic_dataset(tmp_path / "bgrn", n_chips=4, tile=32, optical_bands=4, seed=2)
+    meta = json.loads((data / "metadata.json").read_text())
+    meta["optical"]["bands"] = ["blue", "green", "red", "nir"]
+    (data / "metadata.json").write_text(json.dumps(meta))
+    runner, out = CliRunner(), tmp_path / "run"
+    last = out / "checkpoints" / "last" / "meta.json"
+
+    def run(steps, resume=False):
+        sets = ["model.preset=tiny", "model.img_size=32", "data.img_size=32", "model.patch_size=8", "model.ccl.num_heads=4",
+                "optim.batch_size=2", "optim.lr=1e-3", "run.device=cpu", "run.precision=fp32", "run.tensorboard=false",
+                "data.num_workers=0", "data.pin_memory=false", f"data.datasets=[{data}]", f"optim.max_steps={steps}"]
+        res = runner.invoke(app, ["pretrain", "smoke", "--output-dir", str(out), *(["--resume"] if resume else []),
+                                  *[a for x in sets for a in ("--set", x)]])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    # An EMA teacher: the decision reaches CDR's luminance alone (red, green, blue = bands 3, 2, 1).
+    said = run(1)
+    assert ("CDR luminance (0.299 R + 0.587 G + 0.114 B): optical bands red, green, blue (model.cdr.rgb_bands=[2,1,0]); "
+            "red, green, blue as the band names say") in said
+    rec = read_checkpoint_meta(last.parent).rgb_input
+    assert rec.written == "rgb_input" and rec.choice.bands == rec.luminance == (2, 1, 0) and rec.teacher is None
+    # The same checkpoint as written before: `teacher_input` null, its luminance on the first three bands.
+    old = json.loads(last.read_text())
+    del old["rgb_input"]
+    old["teacher_input"] = None
+    last.write_text(json.dumps(old))
+    said = run(2, resume=True)
+    assert "optical bands blue, green, red (model.cdr.rgb_bands=[0,1,2]); the first three bands" in said
+    assert read_checkpoint_meta(last.parent).rgb_input.luminance == (0, 1, 2)
+    # ... and keeps them at the next resume (now recorded as `rgb_input`)
+    assert "optical bands blue, green, red (model.cdr.rgb_bands=[0,1,2]); as in the run being resumed" in run(3, True)
+    assert read_checkpoint_meta(last.parent).rgb_input.luminance == (0, 1, 2)

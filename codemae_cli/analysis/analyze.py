@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from codemae_cli.analysis import metrics as M
-from codemae_cli.data.raster import rgb_band_indices
+from codemae_cli.data.raster import choose_rgb
 from codemae_cli.errors import UserError
 from codemae_cli.fsutil import check_replaceable, guard_outputs, read_json_object, staged_directory
 from codemae_cli.train.logging import pyplot
@@ -65,7 +65,10 @@ def load_pretrained(path, device: str = "cpu") -> Pretrained:
     # The analyses need the encoder and the decoders, not the distillation branch: its teacher
     # is not in the checkpoint and may need weights (or a download) this machine lacks.
     cfg.okd.enabled = False
-    model = build_model(cfg, optical_bands=len(meta.bands["optical"]), sar_bands=len(meta.bands["sar"]))
+    n_opt = len(meta.bands["optical"])
+    # CDR's luminance as the run read it (its recorded red, green, blue)
+    model = build_model(cfg, optical_bands=n_opt, sar_bands=len(meta.bands["sar"]),
+                        luminance_rgb=meta.rgb_input.luminance_choice(meta.bands["optical"], n_opt))
     state = load_weights(meta.path)
     own = model.state_dict()
     wrong = [k for k in own if k.startswith("encoder.") and (k not in state or state[k].shape != own[k].shape)]
@@ -456,6 +459,8 @@ def run_analyze(
 def load_analysis_chips(data, split: str, max_chips: int) -> AnalysisChips:
     """Up to ``max_chips`` chips of ``split`` and their structure images; refused when no pixel
     is valid in both modalities."""
+    from codemae_cli.model.targets import choose_luminance
+
     idx = select_chips(data, split, max_chips)
     chips = [data.read(i) for i in idx]
     raw_opt = np.stack([c["optical"] for c in chips])
@@ -463,8 +468,9 @@ def load_analysis_chips(data, split: str, max_chips: int) -> AnalysisChips:
     valid = np.isfinite(raw_opt).all(1) & np.isfinite(raw_sar).all(1)
     if not valid.any():
         raise UserError(f"the selected '{split}' chips have no pixel valid in both modalities")
-    names = data.meta.get("optical", {}).get("bands", [])
-    rgb = rgb_band_indices(names) or ((0, 1, 2) if len(names) == 3 else None)  # a plain 3-band image is RGB
+    # The luminance CDR reads: the bands of the one RGB decision (as the OKD teacher and the quick-look)
+    rgb = choose_luminance(raw_opt.shape[1], None, choose_rgb([(str(getattr(data, "root", "")), data.meta)],
+                                                                      raw_opt.shape[1])).bands
     return AnalysisChips(chip_ids=[c["chip_id"] for c in chips], optical=raw_opt, sar=raw_sar, valid=valid,
                          luminance=M.optical_luminance(raw_opt, rgb), sar_intensity=M.sar_intensity(raw_sar))
 

@@ -21,14 +21,13 @@ _LABEL_COLOURS = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 
 _GAP = 6  # pixels between panels
 
 
-def _rgb_bands(names: list[str]) -> list[int]:
-    """Indices of red, green, blue when the band names say so, else the first three bands."""
-    from codemae_cli.data.raster import rgb_band_indices
+def _rgb_bands(root, meta: dict, count: int) -> list[int]:
+    """The bands shown as red, green, blue: the one RGB decision (data/raster.py choose_rgb, as the
+    OKD teacher and CDR's luminance read them); one or two bands: the first, as grey."""
+    from codemae_cli.data.raster import choose_rgb
 
-    rgb = rgb_band_indices(names)
-    if rgb is not None:
-        return list(rgb)
-    return [0, 1, 2] if len(names) >= 3 else [0]
+    rgb = choose_rgb([(str(root), meta)], count).bands
+    return list(rgb) if rgb is not None else [0]
 
 
 def _stretch(img: np.ndarray) -> np.ndarray:
@@ -112,7 +111,7 @@ def write_quicklook(root: str | Path, path: str | Path, size: int = 384, max_sce
     from codemae_cli.data.shards import PreparedDataset
 
     ds = PreparedDataset(root)
-    bands = _rgb_bands(list(ds.meta["optical"].get("bands") or ["B1"] * ds.layout.optical_bands))
+    bands = _rgb_bands(root, ds.meta, ds.layout.optical_bands)
     scene_col = ds.index["scene_id"].astype(str).to_numpy() if "scene_id" in ds.index else np.zeros(len(ds), str)
     rows = []
     for scene in list(dict.fromkeys(scene_col))[:max_scenes]:

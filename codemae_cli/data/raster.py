@@ -239,6 +239,77 @@ def rgb_band_indices(names: Sequence[str], input_bands: Optional[Sequence[int]] 
     return found[0], found[1], found[2]
 
 
+RGB_SOURCES = ("names", "order", "first", "none", "run")
+
+
+@dataclass(frozen=True)
+class RGBChoice:
+    """Which optical bands are red, green and blue, and the rule that chose them: the one
+    decision the OKD teacher's input, CDR's luminance, the quick-look and analyze read
+    (:func:`choose_rgb`). Each user applies its own explicit override and its own policy for
+    a guess (``source == "first"``)."""
+
+    names: tuple[str, ...]  # the optical band names, in the model's band order
+    bands: Optional[tuple[int, int, int]]  # 0-based positions of R, G, B; None: fewer than 3 bands
+    rule: str  # why ``bands``, as the start-up line says it
+    # names: the band names say; order: exactly 3 bands, in their order; first: more than 3
+    # bands whose names do not say, the first three (a guess); none: fewer than 3 bands;
+    # run: as recorded by the run being resumed.
+    source: str = "names"
+    conflict: Optional[str] = None  # the refusal when datasets' names disagree (raised by the users)
+
+    def band_names(self, bands: Sequence[int]) -> tuple[str, ...]:
+        """The names of ``bands`` ("band k" where the names are not known)."""
+        return tuple(self.names[b] if b < len(self.names) else f"band {b + 1}" for b in bands)
+
+    def to_meta(self) -> dict:
+        return {"bands": list(self.bands) if self.bands else None, "names": list(self.names),
+                "rule": self.rule, "source": self.source}
+
+
+def choose_rgb(datasets: Sequence[tuple[str, dict]], count: Optional[int] = None) -> RGBChoice:
+    """Where red, green and blue are among the optical bands of prepared datasets
+    (``(label, metadata.json)`` pairs; ``count``: the optical band count, default the first
+    dataset's number of band names).
+
+    The band names decide where they say (:func:`rgb_band_indices`; every dataset whose names
+    say must say the same positions, the others are read the same way, and datasets that
+    disagree leave a one-sentence refusal in ``conflict``); else exactly three bands are red,
+    green, blue in their order; else, with more, the first three are a guess; fewer than three
+    bands have no colours.
+    """
+    said = []
+    for label, meta in datasets:
+        opt = meta.get("optical") or {}
+        rgb = rgb_band_indices(opt.get("bands") or [], opt.get("selected"))
+        if rgb is not None:
+            said.append((label, tuple(opt.get("bands")), rgb))
+    first = tuple((datasets[0][1].get("optical") or {}).get("bands") or []) if datasets else ()
+    count = len(first) if count is None else int(count)
+    if said:
+        rule = "red, green, blue as the band names say"
+        if len(said) < len(datasets):
+            rule = (f"red, green, blue as the band names of {', '.join(repr(d[0]) for d in said)} say (the other "
+                    "datasets' names do not say: read the same way)")
+        conflict = None
+        other = next((d for d in said if d[2] != said[0][2]), None)
+        if other is not None:
+            (ra, na, a), (rb, nb, b) = said[0], other
+            conflict = (f"the band names put red, green, blue at different optical bands: {list(a)} in '{ra}' "
+                        f"({', '.join(na)}) and {list(b)} in '{rb}' ({', '.join(nb)}); prepare the datasets with the "
+                        "same band order (prepare --optical-bands) or set the bands by hand (model.okd.teacher_bands, "
+                        "model.cdr.rgb_bands)")
+        if max(said[0][2]) < count:
+            return RGBChoice(said[0][1], said[0][2], rule, "names", conflict)
+    names = first if len(first) == count else tuple(f"band {k + 1}" for k in range(count))
+    if count == 3:
+        return RGBChoice(names, (0, 1, 2), "the optical bands in their order", "order")
+    if count > 3:
+        told = f"the band names ({', '.join(names)}) do not say" if len(first) == count else "no band names say"
+        return RGBChoice(names, (0, 1, 2), f"the first 3: {told} which are red, green and blue", "first")
+    return RGBChoice(names, None, f"{count} optical band{'s' if count != 1 else ''}: no red, green, blue", "none")
+
+
 NO_OVERRIDE = (False, None)  # parse_nodata(None): no --nodata-* given, each file's own nodata
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codemae_cli.data.raster import RGBChoice, choose_rgb
 from codemae_cli.errors import UserError
 from codemae_cli.model.ccl import ConditionedContrast, info_nce, pooled_embedding
 from codemae_cli.model.config import ModelConfig
@@ -38,8 +39,9 @@ from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
 from codemae_cli.model.source import SourceScaler
 from codemae_cli.model.targets import (
+    ONE_CHANNEL_DEGRADATIONS,
     SOURCE_DEGRADATIONS,
-    default_rgb_bands,
+    choose_luminance,
     degraded_target,
     masked_mse,
     pixel_target,
@@ -47,7 +49,6 @@ from codemae_cli.model.targets import (
 )
 from codemae_cli.model.teacher import (
     EMATeacher,
-    OpticalNames,
     TeacherInput,
     TimmTeacher,
     choose_teacher_input,
@@ -81,7 +82,7 @@ def _gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 class CoDeMAE(nn.Module):
     def __init__(self, cfg: ModelConfig, optical_bands: int, sar_bands: int,
-                 optical_names: Optional[OpticalNames] = None):
+                 rgb: Optional[RGBChoice] = None, luminance_rgb: Optional[RGBChoice] = None):
         super().__init__()
         cfg.validate()
         if optical_bands < 1 or sar_bands < 1:
@@ -109,10 +110,16 @@ class CoDeMAE(nn.Module):
         self.self_decoder = MAEDecoder(**dec_kw)
         self.self_heads = PatchHeads(Dd, {m: c * p * p for m, c in self.bands.items()})
 
-        # CDR: one cross decoder for both directions; heads by target modality.
-        self.rgb_bands = default_rgb_bands(optical_bands, cfg.cdr.rgb_bands)
+        # Red, green, blue: one decision for the OKD teacher's input and CDR's luminance
+        # (``luminance_rgb``: only where a resumed run recorded another one for CDR).
+        self.rgb = rgb if rgb is not None else choose_rgb([], optical_bands)
+        self.luminance = choose_luminance(optical_bands, cfg.cdr.rgb_bands, luminance_rgb or self.rgb)
+        self.rgb_bands = self.luminance.bands
         if self.rgb_bands and max(self.rgb_bands) >= optical_bands:
             raise ValueError("model.cdr.rgb_bands names a band the optical input does not have")
+        if self.uses_luminance and self.luminance.source == "names" and (luminance_rgb or self.rgb).conflict:
+            raise UserError((luminance_rgb or self.rgb).conflict)
+        # CDR: one cross decoder for both directions; heads by target modality.
         if cfg.cdr.enabled:
             self.cross_decoder = MAEDecoder(**dec_kw)
             deg = cfg.cdr.degradation
@@ -124,7 +131,7 @@ class CoDeMAE(nn.Module):
         self.teacher_input: Optional[TeacherInput] = None  # the bands a timm / file teacher sees
         aux_layer = None
         if cfg.okd.enabled:
-            T = self._build_teacher_dim(optical_names)
+            T = self._build_teacher_dim(self.rgb)
             self.okd_norm = norm_layer(Dd)
             self.okd_head = nn.Linear(Dd, T)
             if cfg.okd.aux_head:
@@ -158,13 +165,13 @@ class CoDeMAE(nn.Module):
             self._set_teacher(EMATeacher(self.encoder))
 
     # -- teacher plumbing ---------------------------------------------------------------------
-    def _build_teacher_dim(self, optical_names: Optional[OpticalNames]) -> int:
+    def _build_teacher_dim(self, rgb: RGBChoice) -> int:
         okd = self.cfg.okd
         if okd.teacher == "ema":
             return self.encoder.embed_dim
         model = create_timm_teacher(okd, fused_attn=self.cfg.fused_attn)
         in_chans = int(model.patch_embed.proj.in_channels) if hasattr(model, "patch_embed") else 3
-        self.teacher_input = choose_teacher_input(self.bands["optical"], okd.teacher_bands, in_chans, optical_names)
+        self.teacher_input = choose_teacher_input(self.bands["optical"], okd.teacher_bands, in_chans, rgb)
         teacher = TimmTeacher(model, self.teacher_input.bands)
         self._set_teacher(teacher)
         return teacher.dim
@@ -176,6 +183,32 @@ class CoDeMAE(nn.Module):
     @property
     def teacher(self) -> Optional[nn.Module]:
         return self._teacher
+
+    @property
+    def uses_luminance(self) -> bool:
+        """Whether a CDR target reduces the optical image to one channel (luminance / band mean)."""
+        return self.cfg.cdr.enabled and self.cfg.cdr.degradation in ONE_CHANNEL_DEGRADATIONS
+
+    def describe_rgb(self) -> list[str]:
+        """Start-up lines: the optical bands the OKD teacher reads as red, green, blue, and those
+        of CDR's luminance (said once when they are the same)."""
+        lines = [self.teacher_input.describe()] if self.teacher_input is not None else []
+        lum, n = self.luminance, self.bands["optical"]
+        if not self.uses_luminance or n == 1:
+            return lines
+        if lines and lum.bands == self.teacher_input.bands:
+            also = " (if they are not red, green, blue, set model.cdr.rgb_bands too)" if lum.source == "first" else ""
+            lines[0] += f"; CDR's luminance (0.299 R + 0.587 G + 0.114 B) reads the same bands{also}"
+        elif lum.bands is None:
+            why = {"explicit": "model.cdr.rgb_bands=[]", "first": "the band names do not say which are red, green "
+                   "and blue; set model.cdr.rgb_bands for a luminance"}.get(lum.source, lum.rule)
+            lines.append(f"CDR's one-channel optical target: the mean of the {n} optical bands ({why})")
+        else:
+            hint = "; if these are not, set model.cdr.rgb_bands to their 0-based positions" if lum.source == "first" else ""
+            lines.append(f"CDR luminance (0.299 R + 0.587 G + 0.114 B): optical bands "
+                         f"{', '.join(self.rgb.band_names(lum.bands))} (model.cdr.rgb_bands="
+                         f"[{','.join(map(str, lum.bands))}]); {lum.rule}{hint}")
+        return lines
 
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda()/.half() must move the unregistered teacher too.
@@ -370,15 +403,16 @@ class CoDeMAE(nn.Module):
         }
 
 
-def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int,
-                optical_names: Optional[OpticalNames] = None) -> CoDeMAE:
-    """The full CoDe-MAE pretraining model for the given band counts. ``optical_names``: what the
-    data's optical band names say, so a timm / file teacher sees red, green, blue
-    (:func:`~codemae_cli.model.teacher.choose_teacher_input`)."""
+def build_model(cfg: ModelConfig, optical_bands: int, sar_bands: int, rgb: Optional[RGBChoice] = None,
+                luminance_rgb: Optional[RGBChoice] = None) -> CoDeMAE:
+    """The full CoDe-MAE pretraining model for the given band counts. ``rgb``: where red, green,
+    blue are (:func:`~codemae_cli.data.raster.choose_rgb`; default: by band order alone), read
+    by a timm / file teacher and by CDR's luminance; ``luminance_rgb``: another decision for CDR's
+    luminance alone (a resumed run that recorded one)."""
     if optical_bands < 1 or sar_bands < 1:
         raise UserError("CoDe-MAE needs at least one optical band and one SAR band")
     try:
-        return CoDeMAE(cfg, optical_bands, sar_bands, optical_names)
+        return CoDeMAE(cfg, optical_bands, sar_bands, rgb, luminance_rgb)
     except ValueError as err:
         raise UserError(str(err)) from None
 

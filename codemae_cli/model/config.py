@@ -69,7 +69,8 @@ class OKDConfig:
 
     Teacher input (timm / file teachers): the student sees dataset-normalised optical bands;
     the teacher gets the optical bands ``teacher_bands`` as R, G, B (default: red, green, blue
-    where the datasets' band names say which bands those are, else the first three; one band
+    where the datasets' band names say which bands those are (data/raster.py choose_rgb, the
+    decision CDR's luminance also reads), else the first three; one band
     as grey; pretraining's start-up line names them, checkpoints record them) at the source's
     own scale in [0, 1] (dataset normalisation undone, divided by the source range recorded at
     prepare time: 8-bit / 255 as in the reference; no per-image stretch, so a dark scene stays
@@ -134,9 +135,10 @@ class CDRConfig:
     # dual_mean, hog_cells); model/targets.py describes each.
     degradation: Literal["none", "channel", "spatial", "dual", "hog", "sar_gradient", "median",
                          "spatial_mean", "dual_mean", "hog_cells"] = "channel"
-    # Optical band indices of R, G, B for the luminance 0.299R+0.587G+0.114B. None: the first
-    # three bands when the optical image has 3 or 4 bands (RGB / RGB+NIR), otherwise the band
-    # mean. An empty list forces the band mean.
+    # Optical band indices of R, G, B for the luminance 0.299R+0.587G+0.114B. None: red, green,
+    # blue of the run's one decision (data/raster.py choose_rgb: the datasets' band names, as the
+    # OKD teacher reads them; without telling names the first three of a 3- or 4-band image, else
+    # the band mean). An empty list forces the band mean.
     rgb_bands: Optional[list[int]] = None
     weight: float = 1.0
 

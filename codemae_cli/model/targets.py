@@ -35,16 +35,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from codemae_cli.data.raster import RGBChoice, choose_rgb
 
 LUMINANCE = (0.299, 0.587, 0.114)
 DEGRADATIONS = ("none", "channel", "spatial", "dual", "hog", "sar_gradient", "median",
                  "spatial_mean", "dual_mean", "hog_cells")
 # Degradations computed on the source-scale images rather than the normalised ones.
 SOURCE_DEGRADATIONS = ("hog", "sar_gradient")
+# Degradations whose optical target is one channel: the luminance (or the band mean).
+ONE_CHANNEL_DEGRADATIONS = ("channel", "dual", "hog", "sar_gradient", "dual_mean", "hog_cells")
 SAR_GRADIENT_RADII = (9, 13, 17)
 SAR_GRADIENT_OFFSET = 1e-2  # added to the [0, 1] source image so the ratios stay finite
 HOG_BINS = 9
@@ -255,12 +260,28 @@ def degraded_target(imgs: torch.Tensor, modality: str, degradation: str, p: int,
     raise ValueError(f"unknown degradation '{degradation}'")
 
 
-def default_rgb_bands(optical_bands: int, rgb_bands: Optional[Sequence[int]]) -> Optional[tuple[int, ...]]:
-    """Which optical bands make the luminance: explicit list, else the first three of a 3- or
-    4-band (RGB / RGB+NIR) image, else none (band mean)."""
+@dataclass(frozen=True)
+class LuminanceInput:
+    """The optical bands of CDR's luminance 0.299R+0.587G+0.114B, and why."""
+
+    bands: Optional[tuple[int, ...]]  # 0-based R, G, B; None: the band mean
+    rule: str  # how they were chosen, as the start-up line says it
+    source: str  # "explicit" (model.cdr.rgb_bands), else the RGB decision's source (data/raster.py)
+
+
+def choose_luminance(optical_bands: int, rgb_bands: Optional[Sequence[int]],
+                     rgb: Optional[RGBChoice] = None) -> LuminanceInput:
+    """Which optical bands make CDR's luminance: ``rgb_bands`` (model.cdr.rgb_bands; an empty
+    list: the band mean) when given; else red, green, blue of the run's one RGB decision
+    (:func:`~codemae_cli.data.raster.choose_rgb`; without one, the decision on band order
+    alone), except a guess among more than four bands (names that do not say): the band mean.
+    So a 3-band or RGB+NIR image without telling names keeps its first three bands."""
     if rgb_bands is not None:
-        return tuple(rgb_bands) or None
-    return (0, 1, 2) if optical_bands in (3, 4) else None
+        return LuminanceInput(tuple(int(b) for b in rgb_bands) or None, "as model.cdr.rgb_bands says", "explicit")
+    rgb = rgb if rgb is not None else choose_rgb([], optical_bands)
+    if rgb.bands is None or (rgb.source == "first" and optical_bands > 4):
+        return LuminanceInput(None, rgb.rule, rgb.source)
+    return LuminanceInput(rgb.bands, rgb.rule, rgb.source)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

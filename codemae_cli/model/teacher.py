@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codemae_cli.data.raster import RGBChoice, choose_rgb
 from codemae_cli.errors import UserError
 from codemae_cli.model.config import OKDConfig
 from codemae_cli.model.layers import set_fused_attn
@@ -165,47 +166,6 @@ def teacher_targets(teacher: nn.Module, optical: torch.Tensor, grid: tuple[int, 
 
 
 @dataclass(frozen=True)
-class OpticalNames:
-    """What the optical band names of the training data say about colour."""
-
-    names: tuple[str, ...]  # band names in the model's band order (of a dataset that says ``rgb``, else the first)
-    rgb: Optional[tuple[int, int, int]] = None  # 0-based positions of red, green, blue; None: not said
-    rule: str = "red, green, blue as the band names say"  # why ``rgb``, for the start-up line
-    conflict: Optional[str] = None  # the refusal when datasets disagree (raised only if the names decide)
-
-
-def optical_names_of(datasets: Sequence[tuple[str, dict]]) -> OpticalNames:
-    """One reading of the band names of several prepared datasets (``(root, metadata.json)`` pairs).
-
-    The rule: every dataset whose names say where red, green and blue are must say the same
-    positions, and datasets whose names do not say are read the same way; datasets that
-    disagree leave a one-sentence refusal in ``conflict``.
-    """
-    from codemae_cli.data.raster import rgb_band_indices
-
-    said = []
-    for root, meta in datasets:
-        opt = meta.get("optical") or {}
-        rgb = rgb_band_indices(opt.get("bands") or [], opt.get("selected"))
-        if rgb is not None:
-            said.append((root, tuple(opt.get("bands")), rgb))
-    if not said:  # the first dataset's names, for the start-up line
-        return OpticalNames(tuple((datasets[0][1].get("optical") or {}).get("bands") or []) if datasets else ())
-    rule = OpticalNames.rule
-    if len(said) < len(datasets):
-        rule = (f"red, green, blue as the band names of {', '.join(repr(d[0]) for d in said)} say (the other "
-                "datasets' names do not say: read the same way)")
-    conflict = None
-    other = next((d for d in said if d[2] != said[0][2]), None)
-    if other is not None:
-        (ra, na, a), (rb, nb, b) = said[0], other
-        conflict = (f"the band names put red, green, blue at different optical bands: {list(a)} in '{ra}' "
-                    f"({', '.join(na)}) and {list(b)} in '{rb}' ({', '.join(nb)}); prepare the datasets with the "
-                    "same band order (prepare --optical-bands) or set model.okd.teacher_bands")
-    return OpticalNames(said[0][1], said[0][2], rule, conflict)
-
-
-@dataclass(frozen=True)
 class TeacherInput:
     """The optical bands a frozen teacher reads as its input channels (R, G, B), and why."""
 
@@ -219,24 +179,20 @@ class TeacherInput:
         return (f"OKD teacher input (R, G, B): optical bands {seen} (model.okd.teacher_bands="
                 f"[{','.join(map(str, self.bands))}]); {self.rule}")
 
-    def to_meta(self) -> dict:
-        """What checkpoints record (meta.json ``teacher_input``)."""
-        return {"bands": list(self.bands), "names": list(self.names), "rule": self.rule}
-
-    @staticmethod
-    def recorded_bands(meta: Optional[dict]) -> Optional[tuple[int, ...]]:
-        """The bands a checkpoint's ``teacher_input`` record names; None when it records none."""
-        bands = (meta or {}).get("bands")
-        return tuple(int(b) for b in bands) if bands else None
+    def to_meta(self) -> list:
+        """What checkpoints record (meta.json ``rgb_input.teacher``)."""
+        return list(self.bands)
 
 
 def choose_teacher_input(optical_bands: int, bands: Optional[Sequence[int]], in_chans: int = 3,
-                         named: Optional[OpticalNames] = None) -> TeacherInput:
+                         rgb: Optional[RGBChoice] = None) -> TeacherInput:
     """The optical bands the teacher sees: ``bands`` (model.okd.teacher_bands) when given; a
-    single band as grey; red, green, blue where ``named`` says which bands those are; else
-    the first ``in_chans`` bands (said on the start-up line when there were more to choose from)."""
-    names = tuple(named.names) if named is not None and len(named.names) == optical_bands else ()
-    names = names or tuple(f"band {k + 1}" for k in range(optical_bands))
+    single band as grey; for a 3-channel teacher, red, green, blue of the run's one RGB decision
+    (``rgb``, :func:`~codemae_cli.data.raster.choose_rgb`; without one, the decision on band
+    order alone); else the first ``in_chans`` bands. A guess among more bands than the teacher
+    reads is said on the start-up line, with the way to change it."""
+    rgb = rgb if rgb is not None else choose_rgb([], optical_bands)
+    names = rgb.band_names(range(optical_bands))
     if bands is not None:
         bad = [b for b in bands if b >= optical_bands]
         if bad:
@@ -248,24 +204,24 @@ def choose_teacher_input(optical_bands: int, bands: Optional[Sequence[int]], in_
         return _input(bands, names, "as model.okd.teacher_bands says")
     if optical_bands == 1:
         return _input((0,) * in_chans, names, "the one optical band as grey")  # panchromatic
-    if in_chans == 3 and named is not None and named.rgb is not None:
-        if named.conflict:
-            raise UserError(named.conflict)
-        if max(named.rgb) < optical_bands:
-            return _input(named.rgb, names, named.rule)
+    if in_chans == 3 and rgb.bands is not None and max(rgb.bands) < optical_bands:
+        if rgb.conflict:
+            raise UserError(rgb.conflict)
+        return _input(rgb.bands, names, rgb.rule + (_hint(in_chans) if rgb.source == "first" else ""))
     if optical_bands == in_chans:
         return _input(range(in_chans), names, "the optical bands in their order")
     if optical_bands > in_chans:
-        told = (f"the band names ({', '.join(names)}) do not say" if named is not None
-                else "no band names say")
-        example = ",".join(map(str, reversed(range(in_chans))))
-        return _input(range(in_chans), names,
-                      f"the first {in_chans}: {told} which are red, green and blue; if these are not, set "
-                      f"model.okd.teacher_bands to their 0-based positions (e.g. --set model.okd.teacher_bands=[{example}])")
+        return _input(range(in_chans), names, f"the first {in_chans}{_hint(in_chans)}")
     raise UserError(
         f"the optical input has {optical_bands} bands; set model.okd.teacher_bands to the {in_chans} "
         "bands the teacher should see"
     )
+
+
+def _hint(in_chans: int) -> str:
+    example = ",".join(map(str, reversed(range(in_chans))))
+    return ("; if these are not, set model.okd.teacher_bands to their 0-based positions "
+            f"(e.g. --set model.okd.teacher_bands=[{example}])")
 
 
 def _input(bands: Sequence[int], names: Sequence[str], rule: str) -> TeacherInput:

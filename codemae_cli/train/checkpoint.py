@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from codemae_cli.data.raster import RGBChoice
 from codemae_cli.errors import UserError
 from codemae_cli.fsutil import moved_aside, staged_directory
 
@@ -253,6 +255,60 @@ def read_meta(path) -> dict:
 _SCENE_SAR_SCALES = ("db", "linear", "amplitude")
 
 
+@dataclass(frozen=True)
+class RGBRecord:
+    """Which optical bands a pretraining run read as red, green, blue: meta.json ``rgb_input``
+    (``{bands, names, rule, source, teacher, luminance}``). Checkpoints written before it record
+    ``teacher_input`` (``{bands, names, rule}`` or null: the teacher's bands alone) or nothing
+    (the teacher read the first three bands); their CDR luminance read the first three bands of a
+    3- or 4-band image, whatever the names said."""
+
+    choice: Optional[RGBChoice]  # the run's one decision; None in checkpoints written before it was recorded
+    teacher: Optional[tuple[int, ...]]  # the bands a timm / file OKD teacher read; None: EMA teacher or no OKD
+    luminance: Optional[tuple[int, ...]]  # the bands of CDR's luminance; None: the band mean (or not recorded)
+    written: str  # "rgb_input" | "teacher_input" | "none": what the checkpoint records
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> RGBRecord:
+        if isinstance(meta.get("rgb_input"), dict):
+            r = meta["rgb_input"]
+            choice = RGBChoice(tuple(str(n) for n in r.get("names") or ()), _band_tuple(r.get("bands")),
+                               str(r.get("rule") or ""), str(r.get("source") or "run"))
+            return cls(choice, _band_tuple(r.get("teacher")), _band_tuple(r.get("luminance")), "rgb_input")
+        if "teacher_input" in meta:
+            return cls(None, _band_tuple((meta["teacher_input"] or {}).get("bands")), None, "teacher_input")
+        return cls(None, None, None, "none")
+
+    def teacher_choice(self, now: RGBChoice, optical_bands: int) -> RGBChoice:
+        """The RGB decision to give a resumed run's teacher: the recorded one (``now``: what the
+        datasets' names say today, for the band names, and where nothing was recorded)."""
+        keep = "as in the run being resumed"
+        if self.written == "rgb_input":
+            return RGBChoice(now.names, self.choice.bands, keep, "run")
+        if self.written == "none":  # the teacher read the first three bands
+            return RGBChoice(now.names, (0, 1, 2) if optical_bands >= 3 else None, f"the first three, {keep}", "run")
+        if self.teacher is not None and len(self.teacher) == 3:
+            return RGBChoice(now.names, self.teacher, keep, "run")
+        return now  # an EMA teacher or no OKD: nothing to keep
+
+    def luminance_choice(self, names: Sequence[str], optical_bands: int) -> RGBChoice:
+        """The RGB decision of the run's CDR luminance, for a resumed run or an analysis."""
+        if self.written == "rgb_input":
+            return RGBChoice(tuple(names), self.luminance, "as in the run being resumed", "run")
+        first = (0, 1, 2) if optical_bands in (3, 4) else None
+        return RGBChoice(tuple(names), first, "the first three bands of a 3- or 4-band image, as in the run "
+                         "being resumed (written before CDR's luminance followed the band names)", "run")
+
+    def to_meta(self) -> dict:
+        return {**(self.choice.to_meta() if self.choice else {"bands": None, "names": [], "rule": "", "source": "run"}),
+                "teacher": list(self.teacher) if self.teacher else None,
+                "luminance": list(self.luminance) if self.luminance else None}
+
+
+def _band_tuple(value) -> Optional[tuple[int, ...]]:
+    return tuple(int(b) for b in value) if value else None
+
+
 @dataclass
 class CheckpointMeta:
     """A checkpoint's meta.json as a typed record: read once, by :func:`read_checkpoint_meta`.
@@ -283,6 +339,7 @@ class CheckpointMeta:
     source_ranges: list  # pretraining: per dataset (in the order of raw["datasets"]), the source scale its
     #                      OKD teacher and hog / sar_gradient targets saw, {"optical": [lo, hi], "sar": [lo, hi]}
     #                      (data/source_scale.py); default [] (older checkpoints: readers use the dataset's own)
+    rgb_input: RGBRecord  # pretraining: the optical bands read as red, green, blue (teacher, CDR luminance)
     raw: dict  # the whole meta.json, for fields not typed here (metrics, versions, ...)
 
     @classmethod
@@ -306,7 +363,8 @@ class CheckpointMeta:
             classes=classes, backbone=str(meta.get("backbone") or (enc or model).get("backbone") or "vit"),
             preset=str(meta.get("preset") or (enc or {}).get("preset") or model.get("preset") or "unknown"),
             task=task, inputs=str(meta.get("inputs") or "both"), recipe=recipe, encoder_config=enc,
-            source_ranges=_source_ranges(meta.get("source_ranges"), path), raw=meta)
+            source_ranges=_source_ranges(meta.get("source_ranges"), path), rgb_input=RGBRecord.from_meta(meta),
+            raw=meta)
 
     @property
     def source_range(self) -> Optional[dict]:

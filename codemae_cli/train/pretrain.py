@@ -119,8 +119,9 @@ class PretrainTask(TrainTask):
         self.loader = build_loader(self.chips, self.sampler, num_workers=data.num_workers,
                                    pin_memory=data.pin_memory and dist.device.type == "cuda")
         self.plan = plan_steps(self.sampler.batches_per_epoch, optim)
+        rgb, luminance_rgb, self.rgb_record = _rgb_of_run(self.chips, recipe, resumed)
         self.model = build_model(recipe.model, self.chips.optical_bands, self.chips.sar_bands,
-                                 optical_names=_teacher_names(self.chips.sources, recipe, resumed))
+                                 rgb=rgb, luminance_rgb=luminance_rgb)
         # The OKD teacher and the HOG / ratio-gradient targets see each dataset at its source scale:
         # the one its metadata records, or in a resumed run the one the run has used so far.
         kept = [resumed.recorded_source_range(s.root) if resumed else None for s in self.chips.sources]
@@ -149,8 +150,8 @@ class PretrainTask(TrainTask):
             say(f"lr = {self.lr:.4g} (optim.lr); {batch}")
         if getattr(self.model, "init_report", None) is not None:
             say(self.model.init_report.summary())
-        if self.model.teacher_input is not None:
-            say(self.model.teacher_input.describe())
+        for line in self.model.describe_rgb():
+            say(line)
         say(f"{plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps in all, {plan.warmup_steps} warmup steps"
             f"{left_out_note(self.sampler)}")
 
@@ -183,33 +184,47 @@ class PretrainTask(TrainTask):
                 "backbone": getattr(self.recipe.model, "backbone", "vit"),
                 "dataset_stats": [s.meta.get("stats") for s in self.chips.sources],
                 "source_ranges": self.source_ranges,
-                # The optical bands a timm / file teacher saw (a resumed run keeps them); null: EMA or no OKD.
-                "teacher_input": self.model.teacher_input.to_meta() if self.model.teacher_input else None,
+                # Red, green, blue: the run's one decision, and the bands its timm / file teacher and
+                # CDR's luminance read (a resumed run keeps them; train/checkpoint.py RGBRecord).
+                "rgb_input": self._rgb_record(),
                 "world_size": self.dist.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                 "total_steps": self.plan.total_steps}
 
 
-def _teacher_names(sources, recipe: PretrainRecipe, resumed: Optional[CheckpointMeta]):
-    """What the datasets' optical band names say about colour, for the OKD teacher's input; in a
-    resumed run, the bands the run's teacher saw (refused when the datasets now say otherwise)."""
-    from codemae_cli.model.teacher import OpticalNames, TeacherInput, optical_names_of
+    def _rgb_record(self) -> dict:
+        from codemae_cli.train.checkpoint import RGBRecord
 
-    named = optical_names_of([(str(s.root), s.meta) for s in sources])
-    if resumed is None or recipe.model.okd.teacher_bands is not None:
-        return named
-    if "teacher_input" not in resumed.raw:  # written before the choice was recorded: the first three
-        first = (0, 1, 2) if sources[0].n_opt >= 3 else None
-        return OpticalNames(named.names, first, "the first three, as in the run being resumed")
-    recorded = TeacherInput.recorded_bands(resumed.raw["teacher_input"])
-    if recorded is None or len(recorded) != 3:  # EMA teacher, OKD off, or a teacher that is not RGB
-        return named
-    if named.conflict:
-        raise UserError(named.conflict)
-    if named.rgb is not None and named.rgb != recorded:
-        raise UserError(f"the run being resumed fed its teacher optical bands {list(recorded)}, but the datasets' "
-                        f"band names put red, green, blue at {list(named.rgb)}; resume with the run's datasets or "
+        teacher = self.model.teacher_input.bands if self.model.teacher_input is not None else None
+        return RGBRecord(self.rgb_record or self.model.rgb, teacher, self.model.rgb_bands, "rgb_input").to_meta()
+
+
+def _rgb_of_run(chips, recipe: PretrainRecipe, resumed: Optional[CheckpointMeta]):
+    """Where red, green, blue are among the optical bands, decided once for the run from the
+    datasets' band names (data/raster.py choose_rgb): -> (the decision, the one CDR's luminance
+    reads when a resumed run recorded another (else None), the recorded decision to keep writing
+    (else None)). A resumed run keeps what it recorded, and is refused when the datasets' names
+    now put red, green, blue elsewhere and the decision feeds the teacher or the luminance."""
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.model.targets import ONE_CHANNEL_DEGRADATIONS
+
+    now = choose_rgb([(str(s.root), s.meta) for s in chips.sources], chips.optical_bands)
+    if resumed is None:
+        return now, None, None
+    rec, n = resumed.rgb_input, chips.optical_bands
+    okd, cdr = recipe.model.okd, recipe.model.cdr
+    teacher_reads = okd.enabled and okd.teacher != "ema" and okd.teacher_bands is None
+    luminance_reads = cdr.enabled and cdr.degradation in ONE_CHANNEL_DEGRADATIONS and cdr.rgb_bands is None
+    if rec.written == "rgb_input":
+        kept, reads = rec.choice.bands, teacher_reads or luminance_reads
+    else:  # older checkpoints: only the teacher read the band names
+        kept, reads = rec.teacher_choice(now, n).bands, teacher_reads and rec.written == "teacher_input"
+    if reads and now.conflict:
+        raise UserError(now.conflict)
+    if reads and now.source == "names" and kept is not None and now.bands != kept:
+        raise UserError(f"the run being resumed read red, green, blue from optical bands {list(kept)}, but the "
+                        f"datasets' band names put them at {list(now.bands)}; resume with the run's datasets or "
                         "start a new run")
-    return OpticalNames(named.names, recorded, "as in the run being resumed")
+    return rec.teacher_choice(now, n), rec.luminance_choice(now.names, n), rec.choice
 
 
 def _run(recipe: PretrainRecipe, dist, resume: bool, output_dir, echo) -> Path:
