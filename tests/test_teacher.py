@@ -310,6 +310,7 @@ def test_resume_keeps_the_luminance_of_checkpoints_written_before_it_followed_th
     from fakes import make_synthetic_dataset
     from typer.testing import CliRunner
 
+    from codemae_cli.analysis.analyze import load_pretrained
     from codemae_cli.cli import app
     from codemae_cli.train.checkpoint import read_checkpoint_meta
 
@@ -320,13 +321,13 @@ def test_resume_keeps_the_luminance_of_checkpoints_written_before_it_followed_th
     runner, out = CliRunner(), tmp_path / "run"
     last = out / "checkpoints" / "last" / "meta.json"
 
-    def run(steps, resume=False):
+    def run(steps, resume=False, code=0):
         sets = ["model.preset=tiny", "model.img_size=32", "data.img_size=32", "model.patch_size=8", "model.ccl.num_heads=4",
                 "optim.batch_size=2", "optim.lr=1e-3", "run.device=cpu", "run.precision=fp32", "run.tensorboard=false",
                 "data.num_workers=0", "data.pin_memory=false", f"data.datasets=[{data}]", f"optim.max_steps={steps}"]
         res = runner.invoke(app, ["pretrain", "smoke", "--output-dir", str(out), *(["--resume"] if resume else []),
                                   *[a for x in sets for a in ("--set", x)]])
-        assert res.exit_code == 0, res.output
+        assert res.exit_code == code, res.output
         return res.output
 
     # An EMA teacher: the decision reaches CDR's luminance alone (red, green, blue = bands 3, 2, 1).
@@ -335,6 +336,12 @@ def test_resume_keeps_the_luminance_of_checkpoints_written_before_it_followed_th
             "red, green, blue as the band names say") in said
     rec = read_checkpoint_meta(last.parent).rgb_input
     assert rec.written == "rgb_input" and rec.choice.bands == rec.luminance == (2, 1, 0) and rec.teacher is None
+    assert load_pretrained(last.parent).model.rgb_bands == (2, 1, 0)  # analyze rebuilds CDR's targets as trained
+    # Names that now put the colours elsewhere: the luminance cannot continue the run.
+    (data / "metadata.json").write_text(json.dumps({**meta, "optical": {**meta["optical"], "bands": ["red", "green", "blue", "nir"]}}))
+    refused = run(2, resume=True, code=2)
+    assert "read red, green, blue from optical bands [2, 1, 0]" in refused and "Traceback" not in refused
+    (data / "metadata.json").write_text(json.dumps(meta))
     # The same checkpoint as written before: `teacher_input` null, its luminance on the first three bands.
     old = json.loads(last.read_text())
     del old["rgb_input"]
@@ -346,3 +353,22 @@ def test_resume_keeps_the_luminance_of_checkpoints_written_before_it_followed_th
     # ... and keeps them at the next resume (now recorded as `rgb_input`)
     assert "optical bands blue, green, red (model.cdr.rgb_bands=[0,1,2]); as in the run being resumed" in run(3, True)
     assert read_checkpoint_meta(last.parent).rgb_input.luminance == (0, 1, 2)
+    assert load_pretrained(last.parent).model.rgb_bands == (0, 1, 2)
+
+
+def test_checkpoint_rgb_record_reads_every_format():
+    from codemae_cli.data.raster import choose_rgb
+    from codemae_cli.train.checkpoint import RGBRecord
+
+    now = choose_rgb([("d", {"optical": {"bands": ["blue", "green", "red", "nir"]}})])
+    new = RGBRecord.from_meta({"rgb_input": {"bands": [2, 1, 0], "names": ["blue", "green", "red", "nir"],
+                                             "rule": "r", "source": "names", "teacher": None, "luminance": [2, 1, 0]}})
+    assert new.teacher_choice(now, 4).bands == (2, 1, 0) and new.luminance_choice(now.names, 4).bands == (2, 1, 0)
+    assert RGBRecord.from_meta({"rgb_input": new.to_meta()}) == new
+    # written before the decision was shared: the teacher's record (or the first three), luminance on 1, 2, 3
+    timm = RGBRecord.from_meta({"teacher_input": {"bands": [2, 1, 0], "names": ["red", "green", "blue"], "rule": "r"}})
+    assert timm.teacher_choice(now, 4).bands == (2, 1, 0) and timm.luminance_choice(now.names, 4).bands == (0, 1, 2)
+    ema = RGBRecord.from_meta({"teacher_input": None})
+    assert ema.teacher_choice(now, 4) is now and ema.luminance_choice(now.names, 4).bands == (0, 1, 2)
+    oldest = RGBRecord.from_meta({})
+    assert oldest.teacher_choice(now, 4).bands == (0, 1, 2) and oldest.luminance_choice(now.names, 5).bands is None

@@ -307,7 +307,7 @@ def choose_rgb(datasets: Sequence[tuple[str, dict]], count: Optional[int] = None
     if count > 3:
         told = f"the band names ({', '.join(names)}) do not say" if len(first) == count else "no band names say"
         return RGBChoice(names, (0, 1, 2), f"the first 3: {told} which are red, green and blue", "first")
-    return RGBChoice(names, None, f"{count} optical band{'s' if count != 1 else ''}: no red, green, blue", "none")
+    return RGBChoice(names, None, "fewer than 3 optical bands: no red, green, blue", "none")
 
 
 NO_OVERRIDE = (False, None)  # parse_nodata(None): no --nodata-* given, each file's own nodata
