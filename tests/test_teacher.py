@@ -65,6 +65,44 @@ def test_teacher_file_errors(tmp_path, weights_file):
         build_model(cfg_with(teacher="timm", teacher_model=TEACHER), 2, 2)
 
 
+def test_teacher_file_must_fit_the_model_strictly(tmp_path):
+    """A weights file is taken only when it fills every weight of the model (its classifier
+    head aside): weights of another architecture would otherwise leave a half-random teacher."""
+    import timm
+    from safetensors.torch import save_file
+
+    from codemae_cli.model.teacher import create_timm_teacher
+
+    def save(state: dict, name: str) -> str:
+        path = tmp_path / name
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        return str(path)
+
+    def teacher(path: str) -> torch.nn.Module:
+        cfg = cfg_with(teacher="file", teacher_model="vit_tiny_patch16_224", teacher_weights=path).okd
+        return create_timm_teacher(cfg)
+
+    torch.manual_seed(0)
+    full = timm.create_model("vit_tiny_patch16_224", num_classes=10).state_dict()  # with a head
+    loaded = teacher(save(full, "fits.safetensors")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in full.items() if not k.startswith("head."))
+    assert not any(k.startswith("head.") for k in loaded)
+
+    shallow = timm.create_model("vit_tiny_patch16_224", depth=2).state_dict()  # blocks 2..11 missing
+    with pytest.raises(UserError, match=r"shallow\.safetensors' does not fit model 'vit_tiny_patch16_224': "
+                                        r"missing key 'blocks\.2\."):
+        teacher(save(shallow, "shallow.safetensors"))
+    with pytest.raises(UserError, match=r"unexpected key 'storage_tokens'"):
+        teacher(save({**full, "storage_tokens": torch.zeros(1, 4, 192)}, "extra.safetensors"))
+    narrow = {k: v[..., :8] if k == "blocks.0.mlp.fc2.weight" else v for k, v in full.items()}
+    with pytest.raises(UserError, match=r"'blocks\.0\.mlp\.fc2\.weight' has shape"):
+        teacher(save(narrow, "narrow.safetensors"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        teacher(str(garbage))
+
+
 def test_teacher_input_and_targets():
     torch.manual_seed(0)
     model = build_model(cfg_with(teacher="timm", teacher_model=TEACHER, teacher_bands=[2, 1, 0]), 4, 2)

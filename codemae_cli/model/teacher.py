@@ -9,6 +9,7 @@ affine parameters.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,7 @@ def create_timm_teacher(cfg: OKDConfig, fused_attn: bool = True) -> nn.Module:
     name = cfg.teacher_model
     kwargs: dict = dict(num_classes=0)
     if cfg.teacher == "file":
-        path = Path(cfg.teacher_weights or "")
-        if not path.is_file():
-            raise UserError(f"teacher weights file '{path}' does not exist")
-        if path.suffix.lower() != ".safetensors":
-            # Pickled checkpoints can run arbitrary code when loaded: only safetensors are read.
-            raise UserError(f"teacher weights file '{path}' must be a .safetensors file")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=_file_overlay(cfg))
     else:
         kwargs.update(pretrained=bool(cfg.teacher_pretrained))
     try:
@@ -56,9 +51,43 @@ def create_timm_teacher(cfg: OKDConfig, fused_attn: bool = True) -> nn.Module:
                 "download them first, or point model.okd.teacher_weights at a local .safetensors file"
             ) from None
         raise
+    # The overlay's weights would otherwise stay referenced by the model's config.
+    getattr(model, "pretrained_cfg", {}).pop("state_dict", None)
     model.eval().requires_grad_(False)
     set_fused_attn(model, fused_attn)
     return model
+
+
+def _file_overlay(cfg: OKDConfig) -> dict:
+    """timm's pretrained-config overlay that loads ``cfg.teacher_weights`` strictly.
+
+    The tensors are read here with safetensors (pickled checkpoints can run arbitrary code when
+    loaded, so nothing else is read). timm loads weights non-strictly whenever the model's head
+    differs from the pretrained one (here always: num_classes=0), which would keep a half-random
+    teacher from weights of another architecture with only a log line. So the head is dropped
+    here and the overlay says the weights have none: timm then keeps its strict load, and any
+    missing or unexpected key or shape mismatch fails the build.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from timm.models import clean_state_dict, get_pretrained_cfg_value
+
+    path = Path(cfg.teacher_weights or "")
+    if not path.is_file():
+        raise UserError(f"teacher weights file '{path}' does not exist")
+    if path.suffix.lower() != ".safetensors":
+        raise UserError(f"teacher weights file '{path}' must be a .safetensors file")
+    try:
+        state = clean_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"teacher weights file '{path}' is not a readable safetensors file ({err})") from None
+    if not state:
+        raise UserError(f"teacher weights file '{path}' holds no tensors")
+    heads = get_pretrained_cfg_value(cfg.teacher_model, "classifier") or ()
+    for head in (heads,) if isinstance(heads, str) else heads:
+        state.pop(f"{head}.weight", None)
+        state.pop(f"{head}.bias", None)
+    return dict(state_dict=state, num_classes=0)
 
 
 def _teacher_error(cfg: OKDConfig, err: Exception) -> UserError:
@@ -67,9 +96,27 @@ def _teacher_error(cfg: OKDConfig, err: Exception) -> UserError:
         return UserError(f"model.okd.teacher_model '{cfg.teacher_model}' is not a timm model name")
     if cfg.teacher == "file":
         return UserError(
-            f"teacher weights file '{cfg.teacher_weights}' does not fit model '{cfg.teacher_model}': {msg}"
+            f"teacher weights file '{cfg.teacher_weights}' does not fit model '{cfg.teacher_model}': "
+            f"{_first_misfit(str(err)) or msg}"
         )
     return UserError(f"could not build teacher '{cfg.teacher_model}': {msg}")
+
+
+def _first_misfit(text: str) -> str:
+    """The first problem of a failed ``load_state_dict``, as a phrase: its first missing or
+    unexpected key (with the number of such keys) or its first shape mismatch; "" for another error."""
+    for kind, label in (("Missing", "missing"), ("Unexpected", "unexpected")):
+        found = re.search(kind + r' key\(s\) in state_dict: (.*?)\. *$', text, re.MULTILINE)
+        if found:
+            keys = re.findall(r'"([^"]+)"', found.group(1))
+            if keys:
+                more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+                return f"{label} key '{keys[0]}'{more}"
+    found = re.search(r"size mismatch for (\S+): copying a param with shape (.*?) from checkpoint, "
+                      r"the shape in current model is (.*?)\.?$", text, re.MULTILINE)
+    if found:
+        return f"'{found.group(1)}' has shape {found.group(2)}, the model wants {found.group(3)}"
+    return ""
 
 
 class TimmTeacher(nn.Module):
