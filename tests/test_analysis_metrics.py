@@ -147,6 +147,21 @@ def test_unit_range_and_structure_channels():
     np.testing.assert_allclose(M.sar_intensity(rgb[:2]), 1.5)
 
 
+def test_analysis_luminance_is_cdrs_own():
+    """The analyses' structure channel of an optical image is CDR's luminance target, value for
+    value, whatever bands are red, green, blue: one definition of the weights serves both."""
+    import torch
+
+    from codemae_cli.model.targets import LUMINANCE, luminance, one_channel
+
+    assert sum(LUMINANCE) == pytest.approx(1.0)  # a grey image keeps its value
+    stack = np.random.default_rng(0).random((2, 4, 5, 6))  # (B, C, H, W)
+    for bands in ((0, 1, 2), (2, 1, 0), (3, 2, 1)):
+        cdr = one_channel(torch.from_numpy(stack), "optical", bands)[:, 0].numpy()  # (B, H, W)
+        np.testing.assert_array_equal(M.optical_luminance(stack, bands), cdr)
+        np.testing.assert_array_equal(cdr, luminance(*(stack[:, b] for b in bands)))
+
+
 def test_accepts_torch_tensors():
     torch = pytest.importorskip("torch")
     t = torch.eye(4, requires_grad=True)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from codemae_cli.model.targets import luminance
+
 _EPS = 1e-12
 
 
@@ -211,13 +213,12 @@ def similarity_ssim_correlation(similarity: Any, ssim: Any) -> dict[str, float]:
 def optical_luminance(optical: Any, rgb: tuple[int, int, int] | None = (0, 1, 2)) -> np.ndarray:
     """One structure channel from an optical stack (..., C, H, W).
 
-    Rec. 601 luminance 0.299 R + 0.587 G + 0.114 B when ``rgb`` names three band indices (the
-    same degradation CDR uses), else the band mean. NaN propagates.
+    The luminance 0.299 R + 0.587 G + 0.114 B when ``rgb`` names three band indices (CDR's own,
+    model/targets.py ``luminance``), else the band mean. NaN propagates.
     """
     x = _np(optical)
     if rgb is not None and x.shape[-3] >= 3:
-        r, g, b = (x[..., i, :, :] for i in rgb)
-        return 0.299 * r + 0.587 * g + 0.114 * b
+        return luminance(*(x[..., i, :, :] for i in rgb))
     return x.mean(axis=-3)
 
 

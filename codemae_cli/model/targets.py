@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from codemae_cli.data.raster import RGBChoice, choose_rgb
 
-LUMINANCE = (0.299, 0.587, 0.114)
+LUMINANCE = (0.299, 0.587, 0.114)  # Rec. 601 weights of red, green, blue
 DEGRADATIONS = ("none", "channel", "spatial", "dual", "hog", "sar_gradient", "median",
                  "spatial_mean", "dual_mean", "hog_cells")
 # Degradations computed on the source-scale images rather than the normalised ones.
@@ -91,9 +91,14 @@ def one_channel(imgs: torch.Tensor, modality: str, rgb_bands: Optional[Sequence[
     """Reduce to one channel: optical luminance 0.299R+0.587G+0.114B when ``rgb_bands`` names
     the R, G, B bands, otherwise (and for SAR) the band mean. (B, C, H, W) -> (B, 1, H, W)."""
     if modality == "optical" and rgb_bands:
-        r, g, b = (imgs[:, i : i + 1] for i in rgb_bands)
-        return LUMINANCE[0] * r + LUMINANCE[1] * g + LUMINANCE[2] * b
+        return luminance(*(imgs[:, i : i + 1] for i in rgb_bands))
     return imgs.mean(dim=1, keepdim=True)
+
+
+def luminance(r, g, b):
+    """0.299 R + 0.587 G + 0.114 B of three bands, torch tensors or numpy arrays alike: the one
+    luminance of CDR's targets and of the analyses (analysis/metrics.py optical_luminance)."""
+    return LUMINANCE[0] * r + LUMINANCE[1] * g + LUMINANCE[2] * b
 
 
 def patch_mean(imgs: torch.Tensor, p: int) -> torch.Tensor:
