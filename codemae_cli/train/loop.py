@@ -148,8 +148,42 @@ def wrap_model(model, dist, compile: bool = False):
 
         # Every trainable parameter gets a gradient every step (tasks freeze what their inputs
         # never reach), so no find_unused_parameters and its extra pass over the graph.
-        train_model = DDP(train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                          **_buffer_sync(model))
     return train_model
+
+
+def trains_buffers(model) -> bool:
+    """Whether training changes a buffer of ``model``: the running statistics of a norm layer
+    that tracks them (BatchNorm, SyncBatchNorm). Every other buffer of the project's models is a
+    fixed table (sin-cos positions, a teacher's input statistics, the source-scale map)."""
+    return any(getattr(m, "track_running_stats", False) and getattr(m, "running_mean", None) is not None
+               for m in model.modules())
+
+
+def _buffer_sync(model) -> dict:
+    """DDP's buffer options for ``model``: buffers reach every rank from rank 0 at the start, and
+    again before every forward only when training changes them. Rebroadcasting fixed buffers
+    copies them in place each step: a broadcast per step, and a bumped version counter that
+    makes the iTPN rebuild its cached resampled position table every step."""
+    import torch.distributed as torch_dist
+
+    if trains_buffers(model):
+        return {}
+    if _ddp_has_forward_sync_buffers():
+        return {"forward_sync_buffers": False}
+    for buf in model.buffers():  # older torch: broadcast_buffers=False skips the start's sync too
+        torch_dist.broadcast(buf, src=0)
+    return {"broadcast_buffers": False}
+
+
+def _ddp_has_forward_sync_buffers() -> bool:
+    """Whether DDP takes ``forward_sync_buffers`` (torch >= 2.13; it replaces broadcast_buffers)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
 
 
 class TrainLoop:
