@@ -264,3 +264,27 @@ def test_datasets_that_disagree_are_recorded_as_mixed_never_as_the_first(tmp_pat
     line = " ".join(res.output.split())
     assert "trained on datasets that kept different optical bands" in line and "--optical-bands" in line
     assert not (tmp_path / "m.tif").exists()
+
+
+def test_metadata_record_types_the_best_validation_and_the_load_report(tmp_path):
+    """Fine-tuning's resume reads the best validation and the encoder's load report from the
+    record; checkpoints without them (pretraining, older runs) read as None."""
+    from codemae_cli.train.checkpoint import BestRecord, read_checkpoint_meta
+
+    report = {"source": "runs/pretrain", "loaded": 12, "missing": [], "unexpected": ["mask_token"], "skipped": []}
+    best = {"metric": "miou", "value": 0.75, "epoch": 2, "metrics": {"miou": 0.75, "oa": 0.9}}
+    save_checkpoint(tmp_path / "ft", _model(), {"kind": "finetune", "best": best, "load_report": report})
+    meta = read_checkpoint_meta(tmp_path / "ft")
+    assert meta.best == BestRecord("miou", 0.75, 2, {"miou": 0.75, "oa": 0.9}) and meta.load_report == report
+    # before the first validation, and a run from scratch
+    save_checkpoint(tmp_path / "early", _model(), {"kind": "finetune", "load_report": None,
+                                                   "best": {"metric": "miou", "value": None, "epoch": None,
+                                                            "metrics": None}})
+    early = read_checkpoint_meta(tmp_path / "early")
+    assert early.best == BestRecord(metric="miou") and early.load_report is None
+    save_checkpoint(tmp_path / "pre", _model(), {"kind": "pretrain", "step": 3})
+    assert read_checkpoint_meta(tmp_path / "pre").best == BestRecord() and read_checkpoint_meta(tmp_path / "pre").load_report is None
+    for field, value in (("best", {"value": "high"}), ("best", [0.7]), ("best", {"metrics": [1]}), ("load_report", "ok")):
+        save_checkpoint(tmp_path / "bad", _model(), {"kind": "finetune", field: value})
+        with pytest.raises(UserError, match=f"invalid {field}"):
+            read_checkpoint_meta(tmp_path / "bad")

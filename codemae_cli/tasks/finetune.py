@@ -173,7 +173,7 @@ class FinetuneTask(TrainTask):
             # come from checkpoints/last.
             last = pre = read_checkpoint_meta(resume_from)
             pre_state = None
-            self.best_metrics = (last.raw.get("best") or {}).get("metrics")
+            self.best_metrics = last.best.metrics
         else:
             pre_state, pre = _load_pretrained(self.recipe)
             if pre is not None:
@@ -189,7 +189,7 @@ class FinetuneTask(TrainTask):
         if pre_state is not None:
             self.report = self._load_encoder(model, pre_state, unused)
         elif resume_from is not None:
-            self.report = _LoadedReport(last.raw.get("load_report"))
+            self.report = _LoadedReport(last.load_report)
         else:
             self.report = None
             self.say(f"encoder: preset '{self.enc_cfg.preset}' from scratch (random initialisation)")

@@ -309,6 +309,36 @@ def _band_tuple(value) -> Optional[tuple[int, ...]]:
     return tuple(int(b) for b in value) if value else None
 
 
+@dataclass(frozen=True)
+class BestRecord:
+    """A fine-tuning checkpoint's best validation so far (meta.json ``best``): the metric that
+    chooses it, its value, the 1-based epoch and that epoch's metrics. Every field is None before
+    the first validation, for pretraining checkpoints and for checkpoints that do not record it."""
+
+    metric: Optional[str] = None
+    value: Optional[float] = None
+    epoch: Optional[int] = None
+    metrics: Optional[dict] = None
+
+    @classmethod
+    def from_meta(cls, value, path) -> BestRecord:
+        """meta.json's ``best`` (absent: every field None); a malformed entry is refused."""
+        if value is None:
+            return cls()
+        bad = UserError(f"checkpoint '{path}' records an invalid best entry {value!r}")
+        if not isinstance(value, dict) or not isinstance(value.get("metrics"), (dict, type(None))):
+            raise bad
+        try:
+            return cls(metric=_optional(str, value.get("metric")), value=_optional(float, value.get("value")),
+                       epoch=_optional(int, value.get("epoch")), metrics=value.get("metrics"))
+        except (TypeError, ValueError):
+            raise bad from None
+
+
+def _optional(kind, value):
+    return None if value is None else kind(value)
+
+
 @dataclass
 class CheckpointMeta:
     """A checkpoint's meta.json as a typed record: read once, by :func:`read_checkpoint_meta`.
@@ -340,6 +370,10 @@ class CheckpointMeta:
     #                      OKD teacher and hog / sar_gradient targets saw, {"optical": [lo, hi], "sar": [lo, hi]}
     #                      (data/source_scale.py); default [] (older checkpoints: readers use the dataset's own)
     rgb_input: RGBRecord  # pretraining: the optical bands read as red, green, blue (teacher, CDR luminance)
+    best: BestRecord  # fine-tuning: the best validation so far (default: all None)
+    load_report: Optional[dict]  # fine-tuning: what loading the pretrained encoder did, as tasks/model_io.py
+    #                              LoadReport.as_dict() writes it (source, loaded, missing, unexpected,
+    #                              skipped); None for a run from scratch and for checkpoints without it
     raw: dict  # the whole meta.json, for fields not typed here (metrics, versions, ...)
 
     @classmethod
@@ -364,6 +398,7 @@ class CheckpointMeta:
             preset=str(meta.get("preset") or (enc or {}).get("preset") or model.get("preset") or "unknown"),
             task=task, inputs=str(meta.get("inputs") or "both"), recipe=recipe, encoder_config=enc,
             source_ranges=_source_ranges(meta.get("source_ranges"), path), rgb_input=RGBRecord.from_meta(meta),
+            best=BestRecord.from_meta(meta.get("best"), path), load_report=_load_report(meta.get("load_report"), path),
             raw=meta)
 
     @property
@@ -411,6 +446,13 @@ class CheckpointMeta:
             return choice, (f"--sar-scale {choice}, but the model was trained on SAR prepared from {trained} rasters; "
                             "right only if this scene's units differ from those of the training scenes")
         return choice, None
+
+
+def _load_report(value, path) -> Optional[dict]:
+    """meta.json's ``load_report``: a dict or None (absent)."""
+    if value is not None and not isinstance(value, dict):
+        raise UserError(f"checkpoint '{path}' records an invalid load_report {value!r}")
+    return value
 
 
 def _source_ranges(value, path) -> list:
@@ -537,6 +579,7 @@ def load_resume(path, optimizer=None, restore_rng_state: bool = False) -> dict:
 
 
 __all__ = [
+    "BestRecord",
     "CheckpointMeta",
     "capture_rng",
     "MIXED",
