@@ -88,17 +88,29 @@ class CoDeMAE(nn.Module):
         if optical_bands < 1 or sar_bands < 1:
             raise ValueError("CoDe-MAE needs at least one optical and one SAR band")
         self.cfg = cfg
-        spec = cfg.spec
-        D, Dd = int(spec["embed_dim"]), int(spec["decoder_dim"])
-        p = cfg.patch_size
         self.img_size = cfg.img_size
-        self.patch_size = p
+        self.patch_size = cfg.patch_size
         self.bands = {"optical": optical_bands, "sar": sar_bands}
         self.encoder = build_trunk(cfg, optical_bands, sar_bands)
         self.source = SourceScaler(optical_bands, sar_bands)
-        grid = self.encoder.grid
-        # Decoder embedding feeding every head (self, cross, OKD, CCL): (2B, n, D) -> (2B, n, Dd),
-        # or, for iTPN, its pyramid levels summed into (2B, n, Dd).
+        # the stages below register their modules in this order (parameter initialisation follows it)
+        dec_kw = self._build_self_branch()
+        self._choose_colours(rgb, luminance_rgb)
+        if cfg.cdr.enabled:
+            self._build_cross_branch(dec_kw)
+        self._build_okd()
+        if cfg.ccl.mode == "conditioned":
+            self.ccl = ConditionedContrast(int(cfg.spec["decoder_dim"]), cfg.ccl.num_heads, cfg.ccl.temperature,
+                                           cfg.fused_attn, cfg.ccl.gather_grad)
+        self._init_parameters()
+
+    # -- construction stages ------------------------------------------------------------------
+    def _build_self_branch(self) -> dict:
+        """Decoder embedding feeding every head (self, cross, OKD, CCL), the self decoder and its
+        heads; returns the decoders' settings."""
+        cfg, spec, p = self.cfg, self.cfg.spec, self.patch_size
+        D, Dd = int(spec["embed_dim"]), int(spec["decoder_dim"])
+        # (2B, n, D) -> (2B, n, Dd), or, for iTPN, its pyramid levels summed into (2B, n, Dd)
         if cfg.backbone == "itpn":
             from codemae_cli.model.itpn import PyramidDecoderEmbed
 
@@ -106,62 +118,68 @@ class CoDeMAE(nn.Module):
         else:
             self.decoder_embed = nn.Linear(D, Dd)
         dec_kw = dict(dim=Dd, depth=int(spec["decoder_depth"]), num_heads=int(spec["decoder_heads"]),
-                      grid=grid, mlp_ratio=float(spec["mlp_ratio"]), fused_attn=cfg.fused_attn)
+                      grid=self.encoder.grid, mlp_ratio=float(spec["mlp_ratio"]), fused_attn=cfg.fused_attn)
         self.self_decoder = MAEDecoder(**dec_kw)
         self.self_heads = PatchHeads(Dd, {m: c * p * p for m, c in self.bands.items()})
+        return dec_kw
 
-        # Red, green, blue: one decision for the OKD teacher's input and CDR's luminance
-        # (``luminance_rgb``: only where a resumed run recorded another one for CDR).
+    def _choose_colours(self, rgb: Optional[RGBChoice], luminance_rgb: Optional[RGBChoice]) -> None:
+        """Red, green, blue: one decision for the OKD teacher's input and CDR's luminance
+        (``luminance_rgb``: only where a resumed run recorded another one for CDR)."""
+        optical_bands = self.bands["optical"]
         self.rgb = rgb if rgb is not None else choose_rgb([], optical_bands)
-        self.luminance = choose_luminance(optical_bands, cfg.cdr.rgb_bands, luminance_rgb or self.rgb)
+        self.luminance = choose_luminance(optical_bands, self.cfg.cdr.rgb_bands, luminance_rgb or self.rgb)
         self.rgb_bands = self.luminance.bands
         if self.rgb_bands and max(self.rgb_bands) >= optical_bands:
             raise ValueError("model.cdr.rgb_bands names a band the optical input does not have")
         if self.uses_luminance and self.luminance.source == "names" and (luminance_rgb or self.rgb).conflict:
             raise UserError((luminance_rgb or self.rgb).conflict)
-        # CDR: one cross decoder for both directions; heads by target modality.
-        if cfg.cdr.enabled:
-            self.cross_decoder = MAEDecoder(**dec_kw)
-            deg = cfg.cdr.degradation
-            self.cross_heads = PatchHeads(Dd, {m: target_dim(deg, c, p) for m, c in self.bands.items()})
 
-        # OKD: teacher outside the module tree (not in state_dict, not seen by DDP/optimizer).
+    def _build_cross_branch(self, dec_kw: dict) -> None:
+        """CDR: one cross decoder for both directions; heads by target modality."""
+        Dd, p, deg = dec_kw["dim"], self.patch_size, self.cfg.cdr.degradation
+        self.cross_decoder = MAEDecoder(**dec_kw)
+        self.cross_heads = PatchHeads(Dd, {m: target_dim(deg, c, p) for m, c in self.bands.items()})
+
+    def _build_okd(self) -> None:
+        """OKD heads; the teacher lives outside the module tree (not in state_dict, not seen by
+        DDP or the optimizer)."""
+        cfg, spec = self.cfg, self.cfg.spec
+        D, Dd = int(spec["embed_dim"]), int(spec["decoder_dim"])
         self._teacher: Optional[nn.Module] = None
         self._teacher_synced = False
         self.teacher_input: Optional[TeacherInput] = None  # the bands a timm / file teacher sees
-        aux_layer = None
-        if cfg.okd.enabled:
-            T = self._build_teacher_dim(self.rgb)
-            self.okd_norm = norm_layer(Dd)
-            self.okd_head = nn.Linear(Dd, T)
-            if cfg.okd.aux_head:
-                # As the reference: the output of block int(0.75 * depth) (0-based; block 9 of 12).
-                aux_layer = min(int(0.75 * self.encoder.depth), self.encoder.depth - 1)
-                self.okd_aux_blocks = nn.ModuleList(
-                    [make_block(D, int(spec["num_heads"]), float(spec["mlp_ratio"]), 0.0, cfg.fused_attn)
-                     for _ in range(2)]
-                )
-                self.okd_aux_norm = norm_layer(D)
-                self.okd_aux_head = nn.Linear(D, T)
-            if cfg.okd.sar_side:
-                self.okd_sar_norm = norm_layer(Dd)
-                self.okd_sar_head = nn.Linear(Dd, T)
-        self.aux_layer = aux_layer
+        self.aux_layer = None
+        if not cfg.okd.enabled:
+            return
+        T = self._build_teacher_dim(self.rgb)
+        self.okd_norm = norm_layer(Dd)
+        self.okd_head = nn.Linear(Dd, T)
+        if cfg.okd.aux_head:
+            # As the reference: the output of block int(0.75 * depth) (0-based; block 9 of 12).
+            self.aux_layer = min(int(0.75 * self.encoder.depth), self.encoder.depth - 1)
+            self.okd_aux_blocks = nn.ModuleList(
+                [make_block(D, int(spec["num_heads"]), float(spec["mlp_ratio"]), 0.0, cfg.fused_attn)
+                 for _ in range(2)]
+            )
+            self.okd_aux_norm = norm_layer(D)
+            self.okd_aux_head = nn.Linear(D, T)
+        if cfg.okd.sar_side:
+            self.okd_sar_norm = norm_layer(Dd)
+            self.okd_sar_head = nn.Linear(Dd, T)
 
-        if cfg.ccl.mode == "conditioned":
-            self.ccl = ConditionedContrast(Dd, cfg.ccl.num_heads, cfg.ccl.temperature, cfg.fused_attn,
-                                           cfg.ccl.gather_grad)
-
+    def _init_parameters(self) -> None:
+        """Fresh weights (MAE's initialisation), then ``model.init_weights`` if named, then the
+        EMA teacher as an exact copy of the student."""
         self.apply(init_weights)
         for dec in self._decoders():
             nn.init.normal_(dec.mask_token, std=0.02)
         self.init_report = None
-        if cfg.init_weights:
+        if self.cfg.init_weights:
             from codemae_cli.model.weights import load_init_weights
 
-            self.init_report = load_init_weights(self, cfg.init_weights)
-        if cfg.okd.enabled and cfg.okd.teacher == "ema":
-            # After initialisation, so the EMA starts as an exact copy of the student.
+            self.init_report = load_init_weights(self, self.cfg.init_weights)
+        if self.cfg.okd.enabled and self.cfg.okd.teacher == "ema":
             self._set_teacher(EMATeacher(self.encoder))
 
     # -- teacher plumbing ---------------------------------------------------------------------
