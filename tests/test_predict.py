@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -646,3 +648,45 @@ def test_the_model_thread_runs_only_the_model(scenes, tmp_path, monkeypatch):
     predict_scene(_fn(PixelNet()), scenes["same"]["optical"], None, tmp_path / "m.tif", window=32, overlap=8,
                   batch_size=4, stats={"optical": OPT_STATS})
     assert seen and all(name.startswith("codemae-blend") for name in seen)
+
+
+def test_ctrl_c_mid_scene_stops_every_stage_and_leaves_nothing(scenes, tmp_path):
+    """Ctrl-C while the pipeline is full (reader, blend and writer stages all busy): the process
+    ends promptly (no stage thread left waiting), with nothing at the output paths."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_predict import PixelNet, OPT_STATS
+        from codemae_cli.infer.predict import predict_scene
+        net = PixelNet()
+        calls = []
+        def slow(o, s):
+            calls.append(1)
+            if len(calls) == 3:
+                print("running", flush=True)
+            time.sleep(0.05)
+            return net(o, s)
+        try:
+            predict_scene(slow, {str(scenes["same"]["optical"])!r}, None, {str(out_dir / "m.tif")!r}, window=16,
+                          overlap=4, batch_size=1, stats={{"optical": OPT_STATS}},
+                          probabilities={str(out_dir / "p.tif")!r})
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert rc == 130, proc.stderr.read()
+    assert list(out_dir.iterdir()) == []
