@@ -113,7 +113,7 @@ class FoundRun:
 
 def latest_finetuned_run(root: str | Path = RUNS_DIR, task: Optional[str] = "segmentation") -> FoundRun:
     """The most recently written fine-tuned run (checkpoints/best, else last) under ``root``."""
-    from codemae_cli.train.checkpoint import read_checkpoint_meta
+    from codemae_cli.train.checkpoint import is_checkpoint_dir, read_checkpoint_meta
 
     root = Path(root)
     found: list[FoundRun] = []
@@ -121,7 +121,7 @@ def latest_finetuned_run(root: str | Path = RUNS_DIR, task: Optional[str] = "seg
         for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             for name in ("best", "last"):
                 ckpt = run_dir / "checkpoints" / name
-                if not ((ckpt / "meta.json").is_file() and (ckpt / "model.safetensors").is_file()):
+                if not is_checkpoint_dir(ckpt):
                     continue
                 try:
                     meta = read_checkpoint_meta(ckpt)

@@ -94,11 +94,11 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
 
 def _run_kind(ckpt_dir: Path) -> str | None:
     """The kind ("pretrain" / "finetune") recorded by the run's checkpoints, if any."""
-    from codemae_cli.train.checkpoint import META_FILE, MODEL_FILE, read_checkpoint_meta
+    from codemae_cli.train.checkpoint import is_checkpoint_dir, read_checkpoint_meta
 
     for name in ("last", "best"):
         ckpt = ckpt_dir / name
-        if (ckpt / META_FILE).is_file() and (ckpt / MODEL_FILE).is_file():
+        if is_checkpoint_dir(ckpt):
             return read_checkpoint_meta(ckpt).kind
     return None
 

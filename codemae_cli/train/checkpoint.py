@@ -202,7 +202,8 @@ def save_checkpoint(directory, model, meta: dict, optimizer=None, resume_extra: 
 # --------------------------------------------------------------------------------------------
 # resolve / load
 # --------------------------------------------------------------------------------------------
-def _is_checkpoint_dir(p: Path) -> bool:
+def is_checkpoint_dir(p: Path) -> bool:
+    """Whether ``p`` holds a complete checkpoint (its weights and, written last, its meta.json)."""
     return (p / MODEL_FILE).is_file() and (p / META_FILE).is_file()
 
 
@@ -219,7 +220,7 @@ def resolve_checkpoint(path, prefer: tuple[str, ...] = ("best", "last")) -> Path
         raise UserError(f"checkpoint '{path}' does not exist")
     if not p.is_dir():
         raise UserError(f"checkpoint '{path}' is not a codemae checkpoint directory or run directory")
-    if _is_checkpoint_dir(p):
+    if is_checkpoint_dir(p):
         return p
     if (p / MODEL_FILE).is_file() or (p / META_FILE).is_file():
         raise UserError(f"checkpoint '{path}' is incomplete: it needs both {MODEL_FILE} and {META_FILE}")
@@ -227,9 +228,9 @@ def resolve_checkpoint(path, prefer: tuple[str, ...] = ("best", "last")) -> Path
     base = ckpts if ckpts.is_dir() else p
     for name in prefer:
         cand = base / name
-        if _is_checkpoint_dir(cand):
+        if is_checkpoint_dir(cand):
             return cand
-        rec = moved_aside(cand, _is_checkpoint_dir)  # a save killed between its two renames
+        rec = moved_aside(cand, is_checkpoint_dir)  # a save killed between its two renames
         if rec is not None:
             return rec
     if ckpts.is_dir():
@@ -585,6 +586,7 @@ __all__ = [
     "MIXED",
     "data_provenance",
     "has_resume",
+    "is_checkpoint_dir",
     "load_checkpoint",
     "load_weights",
     "load_resume",
