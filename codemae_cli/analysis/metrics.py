@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from codemae_cli.model.targets import luminance
-
 _EPS = 1e-12
 
 
@@ -218,6 +216,9 @@ def optical_luminance(optical: Any, rgb: tuple[int, int, int] | None = (0, 1, 2)
     """
     x = _np(optical)
     if rgb is not None and x.shape[-3] >= 3:
+        # imported here: importing the numpy metrics must not import torch
+        from codemae_cli.model.targets import luminance
+
         return luminance(*(x[..., i, :, :] for i in rgb))
     return x.mean(axis=-3)
 
