@@ -43,7 +43,7 @@ from typing import Optional
 import numpy as np
 
 from codemae_cli.errors import UserError
-from codemae_cli.fsutil import check_writable, sweep_stale
+from codemae_cli.fsutil import check_writable, staged_file, sweep_stale
 
 VARIANTS: dict[str, list[str]] = {
     "mae": ["model.okd.enabled=false", "model.ccl.mode=off", "model.cdr.enabled=false"],
@@ -116,8 +116,6 @@ SCALES: dict[str, Scale] = {
 
 def _replace_text(path: Path, text: str) -> None:
     """Write ``text`` beside ``path`` and rename it over ``path``: a kill leaves the old file or the new."""
-    from codemae_cli.fsutil import staged_file
-
     with staged_file(path) as tmp:
         tmp.write_text(text)
 
