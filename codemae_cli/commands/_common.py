@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from codemae_cli.device import rank_from_env
+from codemae_cli.device import env_int, rank_from_env
 from codemae_cli.errors import UserError
 
 
@@ -44,8 +44,8 @@ def _is_worker_rank() -> bool:
 
 def _under_torchrun() -> bool:
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
+        return env_int("WORLD_SIZE", 1) > 1
+    except UserError:  # as for RANK: reported where it is read
         return False
 
 
