@@ -398,7 +398,11 @@ class _SceneSources:
 
     optical: list
     sar: list
-    label: Optional[object] = None
+    label: Optional[object]
+    # Per optical file, the 1-based bands read (--optical-bands; None: all, []: none), and the
+    # permutation into the chosen order (None: already in order): see :func:`_band_reads`.
+    optical_reads: list
+    optical_order: Optional[list[int]]
 
 
 def _open_sources(plan: ScenePlan, stack: contextlib.ExitStack) -> _SceneSources:
@@ -409,14 +413,14 @@ def _open_sources(plan: ScenePlan, stack: contextlib.ExitStack) -> _SceneSources
         # Open datasets keep their blocks in GDAL's cache (5 % of RAM by default) until closed:
         # cap it so a worker's memory does not grow with the scene.
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
-    reads, _ = _band_reads(plan.optical, plan.optical_select)
+    reads, order = _band_reads(plan.optical, plan.optical_select)
     optical = [None if idx == [] else stack.enter_context(rasterio.open(src.path))
                for src, idx in zip(plan.optical, reads, strict=True)]
     sar = [stack.enter_context(rasterio.open(src.path)) for src in plan.sar]
     label = None
     if plan.labels is not None and plan.labels["kind"] != "vector":
         label = stack.enter_context(rasterio.open(plan.labels["raster"].path))
-    return _SceneSources(optical, sar, label)
+    return _SceneSources(optical, sar, label, reads, order)
 
 
 def _read_row_band(plan: ScenePlan, sources: _SceneSources, row: int, col0: int, width: int, tile: int):
@@ -424,15 +428,15 @@ def _read_row_band(plan: ScenePlan, sources: _SceneSources, row: int, col0: int,
     grid = plan.grid
     parts = []
     # Only the chosen bands are read (--optical-bands); an unused band never drops a pixel.
-    reads, order = _band_reads(plan.optical, plan.optical_select)
-    for ds, nd, rs, idx in zip(sources.optical, plan.optical_nodata, plan.optical_resampling, reads, strict=True):
+    for ds, nd, rs, idx in zip(sources.optical, plan.optical_nodata, plan.optical_resampling, sources.optical_reads,
+                               strict=True):
         if idx == []:
             continue
         parts.append(read_on_grid(ds, grid, row, col0, tile, width, kernel=rs, indexes=idx,
                                   prepare=lambda b, nd=nd: R.optical_to_float(b, nd)))
     optical = np.concatenate(parts, axis=0)
-    if order is not None:
-        optical = optical[order]
+    if sources.optical_order is not None:
+        optical = optical[sources.optical_order]
     optical = R.invalidate_pixels(optical)
     parts = []
     for ds, nd, sc, rs in zip(sources.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
