@@ -40,6 +40,7 @@ import numpy as np
 from codemae_cli.errors import UserError
 
 SAR_WINDOW_STDS = 3.0
+SAR_RANGE_RULE = f"train mean -/+ {SAR_WINDOW_STDS:g} std (dB), joint"  # how sar_range_rule chooses
 
 
 def optical_range_rule(dtype: Optional[str], override: Optional[float] = None) -> tuple[list[float], str]:
@@ -80,7 +81,7 @@ def source_ranges(optical_dtype: Optional[str], stats: dict, optical_range: Opti
     sar = sar_range_rule((stats or {}).get("sar"))
     return {
         "optical": source_range_meta(optical_range_rule(optical_dtype, optical_range)),
-        "sar": source_range_meta((sar, f"train mean -/+ {SAR_WINDOW_STDS:g} std (dB), joint")),
+        "sar": source_range_meta((sar, SAR_RANGE_RULE)),
     }
 
 
@@ -97,7 +98,7 @@ def read_source_range(meta: dict, modality: str, where: str = "") -> tuple[float
     if modality == "optical":
         rng, rule = optical_range_rule(section.get("source_dtype"))
     else:
-        rng, rule = sar_range_rule((meta.get("stats") or {}).get("sar")), "train mean -/+ 3 std (dB)"
+        rng, rule = sar_range_rule((meta.get("stats") or {}).get("sar")), SAR_RANGE_RULE
         if rng is None:
             rng, rule = [-30.0, 10.0], "a fixed -30..10 dB window (no SAR stats)"
     warnings.warn(f"dataset {where} records no {modality} source_range (prepared by an older codemae); "
