@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,8 +51,8 @@ from codemae_cli.fsutil import (
     check_replaceable,
     check_writable,
     is_codemae_raster,
+    staged_file,
     sweep_stale,
-    temp_sibling,
     topmost_missing,
 )
 
@@ -399,11 +398,6 @@ class ScenePaths:
     def files(self) -> list[Path]:
         return [p for p in (self.optical, self.sar, self.labels) if p is not None]
 
-    def beside(self) -> ScenePaths:
-        """Temporary siblings of the files, renamed onto them when the scene is complete."""
-        return ScenePaths(temp_sibling(self.optical), temp_sibling(self.sar),
-                          temp_sibling(self.labels) if self.labels is not None else None)
-
 
 def write_scene_pair(
     out_dir: str | Path,
@@ -504,16 +498,15 @@ def _scene_grids(height: int, width: int, crs: str, sar_crs: Optional[str], res:
 
 @contextlib.contextmanager
 def _written_beside(final: ScenePaths, created: Optional[Path]) -> Iterator[ScenePaths]:
-    """Yield temporary siblings of ``final``; rename them onto it on success, else remove them
-    (and the folder this run created)."""
-    tmp = final.beside()
+    """Yield temporary siblings of ``final`` (:func:`staged_file` each); rename them onto it on
+    success, else remove them (and the folder this run created)."""
     try:
-        yield tmp
-        for src, dst in zip(tmp.files(), final.files(), strict=True):
-            os.replace(src, dst)
+        with contextlib.ExitStack() as stack:
+            def staged(p: Optional[Path]) -> Optional[Path]:
+                return stack.enter_context(staged_file(p)) if p is not None else None
+
+            yield ScenePaths(staged(final.optical), staged(final.sar), staged(final.labels))
     except BaseException:
-        for p in tmp.files():
-            p.unlink(missing_ok=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
