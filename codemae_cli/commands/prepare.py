@@ -146,6 +146,8 @@ def _register_prepare(group: typer.Typer) -> None:
         ))
         if not quiet:
             print_summary(summary)
+
+
 def _register_bench_prepare(group: typer.Typer) -> None:
     @group.command("prepare")
     @cli_command
