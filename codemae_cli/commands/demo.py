@@ -63,12 +63,11 @@ def run_demo(out: Path, overwrite: bool = False, device: str = "cpu") -> dict:
     from rich.table import Table
 
     from codemae_cli.data.samples import sample_dir
+    from codemae_cli.defaults import packaged_recipes_dir
     from codemae_cli.device import resolve_device
 
     console = Console()
     resolve_device(device)  # an unknown or absent device is refused before anything is written
-    from codemae_cli.defaults import packaged_recipes_dir
-
     out = out.resolve()
     guard_outputs([(out, "the demo folder")],
                   [(sample_dir(), "the built-in sample"), (packaged_recipes_dir(), "the installed recipes")], folder=True)
