@@ -469,8 +469,8 @@ def load_analysis_chips(data, split: str, max_chips: int) -> AnalysisChips:
     if not valid.any():
         raise UserError(f"the selected '{split}' chips have no pixel valid in both modalities")
     # The luminance CDR reads: the bands of the one RGB decision (as the OKD teacher and the quick-look)
-    rgb = choose_luminance(raw_opt.shape[1], None, choose_rgb([(str(getattr(data, "root", "")), data.meta)],
-                                                                      raw_opt.shape[1])).bands
+    n_opt = raw_opt.shape[1]
+    rgb = choose_luminance(n_opt, None, choose_rgb([(str(data.root), data.meta)], n_opt)).bands
     return AnalysisChips(chip_ids=[c["chip_id"] for c in chips], optical=raw_opt, sar=raw_sar, valid=valid,
                          luminance=M.optical_luminance(raw_opt, rgb), sar_intensity=M.sar_intensity(raw_sar))
 
