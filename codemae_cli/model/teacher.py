@@ -226,10 +226,6 @@ class TeacherInput:
         return (f"OKD teacher input (R, G, B): optical bands {seen} (model.okd.teacher_bands="
                 f"[{','.join(map(str, self.bands))}]); {self.rule}")
 
-    def to_meta(self) -> list:
-        """What checkpoints record (meta.json ``rgb_input.teacher``)."""
-        return list(self.bands)
-
 
 def choose_teacher_input(optical_bands: int, bands: Optional[Sequence[int]], in_chans: int = 3,
                          rgb: Optional[RGBChoice] = None) -> TeacherInput:
