@@ -39,13 +39,13 @@ from codemae_cli.model.errors import ModelInputError
 from codemae_cli.model.layers import init_weights, make_block, norm_layer
 from codemae_cli.model.source import SourceScaler
 from codemae_cli.model.targets import (
-    ONE_CHANNEL_DEGRADATIONS,
     SOURCE_DEGRADATIONS,
     choose_luminance,
     degraded_target,
     masked_mse,
     pixel_target,
     target_dim,
+    uses_luminance,
 )
 from codemae_cli.model.teacher import (
     EMATeacher,
@@ -205,7 +205,7 @@ class CoDeMAE(nn.Module):
     @property
     def uses_luminance(self) -> bool:
         """Whether a CDR target reduces the optical image to one channel (luminance / band mean)."""
-        return self.cfg.cdr.enabled and self.cfg.cdr.degradation in ONE_CHANNEL_DEGRADATIONS
+        return uses_luminance(self.cfg.cdr)
 
     def describe_rgb(self) -> list[str]:
         """Start-up lines: the optical bands the OKD teacher reads as red, green, blue, and those

@@ -57,6 +57,11 @@ HOG_CELL = 8  # px per histogram cell (reference: HOGLayerC pool=8)
 HOG_WINDOW = 16  # px of the tiled Gaussian weighting window (std = HOG_WINDOW / 2)
 
 
+def uses_luminance(cdr) -> bool:
+    """Whether CDR (``model.cdr``) reduces the optical image to one channel (luminance / band mean)."""
+    return cdr.enabled and cdr.degradation in ONE_CHANNEL_DEGRADATIONS
+
+
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, p*p*C), per patch ordered (row, col, channel) like MAE."""
     B, C, H, W = imgs.shape

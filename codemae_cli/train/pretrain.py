@@ -205,7 +205,7 @@ def _rgb_of_run(chips, recipe: PretrainRecipe, resumed: Optional[CheckpointMeta]
     (else None)). A resumed run keeps what it recorded, and is refused when the datasets' names
     now put red, green, blue elsewhere and the decision feeds the teacher or the luminance."""
     from codemae_cli.data.raster import choose_rgb
-    from codemae_cli.model.targets import ONE_CHANNEL_DEGRADATIONS
+    from codemae_cli.model.targets import uses_luminance
 
     now = choose_rgb([(str(s.root), s.meta) for s in chips.sources], chips.optical_bands)
     if resumed is None:
@@ -213,7 +213,7 @@ def _rgb_of_run(chips, recipe: PretrainRecipe, resumed: Optional[CheckpointMeta]
     rec, n = resumed.rgb_input, chips.optical_bands
     okd, cdr = recipe.model.okd, recipe.model.cdr
     teacher_reads = okd.enabled and okd.teacher != "ema" and okd.teacher_bands is None
-    luminance_reads = cdr.enabled and cdr.degradation in ONE_CHANNEL_DEGRADATIONS and cdr.rgb_bands is None
+    luminance_reads = uses_luminance(cdr) and cdr.rgb_bands is None
     if rec.written == "rgb_input":
         kept, reads = rec.choice.bands, teacher_reads or luminance_reads
     else:  # older checkpoints: only the teacher read the band names
