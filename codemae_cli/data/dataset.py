@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from codemae_cli.data.shards import SAR_DTYPE, SAR_NODATA
+from codemae_cli.data.shards import SAR_NODATA
 from codemae_cli.data.stats import BandNorm
 from codemae_cli.errors import UserError
 
@@ -171,7 +171,7 @@ class _Source:
     def sar_invalid(self, k: int, off: int, rows: slice, cols: slice) -> np.ndarray | None:
         """(Cs, h, w) bool, True where the SAR crop is nodata, for fixed-point shards; None for
         float shards, whose nodata is NaN."""
-        if self.layout.sar_dtype != SAR_DTYPE:
+        if not self.layout.sar_fixed_point:
             return None
         return self.maps.array("sar", k)[off, :, rows, cols] == SAR_NODATA
 

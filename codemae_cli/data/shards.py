@@ -131,13 +131,19 @@ class ShardLayout:
                    optical_dtype=sh.get("optical", "float32"), sar_dtype=sh.get("sar", "float32"))
 
     @property
+    def sar_fixed_point(self) -> bool:
+        """SAR stored as int16 counts of SAR_STEP_DB with the SAR_NODATA sentinel (version 2);
+        else float dB with NaN nodata (version 1)."""
+        return self.sar_dtype == SAR_DTYPE
+
+    @property
     def sar_step(self) -> float:
         """dB per stored SAR unit (1 for float SAR shards)."""
-        return SAR_STEP_DB if self.sar_dtype == SAR_DTYPE else 1.0
+        return SAR_STEP_DB if self.sar_fixed_point else 1.0
 
     def encode_sar(self, db: np.ndarray) -> np.ndarray:
         """float32 dB with NaN nodata -> the stored SAR array."""
-        if self.sar_dtype != SAR_DTYPE:
+        if not self.sar_fixed_point:
             return np.asarray(db, dtype=self.sar_dtype)
         q = np.clip(np.rint(db * np.float32(1.0 / SAR_STEP_DB)), -32767, 32767)
         return np.where(np.isnan(q), SAR_NODATA, q).astype(np.int16)
@@ -145,7 +151,7 @@ class ShardLayout:
     def decode_sar(self, stored: np.ndarray) -> np.ndarray:
         """Stored SAR -> float32 dB with NaN nodata (a new array)."""
         out = np.array(stored, dtype=np.float32)
-        if self.sar_dtype == SAR_DTYPE:
+        if self.sar_fixed_point:
             out *= np.float32(SAR_STEP_DB)  # exact: 15-bit counts times a power of two
             out[stored == SAR_NODATA] = np.nan
         return out
@@ -167,7 +173,7 @@ class ShardLayout:
 
     def to_meta(self) -> dict:
         out = {m: str(dt) if m != "optical_valid" else "packbits" for m, (dt, _) in self.arrays().items()}
-        if self.sar_dtype == SAR_DTYPE:
+        if self.sar_fixed_point:
             out["sar_step_db"] = SAR_STEP_DB
         return out
 
