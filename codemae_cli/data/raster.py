@@ -176,7 +176,8 @@ def band_names(sources: list[RasterSource], default_prefix: str) -> list[str]:
     """Band names: file band descriptions, else what distinguishes the file names, else B1.."""
     if len(sources) == 1:
         s = sources[0]
-        return [d if d else f"{default_prefix}{k + 1}" for k, d in enumerate(s.descriptions)]
+        return [d if d else f for d, f in zip(s.descriptions, fallback_band_names(s.count, prefix=default_prefix),
+                                               strict=True)]
     stems = [Path(s.path).stem for s in sources]
     # What the file names share, cut at a separator so "x_B02", "x_B8A" give "B02", "B8A".
     seps = "_-. "
@@ -210,10 +211,11 @@ def _plain_band_name(name) -> str:
     return head if sep and tail.endswith("m") and tail[:-1].isdigit() else n
 
 
-def fallback_band_names(count: int, input_bands: Optional[Sequence[int]] = None) -> list[str]:
+def fallback_band_names(count: int, input_bands: Optional[Sequence[int]] = None, prefix: str = "B") -> list[str]:
     """The names :func:`band_names` gives the bands of one file without band descriptions:
-    B<k> for input band k (1-based; ``input_bands``: the bands kept, default all ``count``)."""
-    return [f"B{k}" for k in (input_bands or range(1, count + 1))]
+    B<k> for input band k (1-based; ``input_bands``: the bands kept, default all ``count``;
+    ``prefix``: "P" for SAR)."""
+    return [f"{prefix}{k}" for k in (input_bands or range(1, count + 1))]
 
 
 def rgb_band_indices(names: Sequence[str], input_bands: Optional[Sequence[int]] = None
