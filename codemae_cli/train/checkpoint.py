@@ -509,7 +509,8 @@ def _one_selection(sections: list[dict]):
 
 def _one_value(values: list):
     """The value every dataset recorded (None for none), or MIXED."""
-    return values[0] if all(v == values[0] for v in values) else (MIXED if values else None)
+    first = values[0] if values else None
+    return first if all(v == first for v in values) else MIXED
 
 
 def read_checkpoint_meta(path) -> CheckpointMeta:
