@@ -187,6 +187,7 @@ class TrainProgress:
             self._progress.__exit__(*exc)
         return False
 
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib

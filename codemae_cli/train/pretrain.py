@@ -190,7 +190,6 @@ class PretrainTask(TrainTask):
                 "world_size": self.dist.world_size, "effective_batch": self.effective_batch, "lr": self.lr,
                 "total_steps": self.plan.total_steps}
 
-
     def _rgb_record(self) -> dict:
         from codemae_cli.train.checkpoint import RGBRecord
 
