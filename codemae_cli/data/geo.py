@@ -347,16 +347,18 @@ def power_to_db(power: np.ndarray) -> np.ndarray:
 
 
 def read_sar_power(ds, grid: Grid, row: int, col: int, height: int, width: int, *, kernel: str, scale: str,
-                   nodata: Optional[float]) -> np.ndarray:
-    """SAR bands of ``ds`` on a grid window in linear power (NaN nodata), resampled in power."""
-    return read_on_grid(ds, grid, row, col, height, width, kernel=kernel,
+                   nodata: Optional[float], indexes: Optional[list[int]] = None) -> np.ndarray:
+    """SAR bands of ``ds`` (``indexes``: 1-based, default all) on a grid window in linear power
+    (NaN nodata), resampled in power."""
+    return read_on_grid(ds, grid, row, col, height, width, kernel=kernel, indexes=indexes,
                         prepare=lambda block: sar_to_power(block, scale, nodata))
 
 
 def read_sar_db(ds, grid: Grid, row: int, col: int, height: int, width: int, *, kernel: str, scale: str,
-                nodata: Optional[float]) -> np.ndarray:
+                nodata: Optional[float], indexes: Optional[list[int]] = None) -> np.ndarray:
     """SAR bands of ``ds`` on a grid window in dB: linear power, resampled, converted once."""
-    return power_to_db(read_sar_power(ds, grid, row, col, height, width, kernel=kernel, scale=scale, nodata=nodata))
+    return power_to_db(read_sar_power(ds, grid, row, col, height, width, kernel=kernel, scale=scale, nodata=nodata,
+                                      indexes=indexes))
 
 
 # ----------------------------------------------------------------------------- labels

@@ -394,15 +394,17 @@ GDAL_CACHE_MB = 64
 @dataclass
 class _SceneSources:
     """The open datasets of one scene's rasters, opened once per worker task (not in the
-    picklable plan): ``None`` for an optical file none of whose bands is read."""
+    picklable plan): ``None`` for a file none of whose bands is read."""
 
     optical: list
     sar: list
     label: Optional[object]
-    # Per optical file, the 1-based bands read (--optical-bands; None: all, []: none), and the
-    # permutation into the chosen order (None: already in order): see :func:`_band_reads`.
+    # Per file, the 1-based bands read (--optical-bands / --sar-bands; None: all, []: none), and
+    # the permutation into the chosen order (None: already in order): see :func:`_band_reads`.
     optical_reads: list
     optical_order: Optional[list[int]]
+    sar_reads: list
+    sar_order: Optional[list[int]]
 
 
 def _open_sources(plan: ScenePlan, stack: contextlib.ExitStack) -> _SceneSources:
@@ -414,20 +416,24 @@ def _open_sources(plan: ScenePlan, stack: contextlib.ExitStack) -> _SceneSources
         # cap it so a worker's memory does not grow with the scene.
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB))
     reads, order = _band_reads(plan.optical, plan.optical_select)
-    optical = [None if idx == [] else stack.enter_context(rasterio.open(src.path))
-               for src, idx in zip(plan.optical, reads, strict=True)]
-    sar = [stack.enter_context(rasterio.open(src.path)) for src in plan.sar]
+    sar_reads, sar_order = _band_reads(plan.sar, plan.sar_select)
+
+    def opened(sources, file_reads):
+        return [None if idx == [] else stack.enter_context(rasterio.open(src.path))
+                for src, idx in zip(sources, file_reads, strict=True)]
+
     label = None
     if plan.labels is not None and plan.labels["kind"] != "vector":
         label = stack.enter_context(rasterio.open(plan.labels["raster"].path))
-    return _SceneSources(optical, sar, label, reads, order)
+    return _SceneSources(opened(plan.optical, reads), opened(plan.sar, sar_reads), label, reads, order, sar_reads,
+                         sar_order)
 
 
 def _read_row_band(plan: ScenePlan, sources: _SceneSources, row: int, col0: int, width: int, tile: int):
     """Optical (float32, NaN), SAR (dB, NaN) and labels (uint8) for one band of rows."""
     grid = plan.grid
     parts = []
-    # Only the chosen bands are read (--optical-bands); an unused band never drops a pixel.
+    # Only the chosen bands are read (--optical-bands, --sar-bands); an unused band never drops a pixel.
     for ds, nd, rs, idx in zip(sources.optical, plan.optical_nodata, plan.optical_resampling, sources.optical_reads,
                                strict=True):
         if idx == []:
@@ -439,12 +445,15 @@ def _read_row_band(plan: ScenePlan, sources: _SceneSources, row: int, col0: int,
         optical = optical[sources.optical_order]
     optical = R.invalidate_pixels(optical)
     parts = []
-    for ds, nd, sc, rs in zip(sources.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling, strict=True):
-        parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd))
+    for ds, nd, sc, rs, idx in zip(sources.sar, plan.sar_nodata, plan.sar_scales, plan.sar_resampling,
+                                   sources.sar_reads, strict=True):
+        if idx == []:
+            continue
+        parts.append(read_sar_power(ds, grid, row, col0, tile, width, kernel=rs, scale=sc, nodata=nd, indexes=idx))
     # Resampled in linear power above; converted to dB exactly once here.
     sar = np.concatenate(parts, axis=0)
-    if plan.sar_select is not None:
-        sar = sar[plan.sar_select]
+    if sources.sar_order is not None:
+        sar = sar[sources.sar_order]
     sar = power_to_db(R.invalidate_pixels(sar))
     label = None
     if plan.labels is not None:

@@ -129,10 +129,9 @@ class SarSource:
 
     def read_strip(self, row: int, nrows: int, col0: int = 0, col1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         col0, col1 = _cols(self.grid, col0, col1)
+        indexes = None if self.select is None else [b + 1 for b in self.select]
         db = read_sar_db(self.ds, self.grid, row, col0, nrows, col1 - col0, kernel=self.kernel, scale=self.scale,
-                         nodata=self.nodata)
-        if self.select is not None:
-            db = db[self.select]
+                         nodata=self.nodata, indexes=indexes)
         return db, np.all(np.isfinite(db), axis=0)
 
     def close(self) -> None:
